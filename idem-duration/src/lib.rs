@@ -186,8 +186,19 @@ mod tests {
     #[test]
     fn malformed_literals_are_refused() {
         for s in [
-            "5", "m", "5 m", "PT", "P", "PT5X", "PT5Mgarbage", "five minutes", "-5m", "5.5m",
-            "PT-5M", "1h 30m", "5min",
+            "5",
+            "m",
+            "5 m",
+            "PT",
+            "P",
+            "PT5X",
+            "PT5Mgarbage",
+            "five minutes",
+            "-5m",
+            "5.5m",
+            "PT-5M",
+            "1h 30m",
+            "5min",
         ] {
             let got = parse(s);
             assert!(

@@ -1,1 +1,30 @@
-//! stub
+#![doc = include_str!("../../README.md")]
+
+mod cache;
+mod codec;
+mod config;
+#[cfg(feature = "conformance")]
+pub mod conformance;
+mod engine;
+mod error;
+mod key;
+mod lease;
+pub mod metrics;
+mod outcome;
+pub mod store;
+
+#[doc(hidden)]
+#[path = "private.rs"]
+pub mod __private;
+
+pub use codec::{Codec, UnknownCodec};
+pub use config::{Idem, IdemBuilder, IdemConfig, IntoDuration, defaults};
+pub use error::{Error, StoreError};
+pub use key::{
+    Fingerprint, IntoKey, KeyHash, MAX_KEY_BYTES, MAX_NAMESPACE_BYTES, MAX_SCOPE_BYTES, RecordId,
+};
+pub use outcome::{Outcome, observe};
+
+/// Makes an async fn safe to retry. See the [crate docs](crate) for the arguments.
+#[cfg(feature = "macros")]
+pub use idem_macros::idempotent;

@@ -1,0 +1,107 @@
+//! How a fn's result is turned into stored bytes and back.
+//!
+//! Results are JSON. It is self-describing, so a return type that changed shape fails to
+//! decode with a message (and the caller gets [`Error::Decode`](crate::Error::Decode))
+//! instead of silently decoding into the wrong fields, as a positional binary format would.
+//! The `codec` column records the encoding and whether the bytes are the fn's value or a
+//! stored error (`cache_errors = true`), so other encodings can be added later without
+//! reinterpreting old rows.
+
+use std::fmt;
+use std::str::FromStr;
+
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+/// How a stored result's bytes are encoded, and what they hold.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum Codec {
+    /// JSON of the fn's `Ok` value.
+    Json,
+    /// JSON of the fn's `Err` value (fns declared with `cache_errors = true`).
+    JsonError,
+}
+
+impl Codec {
+    /// The name stored in the `codec` column.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Codec::Json => "json",
+            Codec::JsonError => "json+error",
+        }
+    }
+
+    /// Whether the bytes hold an error rather than a value.
+    pub fn is_error(self) -> bool {
+        matches!(self, Codec::JsonError)
+    }
+}
+
+impl fmt::Display for Codec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A `codec` column holding a name this version of idem does not know.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UnknownCodec(pub String);
+
+impl fmt::Display for UnknownCodec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "unknown codec {:?}", self.0)
+    }
+}
+
+impl std::error::Error for UnknownCodec {}
+
+impl FromStr for Codec {
+    type Err = UnknownCodec;
+
+    fn from_str(s: &str) -> Result<Codec, UnknownCodec> {
+        match s {
+            "json" => Ok(Codec::Json),
+            "json+error" => Ok(Codec::JsonError),
+            other => Err(UnknownCodec(other.to_string())),
+        }
+    }
+}
+
+pub(crate) fn encode<T: Serialize + ?Sized>(value: &T) -> Result<Vec<u8>, String> {
+    serde_json::to_vec(value).map_err(|e| e.to_string())
+}
+
+pub(crate) fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, String> {
+    serde_json::from_slice(bytes).map_err(|e| e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn codec_names_round_trip() {
+        for c in [Codec::Json, Codec::JsonError] {
+            assert_eq!(c.as_str().parse::<Codec>(), Ok(c));
+        }
+        assert!("msgpack".parse::<Codec>().is_err());
+    }
+
+    #[test]
+    fn a_changed_type_fails_to_decode() {
+        #[derive(serde::Serialize)]
+        struct V1 {
+            id: u32,
+        }
+        #[derive(serde::Deserialize, Debug)]
+        #[allow(dead_code)]
+        struct V2 {
+            id: u32,
+            total: u64,
+        }
+        let bytes = encode(&V1 { id: 1 }).expect("encodes");
+        let err = decode::<V2>(&bytes).unwrap_err();
+        assert!(err.contains("total"), "{err}");
+    }
+}

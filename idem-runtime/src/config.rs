@@ -1,0 +1,520 @@
+//! Startup: the [`Idem`] handle, its builder, and the serde-friendly [`IdemConfig`].
+//!
+//! One `Idem` is installed per process with [`IdemBuilder::install`] and used by every
+//! `#[idempotent]` fn that does not name its own `runtime = ..`. Libraries and tests that
+//! want their own build one with [`IdemBuilder::build`] and pass it explicitly.
+
+use std::fmt;
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::Error;
+use crate::cache::LocalCache;
+use crate::engine::Flights;
+use crate::store::{MemoryStore, Store};
+
+static INSTALLED: OnceLock<Idem> = OnceLock::new();
+
+/// The idem runtime: a store, the local cache and the defaults the attribute falls back to.
+///
+/// Cheap to clone (a shared handle). Background work (purging expired records) runs on the
+/// tokio runtime it was built in, and stops when [`Idem::shutdown`] is called or the last
+/// handle is dropped.
+#[derive(Clone)]
+pub struct Idem {
+    pub(crate) inner: Arc<Inner>,
+}
+
+pub(crate) struct Inner {
+    pub(crate) store: Arc<dyn Store>,
+    pub(crate) cache: Option<LocalCache>,
+    pub(crate) settings: Settings,
+    pub(crate) flights: Flights,
+    stop: tokio::sync::watch::Sender<bool>,
+}
+
+/// The defaults an attribute's missing arguments take.
+#[derive(Clone, Debug)]
+pub(crate) struct Settings {
+    pub(crate) default_ttl: Duration,
+    pub(crate) default_lease: Duration,
+    pub(crate) default_wait: Duration,
+    pub(crate) max_result_bytes: usize,
+    pub(crate) executor_id: Arc<str>,
+}
+
+impl fmt::Debug for Idem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Idem")
+            .field("store", &self.inner.store.backend())
+            .field("local_cache", &self.inner.cache.is_some())
+            .field("settings", &self.inner.settings)
+            .finish()
+    }
+}
+
+impl Idem {
+    /// Starts configuring a runtime.
+    pub fn builder() -> IdemBuilder {
+        IdemBuilder::default()
+    }
+
+    /// The runtime installed with [`IdemBuilder::install`], if any.
+    pub fn installed() -> Option<&'static Idem> {
+        INSTALLED.get()
+    }
+
+    /// Builds a runtime from an [`IdemConfig`], connecting to its store.
+    pub async fn from_config(config: &IdemConfig) -> Result<Idem, Error> {
+        config.builder().await?.build()
+    }
+
+    /// This process's executor id, written as the `owner` of the records it reserves.
+    pub fn executor_id(&self) -> &str {
+        &self.inner.settings.executor_id
+    }
+
+    /// The store this runtime writes to.
+    pub fn store(&self) -> &dyn Store {
+        &*self.inner.store
+    }
+
+    /// Deletes expired records now, in batches of `batch`, and returns how many it deleted.
+    /// The background task does the same every `purge_interval`.
+    pub async fn purge_expired(&self, batch: u32) -> Result<u64, Error> {
+        purge_all(&*self.inner.store, batch)
+            .await
+            .map_err(|source| Error::StoreUnavailable {
+                function: "idem::purge",
+                source,
+            })
+    }
+
+    /// Stops this runtime's background tasks. Calls still work; expired records are then
+    /// only removed by [`Idem::purge_expired`] or by being reused.
+    pub fn shutdown(&self) {
+        self.inner.stop.send_replace(true);
+    }
+}
+
+async fn purge_all(store: &dyn Store, batch: u32) -> Result<u64, crate::error::StoreError> {
+    let batch = batch.max(1);
+    let mut total = 0;
+    loop {
+        let n = store.purge(batch).await?;
+        total += n;
+        if n < u64::from(batch) {
+            crate::metrics::purged(store.backend(), total);
+            return Ok(total);
+        }
+    }
+}
+
+/// Configures an [`Idem`].
+///
+/// ```
+/// use idem_runtime::{Idem, store::MemoryStore};
+/// let idem = Idem::builder()
+///     .store(MemoryStore::new())
+///     .local_cache(10_000)
+///     .default_ttl("PT24H")
+///     .executor_id(std::env::var("POD_NAME").ok())
+///     .build()?;
+/// # Ok::<(), idem_runtime::Error>(())
+/// ```
+pub struct IdemBuilder {
+    store: Option<Arc<dyn Store>>,
+    local_cache: u64,
+    default_ttl: Duration,
+    default_lease: Duration,
+    default_wait: Duration,
+    max_result_bytes: usize,
+    executor_id: Option<String>,
+    purge_interval: Option<Duration>,
+    purge_batch: u32,
+    error: Option<Error>,
+}
+
+impl Default for IdemBuilder {
+    fn default() -> Self {
+        IdemBuilder {
+            store: None,
+            local_cache: defaults::LOCAL_CACHE,
+            default_ttl: defaults::TTL,
+            default_lease: defaults::LEASE,
+            default_wait: defaults::WAIT,
+            max_result_bytes: defaults::MAX_RESULT_BYTES,
+            executor_id: None,
+            purge_interval: Some(defaults::PURGE_INTERVAL),
+            purge_batch: defaults::PURGE_BATCH,
+            error: None,
+        }
+    }
+}
+
+/// The defaults, in one place so the docs and the code agree.
+pub mod defaults {
+    use std::time::Duration;
+
+    /// Local cache size, in entries.
+    pub const LOCAL_CACHE: u64 = 10_000;
+    /// How long a completed result is replayed: 24 hours.
+    pub const TTL: Duration = Duration::from_secs(24 * 3600);
+    /// How long a reservation lasts without a heartbeat: 30 seconds.
+    pub const LEASE: Duration = Duration::from_secs(30);
+    /// How long a duplicate waits for an in-progress call before `InProgress`: 5 seconds.
+    pub const WAIT: Duration = Duration::from_secs(5);
+    /// The largest result stored: 1 MiB. Larger results are returned but not stored.
+    pub const MAX_RESULT_BYTES: usize = 1 << 20;
+    /// How often expired records are purged: every minute.
+    pub const PURGE_INTERVAL: Duration = Duration::from_secs(60);
+    /// Records deleted per purge statement.
+    pub const PURGE_BATCH: u32 = 1_000;
+}
+
+/// Something that names a duration: a `Duration`, or a string with the attribute's rules
+/// (`"PT5M"`, `"5m"`).
+pub trait IntoDuration {
+    /// The duration, or why the string is not one.
+    fn into_duration(self) -> Result<Duration, String>;
+}
+
+impl IntoDuration for Duration {
+    fn into_duration(self) -> Result<Duration, String> {
+        if self.is_zero() {
+            Err("a zero duration is not allowed".into())
+        } else {
+            Ok(self.min(idem_duration::MAX))
+        }
+    }
+}
+
+impl IntoDuration for &str {
+    fn into_duration(self) -> Result<Duration, String> {
+        idem_duration::parse(self).map_err(|e| format!("{self:?}: {e}"))
+    }
+}
+
+impl IntoDuration for String {
+    fn into_duration(self) -> Result<Duration, String> {
+        self.as_str().into_duration()
+    }
+}
+
+impl IdemBuilder {
+    /// The durable store (required).
+    pub fn store(mut self, store: impl Store) -> Self {
+        self.store = Some(Arc::new(store));
+        self
+    }
+
+    /// The durable store, already shared.
+    pub fn shared_store(mut self, store: Arc<dyn Store>) -> Self {
+        self.store = Some(store);
+        self
+    }
+
+    /// How many completed results to keep in the local cache; `0` turns the cache off.
+    pub fn local_cache(mut self, entries: u64) -> Self {
+        self.local_cache = entries;
+        self
+    }
+
+    /// How long results are replayed when the attribute has no `ttl` (default 24 h).
+    pub fn default_ttl(mut self, ttl: impl IntoDuration) -> Self {
+        self.set_duration("default_ttl", ttl, |b, d| b.default_ttl = d);
+        self
+    }
+
+    /// How long a reservation stays valid without a heartbeat when the attribute has no
+    /// `lease` (default 30 s).
+    pub fn default_lease(mut self, lease: impl IntoDuration) -> Self {
+        self.set_duration("default_lease", lease, |b, d| b.default_lease = d);
+        self
+    }
+
+    /// How long a duplicate waits for an in-progress call when the attribute has no `wait`
+    /// (default 5 s).
+    pub fn default_wait(mut self, wait: impl IntoDuration) -> Self {
+        self.set_duration("default_wait", wait, |b, d| b.default_wait = d);
+        self
+    }
+
+    /// The largest encoded result that is stored (default 1 MiB). A larger one is returned
+    /// to its caller, the reservation is released, and an error is logged.
+    pub fn max_result_bytes(mut self, bytes: usize) -> Self {
+        self.max_result_bytes = bytes;
+        self
+    }
+
+    /// This process's executor id (for example the pod name). `None` derives one from the
+    /// host name and process id.
+    pub fn executor_id(mut self, id: impl Into<Option<String>>) -> Self {
+        self.executor_id = id.into();
+        self
+    }
+
+    /// How often expired records are purged in the background; `None` turns purging off.
+    pub fn purge_interval(mut self, every: Option<Duration>) -> Self {
+        self.purge_interval = every;
+        self
+    }
+
+    fn set_duration(
+        &mut self,
+        what: &str,
+        value: impl IntoDuration,
+        set: impl FnOnce(&mut Self, Duration),
+    ) {
+        match value.into_duration() {
+            Ok(d) => set(self, d),
+            Err(e) => {
+                self.error
+                    .get_or_insert(Error::Config(format!("{what}: {e}")));
+            }
+        }
+    }
+
+    /// Builds the runtime. Fails on an invalid setting or a missing store.
+    pub fn build(self) -> Result<Idem, Error> {
+        if let Some(e) = self.error {
+            return Err(e);
+        }
+        let store = self.store.ok_or_else(|| {
+            Error::Config(
+                "no store configured; call `.store(SqliteStore::open(\"idem.db\").await?)` (or another store) on the builder".into(),
+            )
+        })?;
+        let executor_id = match self.executor_id {
+            Some(id) if !id.trim().is_empty() => id,
+            _ => default_executor_id(),
+        };
+        let (stop, stopped) = tokio::sync::watch::channel(false);
+        let inner = Arc::new(Inner {
+            store,
+            cache: LocalCache::new(self.local_cache),
+            settings: Settings {
+                default_ttl: self.default_ttl,
+                default_lease: self.default_lease,
+                default_wait: self.default_wait,
+                max_result_bytes: self.max_result_bytes,
+                executor_id: executor_id.into(),
+            },
+            flights: Flights::default(),
+            stop,
+        });
+        if let (Some(every), Ok(rt)) = (self.purge_interval, tokio::runtime::Handle::try_current())
+        {
+            rt.spawn(purge_loop(
+                inner.store.clone(),
+                every,
+                self.purge_batch,
+                stopped,
+            ));
+        }
+        Ok(Idem { inner })
+    }
+
+    /// Builds the runtime and installs it as the one `#[idempotent]` fns use. Fails if one
+    /// is already installed.
+    pub fn install(self) -> Result<Idem, Error> {
+        let idem = self.build()?;
+        INSTALLED.set(idem.clone()).map_err(|_| {
+            Error::Config(
+                "an idem runtime is already installed; install once at startup, or pass `runtime = ..` to the attribute".into(),
+            )
+        })?;
+        Ok(idem)
+    }
+}
+
+async fn purge_loop(
+    store: Arc<dyn Store>,
+    every: Duration,
+    batch: u32,
+    mut stopped: tokio::sync::watch::Receiver<bool>,
+) {
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(every) => {}
+            // Either `shutdown()` was called or every handle is gone (the sender dropped).
+            _ = stopped.changed() => return,
+        }
+        if *stopped.borrow() {
+            return;
+        }
+        if let Err(e) = purge_all(&*store, batch).await {
+            tracing::warn!(error = %e, backend = store.backend(), "idem: purging expired records failed; will retry");
+        }
+    }
+}
+
+fn default_executor_id() -> String {
+    let host = std::env::var("POD_NAME")
+        .or_else(|_| std::env::var("HOSTNAME"))
+        .ok()
+        .or_else(|| std::fs::read_to_string("/etc/hostname").ok())
+        .map(|h| h.trim().to_string())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "host".to_string());
+    format!("{host}-{}", std::process::id())
+}
+
+/// The runtime's settings as data, for an application's own config file or environment.
+///
+/// Durations use the attribute's rules (`"PT24H"`, `"30s"`). `store` is a URL:
+/// `sqlite://path/to/idem.db` (feature `sqlite`) or `memory:`.
+///
+/// ```
+/// # async fn demo() -> Result<(), idem_runtime::Error> {
+/// let config: idem_runtime::IdemConfig = serde_json::from_str(
+///     r#"{ "store": "memory:", "default_ttl": "PT1H", "local_cache": 1000 }"#,
+/// ).expect("valid config");
+/// let idem = idem_runtime::Idem::from_config(&config).await?;
+/// # Ok(()) }
+/// ```
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct IdemConfig {
+    /// Where records live: `sqlite://idem.db` (the default) or `memory:`.
+    pub store: String,
+    /// The records table.
+    pub table: String,
+    /// Local cache size in entries; 0 turns it off.
+    pub local_cache: u64,
+    /// Default TTL.
+    pub default_ttl: String,
+    /// Default lease.
+    pub default_lease: String,
+    /// Default wait for in-progress duplicates.
+    pub default_wait: String,
+    /// Largest stored result in bytes.
+    pub max_result_bytes: usize,
+    /// Executor id; derived from host name and pid when absent.
+    pub executor_id: Option<String>,
+    /// How often to purge expired records; `null` turns purging off.
+    pub purge_interval: Option<String>,
+}
+
+impl Default for IdemConfig {
+    fn default() -> Self {
+        IdemConfig {
+            store: "sqlite://idem.db".into(),
+            table: crate::store::DEFAULT_TABLE.into(),
+            local_cache: defaults::LOCAL_CACHE,
+            default_ttl: "PT24H".into(),
+            default_lease: "PT30S".into(),
+            default_wait: "PT5S".into(),
+            max_result_bytes: defaults::MAX_RESULT_BYTES,
+            executor_id: None,
+            purge_interval: Some("PT1M".into()),
+        }
+    }
+}
+
+impl IdemConfig {
+    /// A builder with these settings and this config's store, connected.
+    pub async fn builder(&self) -> Result<IdemBuilder, Error> {
+        let purge_interval = match &self.purge_interval {
+            None => None,
+            Some(s) => Some(
+                s.as_str()
+                    .into_duration()
+                    .map_err(|e| Error::Config(format!("purge_interval: {e}")))?,
+            ),
+        };
+        let builder = Idem::builder()
+            .local_cache(self.local_cache)
+            .default_ttl(self.default_ttl.as_str())
+            .default_lease(self.default_lease.as_str())
+            .default_wait(self.default_wait.as_str())
+            .max_result_bytes(self.max_result_bytes)
+            .executor_id(self.executor_id.clone())
+            .purge_interval(purge_interval);
+        // Check the durations before connecting, so a typo is reported as such.
+        if let Some(e) = &builder.error {
+            return Err(e.clone());
+        }
+        Ok(builder.shared_store(self.connect_store().await?))
+    }
+
+    async fn connect_store(&self) -> Result<Arc<dyn Store>, Error> {
+        let url = self.store.trim();
+        if url == "memory:" || url == "memory://" {
+            return Ok(Arc::new(MemoryStore::new()));
+        }
+        #[cfg(feature = "sqlite")]
+        if let Some(path) = url
+            .strip_prefix("sqlite://")
+            .or_else(|| url.strip_prefix("sqlite:"))
+        {
+            let options = crate::store::SqliteStoreOptions::new().table(self.table.clone());
+            return Ok(Arc::new(
+                crate::store::SqliteStore::open_with(path, options).await?,
+            ));
+        }
+        Err(Error::Config(format!(
+            "store {url:?} is not a store URL this build supports (`sqlite://path`, `memory:`); is the backend's cargo feature on?"
+        )))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_bad_duration_is_a_config_error() {
+        let err = Idem::builder()
+            .store(MemoryStore::new())
+            .default_ttl("P1M")
+            .build()
+            .unwrap_err();
+        let msg = err.to_string();
+        assert!(
+            msg.contains("default_ttl") && msg.contains("ambiguous"),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn a_missing_store_is_a_config_error() {
+        let msg = Idem::builder().build().unwrap_err().to_string();
+        assert!(msg.contains("no store configured"), "{msg}");
+    }
+
+    #[tokio::test]
+    async fn config_files_use_the_attribute_rules() {
+        let cfg: IdemConfig =
+            serde_json::from_str(r#"{"store": "memory:", "default_ttl": "1h30m"}"#).expect("json");
+        let idem = Idem::from_config(&cfg).await.expect("builds");
+        assert_eq!(idem.inner.settings.default_ttl, Duration::from_secs(5_400));
+
+        let cfg: IdemConfig =
+            serde_json::from_str(r#"{"store": "memory:", "default_lease": "P1Y"}"#).expect("json");
+        let msg = Idem::from_config(&cfg).await.unwrap_err().to_string();
+        assert!(msg.contains("default_lease"), "{msg}");
+
+        let unknown = serde_json::from_str::<IdemConfig>(r#"{"ttl": "1h"}"#);
+        assert!(unknown.is_err(), "unknown fields are refused");
+
+        let cfg: IdemConfig = serde_json::from_str(r#"{"store": "redis://x"}"#).expect("json");
+        let msg = Idem::from_config(&cfg).await.unwrap_err().to_string();
+        assert!(msg.contains("not a store URL"), "{msg}");
+    }
+
+    #[test]
+    fn executor_ids_default_to_host_and_pid() {
+        let idem = Idem::builder()
+            .store(MemoryStore::new())
+            .executor_id(None)
+            .build()
+            .expect("builds");
+        assert!(
+            idem.executor_id()
+                .ends_with(&format!("-{}", std::process::id()))
+        );
+    }
+}

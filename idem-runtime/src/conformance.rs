@@ -1,0 +1,556 @@
+//! The store conformance suite: what every [`Store`] must do, as tests (feature `conformance`).
+//!
+//! Each check is an async fn taking the store under test. [`store_conformance_tests!`]
+//! turns them all into `#[tokio::test]`s for one backend:
+//!
+//! ```ignore
+//! idem_runtime::store_conformance_tests!(async { idem_runtime::store::MemoryStore::new() });
+//! ```
+//!
+//! The expression is evaluated once per test and must yield something that dereferences to
+//! the store (a store, a `Box`, or a fixture that also owns, say, a temporary directory).
+//! Every check works in its own random namespace, so the suite may share one table.
+//!
+//! The checks use short leases and TTLs (hundreds of milliseconds) and real sleeps: they test
+//! the store's own clock, which cannot be faked from here.
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use crate::codec::Codec;
+use crate::key::{Fingerprint, RecordId};
+use crate::store::{Claim, Fence, RecordState, Reservation, Store, StoredResult};
+
+/// Generates one `#[tokio::test]` per conformance check for the store `$make` builds.
+#[macro_export]
+macro_rules! store_conformance_tests {
+    ($make:expr) => {
+        $crate::store_conformance_tests!(@each $make;
+            reserve_acquires_an_absent_record_once,
+            load_of_an_absent_record_is_none,
+            finalize_needs_the_owners_fence,
+            finalize_happens_once,
+            heartbeat_extends_only_the_owners_lease,
+            release_needs_the_owners_fence_and_frees_the_key,
+            take_over_waits_for_the_lease_to_end,
+            take_over_is_a_compare_and_set_on_the_fence,
+            a_stale_owner_cannot_finalize_after_a_takeover,
+            an_expired_result_is_taken_over_and_reset,
+            concurrent_reserves_have_one_winner,
+            concurrent_take_overs_have_one_winner,
+            purge_deletes_only_what_expired,
+            purge_respects_its_limit,
+            keys_are_compared_byte_for_byte,
+            namespaces_keep_records_apart,
+            fingerprints_and_results_round_trip
+        );
+    };
+    (@each $make:expr; $($check:ident),*) => {$(
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn $check() {
+            let store = $make.await;
+            $crate::conformance::$check(&*store).await;
+        }
+    )*};
+}
+
+const LEASE: Duration = Duration::from_millis(300);
+const SHORT: Duration = Duration::from_millis(150);
+const PAST_SHORT: Duration = Duration::from_millis(400);
+const TTL: Duration = Duration::from_secs(3600);
+
+fn ns() -> String {
+    format!("conformance-{:016x}/m::f/v0", fastrand::u64(..))
+}
+
+fn id(ns: &str, key: &str) -> RecordId {
+    RecordId::new(ns, key)
+}
+
+fn claim<'a>(
+    id: &'a RecordId,
+    fence: Fence,
+    fp: Option<&'a Fingerprint>,
+    lease: Duration,
+) -> Claim<'a> {
+    Claim {
+        id,
+        fence,
+        owner: "conformance",
+        fingerprint: fp,
+        lease,
+    }
+}
+
+fn result(bytes: &[u8]) -> StoredResult {
+    StoredResult {
+        codec: Codec::Json,
+        bytes: bytes.to_vec(),
+    }
+}
+
+async fn reserve(store: &dyn Store, c: &Claim<'_>) -> Reservation {
+    store.reserve(c).await.expect("reserve")
+}
+
+async fn acquire(store: &dyn Store, id: &RecordId, lease: Duration) -> Fence {
+    let fence = Fence::random();
+    let got = reserve(store, &claim(id, fence, None, lease)).await;
+    assert!(
+        matches!(got, Reservation::Acquired),
+        "expected to acquire {id:?}, got {got:?}"
+    );
+    fence
+}
+
+/// The first reserve inserts an in-progress record; a second finds it, with its fence.
+pub async fn reserve_acquires_an_absent_record_once(store: &dyn Store) {
+    let ns = ns();
+    let r = id(&ns, "k");
+    let first = acquire(store, &r, LEASE).await;
+    match reserve(store, &claim(&r, Fence::random(), None, LEASE)).await {
+        Reservation::Exists(rec) => {
+            assert_eq!(rec.state, RecordState::InProgress);
+            assert_eq!(rec.fence, first);
+            assert_eq!(rec.owner, "conformance");
+            assert_eq!(rec.attempts, 1);
+            assert!(rec.lease_remaining > Duration::ZERO && rec.lease_remaining <= LEASE);
+            assert!(rec.result.is_none());
+        }
+        other => panic!("second reserve: {other:?}"),
+    }
+}
+
+/// Loading a key nobody reserved finds nothing.
+pub async fn load_of_an_absent_record_is_none(store: &dyn Store) {
+    let loaded = store.load(&id(&ns(), "nobody")).await.expect("load");
+    assert!(loaded.is_none());
+}
+
+/// Finalize writes only for the fence that reserved the record.
+pub async fn finalize_needs_the_owners_fence(store: &dyn Store) {
+    let ns = ns();
+    let r = id(&ns, "k");
+    let fence = acquire(store, &r, LEASE).await;
+    let wrong = store
+        .finalize(&r, Fence::random(), &result(b"1"), TTL)
+        .await
+        .expect("finalize");
+    assert!(!wrong, "a foreign fence must not finalize");
+    assert!(
+        store
+            .finalize(&r, fence, &result(b"42"), TTL)
+            .await
+            .expect("finalize")
+    );
+    let rec = store.load(&r).await.expect("load").expect("present");
+    assert_eq!(rec.state, RecordState::Completed);
+    assert_eq!(rec.result, Some(result(b"42")));
+    assert!(rec.expires_in > TTL - Duration::from_secs(60) && rec.expires_in <= TTL);
+}
+
+/// A completed record cannot be finalized again, even by its owner.
+pub async fn finalize_happens_once(store: &dyn Store) {
+    let ns = ns();
+    let r = id(&ns, "k");
+    let fence = acquire(store, &r, LEASE).await;
+    assert!(
+        store
+            .finalize(&r, fence, &result(b"1"), TTL)
+            .await
+            .expect("finalize")
+    );
+    assert!(
+        !store
+            .finalize(&r, fence, &result(b"2"), TTL)
+            .await
+            .expect("finalize")
+    );
+    let rec = store.load(&r).await.expect("load").expect("present");
+    assert_eq!(rec.result, Some(result(b"1")));
+}
+
+/// A heartbeat extends the owner's lease, and nobody else's.
+pub async fn heartbeat_extends_only_the_owners_lease(store: &dyn Store) {
+    let ns = ns();
+    let r = id(&ns, "k");
+    let fence = acquire(store, &r, SHORT).await;
+    assert!(
+        !store
+            .heartbeat(&r, Fence::random(), TTL)
+            .await
+            .expect("heartbeat")
+    );
+    assert!(store.heartbeat(&r, fence, TTL).await.expect("heartbeat"));
+    tokio::time::sleep(PAST_SHORT).await;
+    let rec = store.load(&r).await.expect("load").expect("present");
+    assert!(
+        rec.lease_remaining > SHORT,
+        "the lease was extended: {:?}",
+        rec.lease_remaining
+    );
+    assert!(
+        !store
+            .take_over(&claim(&r, Fence::random(), None, LEASE), fence)
+            .await
+            .expect("take over"),
+        "a live lease cannot be taken over"
+    );
+    assert!(
+        store
+            .finalize(&r, fence, &result(b"1"), TTL)
+            .await
+            .expect("finalize")
+    );
+    assert!(
+        !store.heartbeat(&r, fence, TTL).await.expect("heartbeat"),
+        "a completed record has no lease to extend"
+    );
+}
+
+/// Release deletes the record for its owner only; then the key can be reserved afresh.
+pub async fn release_needs_the_owners_fence_and_frees_the_key(store: &dyn Store) {
+    let ns = ns();
+    let r = id(&ns, "k");
+    let fence = acquire(store, &r, LEASE).await;
+    assert!(!store.release(&r, Fence::random()).await.expect("release"));
+    assert!(store.load(&r).await.expect("load").is_some());
+    assert!(store.release(&r, fence).await.expect("release"));
+    assert!(store.load(&r).await.expect("load").is_none());
+    let again = acquire(store, &r, LEASE).await;
+    assert!(
+        store
+            .finalize(&r, again, &result(b"1"), TTL)
+            .await
+            .expect("finalize")
+    );
+    assert!(
+        !store.release(&r, again).await.expect("release"),
+        "a completed record is not released"
+    );
+}
+
+/// Takeover is refused while the lease runs and allowed once it is over, bumping `attempts`.
+pub async fn take_over_waits_for_the_lease_to_end(store: &dyn Store) {
+    let ns = ns();
+    let r = id(&ns, "k");
+    let first = acquire(store, &r, SHORT).await;
+    let second = Fence::random();
+    assert!(
+        !store
+            .take_over(&claim(&r, second, None, LEASE), first)
+            .await
+            .expect("take over")
+    );
+    tokio::time::sleep(PAST_SHORT).await;
+    let rec = store.load(&r).await.expect("load").expect("present");
+    assert_eq!(rec.lease_remaining, Duration::ZERO, "the lease is over");
+    assert!(
+        store
+            .take_over(&claim(&r, second, None, LEASE), first)
+            .await
+            .expect("take over")
+    );
+    let rec = store.load(&r).await.expect("load").expect("present");
+    assert_eq!(rec.fence, second);
+    assert_eq!(rec.attempts, 2);
+    assert_eq!(rec.state, RecordState::InProgress);
+    assert!(rec.lease_remaining > Duration::ZERO);
+}
+
+/// Takeover succeeds only against the fence the caller observed.
+pub async fn take_over_is_a_compare_and_set_on_the_fence(store: &dyn Store) {
+    let ns = ns();
+    let r = id(&ns, "k");
+    acquire(store, &r, SHORT).await;
+    tokio::time::sleep(PAST_SHORT).await;
+    let stale_view = Fence::random();
+    assert!(
+        !store
+            .take_over(&claim(&r, Fence::random(), None, LEASE), stale_view)
+            .await
+            .expect("take over"),
+        "the observed fence is not the record's"
+    );
+}
+
+/// After a takeover, the first owner's heartbeat, finalize and release all do nothing.
+pub async fn a_stale_owner_cannot_finalize_after_a_takeover(store: &dyn Store) {
+    let ns = ns();
+    let r = id(&ns, "k");
+    let stale = acquire(store, &r, SHORT).await;
+    tokio::time::sleep(PAST_SHORT).await;
+    let fresh = Fence::random();
+    assert!(
+        store
+            .take_over(&claim(&r, fresh, None, LEASE), stale)
+            .await
+            .expect("take over")
+    );
+    assert!(!store.heartbeat(&r, stale, TTL).await.expect("heartbeat"));
+    assert!(
+        !store
+            .finalize(&r, stale, &result(b"stale"), TTL)
+            .await
+            .expect("finalize")
+    );
+    assert!(!store.release(&r, stale).await.expect("release"));
+    assert!(
+        store
+            .finalize(&r, fresh, &result(b"fresh"), TTL)
+            .await
+            .expect("finalize")
+    );
+    let rec = store.load(&r).await.expect("load").expect("present");
+    assert_eq!(rec.result, Some(result(b"fresh")));
+}
+
+/// A completed record past its TTL is taken over like an absent one: result cleared,
+/// attempts back to one.
+pub async fn an_expired_result_is_taken_over_and_reset(store: &dyn Store) {
+    let ns = ns();
+    let r = id(&ns, "k");
+    let first = acquire(store, &r, LEASE).await;
+    assert!(
+        store
+            .finalize(&r, first, &result(b"old"), SHORT)
+            .await
+            .expect("finalize")
+    );
+    let fresh = Fence::random();
+    assert!(
+        !store
+            .take_over(&claim(&r, fresh, None, LEASE), first)
+            .await
+            .expect("take over"),
+        "a live result is not taken over"
+    );
+    tokio::time::sleep(PAST_SHORT).await;
+    let rec = store.load(&r).await.expect("load").expect("present");
+    assert_eq!(rec.expires_in, Duration::ZERO, "expired");
+    assert!(
+        store
+            .take_over(&claim(&r, fresh, None, LEASE), first)
+            .await
+            .expect("take over")
+    );
+    let rec = store.load(&r).await.expect("load").expect("present");
+    assert_eq!(rec.state, RecordState::InProgress);
+    assert_eq!(rec.attempts, 1);
+    assert!(rec.result.is_none());
+}
+
+/// Many concurrent reserves of one key: exactly one acquires.
+pub async fn concurrent_reserves_have_one_winner(store: &dyn Store) {
+    let ns = ns();
+    let r = id(&ns, "contended");
+    let attempts = (0..32).map(|_| async {
+        let fence = Fence::random();
+        matches!(
+            store
+                .reserve(&claim(&r, fence, None, LEASE))
+                .await
+                .expect("reserve"),
+            Reservation::Acquired
+        )
+    });
+    let winners = futures_join_all(attempts)
+        .await
+        .into_iter()
+        .filter(|w| *w)
+        .count();
+    assert_eq!(winners, 1);
+}
+
+/// Many concurrent takeovers of one expired reservation: exactly one succeeds.
+pub async fn concurrent_take_overs_have_one_winner(store: &dyn Store) {
+    let ns = ns();
+    let r = id(&ns, "contended");
+    let first = acquire(store, &r, SHORT).await;
+    tokio::time::sleep(PAST_SHORT).await;
+    let attempts = (0..32).map(|_| async {
+        let fence = Fence::random();
+        store
+            .take_over(&claim(&r, fence, None, LEASE), first)
+            .await
+            .expect("take over")
+    });
+    let winners = futures_join_all(attempts)
+        .await
+        .into_iter()
+        .filter(|w| *w)
+        .count();
+    assert_eq!(winners, 1);
+}
+
+/// Purge removes completed records past their TTL and in-progress ones past their lease,
+/// and nothing live.
+pub async fn purge_deletes_only_what_expired(store: &dyn Store) {
+    let ns = ns();
+    let live_result = id(&ns, "live-result");
+    let dead_result = id(&ns, "dead-result");
+    let live_lease = id(&ns, "live-lease");
+    let dead_lease = id(&ns, "dead-lease");
+    let f = acquire(store, &live_result, LEASE).await;
+    assert!(
+        store
+            .finalize(&live_result, f, &result(b"1"), TTL)
+            .await
+            .expect("finalize")
+    );
+    let f = acquire(store, &dead_result, LEASE).await;
+    assert!(
+        store
+            .finalize(&dead_result, f, &result(b"1"), SHORT)
+            .await
+            .expect("finalize")
+    );
+    acquire(store, &live_lease, TTL).await;
+    acquire(store, &dead_lease, SHORT).await;
+    tokio::time::sleep(PAST_SHORT).await;
+    // Other checks may share the table: purge until this namespace's expired rows are gone.
+    for _ in 0..100 {
+        store.purge(10_000).await.expect("purge");
+        if store.load(&dead_result).await.expect("load").is_none()
+            && store.load(&dead_lease).await.expect("load").is_none()
+        {
+            break;
+        }
+    }
+    assert!(store.load(&dead_result).await.expect("load").is_none());
+    assert!(store.load(&dead_lease).await.expect("load").is_none());
+    assert!(store.load(&live_result).await.expect("load").is_some());
+    assert!(store.load(&live_lease).await.expect("load").is_some());
+}
+
+/// Purge deletes at most `limit` records per call.
+pub async fn purge_respects_its_limit(store: &dyn Store) {
+    let ns = ns();
+    for i in 0..5 {
+        acquire(store, &id(&ns, &i.to_string()), Duration::from_millis(1)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let n = store.purge(2).await.expect("purge");
+    assert!(n <= 2, "deleted {n} with a limit of 2");
+    let mut total = n;
+    for _ in 0..100 {
+        let n = store.purge(2).await.expect("purge");
+        total += n;
+        if n == 0 {
+            break;
+        }
+    }
+    assert!(
+        total >= 5,
+        "all five expired records went eventually: {total}"
+    );
+}
+
+/// Keys differing only in case, trailing space, NUL or other odd bytes are distinct.
+pub async fn keys_are_compared_byte_for_byte(store: &dyn Store) {
+    let ns = ns();
+    let long = "k".repeat(crate::MAX_KEY_BYTES);
+    let keys = [
+        "a",
+        "A",
+        "a ",
+        " a",
+        "a\0b",
+        "a\0c",
+        "line\nbreak",
+        "🦀",
+        "é",
+        "e\u{301}",
+        "' OR '1'='1",
+        "%",
+        "_",
+        long.as_str(),
+    ];
+    for k in keys {
+        let r = id(&ns, k);
+        let fence = acquire(store, &r, LEASE).await;
+        assert!(
+            store
+                .finalize(&r, fence, &result(k.as_bytes()), TTL)
+                .await
+                .expect("finalize")
+        );
+    }
+    let mut seen = HashSet::new();
+    for k in keys {
+        let rec = store
+            .load(&id(&ns, k))
+            .await
+            .expect("load")
+            .expect("present");
+        let bytes = rec.result.expect("result").bytes;
+        assert_eq!(bytes, k.as_bytes(), "key {k:?} read back its own record");
+        assert!(seen.insert(bytes));
+    }
+}
+
+/// The same key in two namespaces names two records.
+pub async fn namespaces_keep_records_apart(store: &dyn Store) {
+    let (a, b) = (ns(), ns());
+    let fa = acquire(store, &id(&a, "k"), LEASE).await;
+    let fb = acquire(store, &id(&b, "k"), LEASE).await;
+    assert_ne!(fa, fb);
+    assert!(store.release(&id(&a, "k"), fa).await.expect("release"));
+    assert!(store.load(&id(&b, "k")).await.expect("load").is_some());
+}
+
+/// Fingerprints (or their absence), codecs and large results come back as written.
+pub async fn fingerprints_and_results_round_trip(store: &dyn Store) {
+    let ns = ns();
+    let fp = Fingerprint::of(&("payload", 1)).expect("fingerprint");
+    let with = id(&ns, "with");
+    let fence = Fence::random();
+    assert!(matches!(
+        reserve(store, &claim(&with, fence, Some(&fp), LEASE)).await,
+        Reservation::Acquired
+    ));
+    let big = StoredResult {
+        codec: Codec::JsonError,
+        bytes: (0..(1 << 20)).map(|i| (i % 251) as u8).collect(),
+    };
+    assert!(
+        store
+            .finalize(&with, fence, &big, TTL)
+            .await
+            .expect("finalize")
+    );
+    let rec = store.load(&with).await.expect("load").expect("present");
+    assert_eq!(rec.fingerprint, Some(fp));
+    assert_eq!(rec.result, Some(big));
+
+    let without = id(&ns, "without");
+    acquire(store, &without, LEASE).await;
+    let rec = store.load(&without).await.expect("load").expect("present");
+    assert_eq!(rec.fingerprint, None);
+}
+
+/// Polls every future to completion concurrently (a tiny `join_all`, to avoid a dependency).
+async fn futures_join_all<F: std::future::Future>(
+    futures: impl IntoIterator<Item = F>,
+) -> Vec<F::Output> {
+    let mut pending: Vec<_> = futures.into_iter().map(Box::pin).collect();
+    let mut outputs: Vec<Option<F::Output>> = pending.iter().map(|_| None).collect();
+    std::future::poll_fn(|cx| {
+        let mut all_done = true;
+        for (fut, out) in pending.iter_mut().zip(outputs.iter_mut()) {
+            if out.is_none() {
+                match fut.as_mut().poll(cx) {
+                    std::task::Poll::Ready(v) => *out = Some(v),
+                    std::task::Poll::Pending => all_done = false,
+                }
+            }
+        }
+        if all_done {
+            std::task::Poll::Ready(())
+        } else {
+            std::task::Poll::Pending
+        }
+    })
+    .await;
+    outputs.into_iter().flatten().collect()
+}

@@ -1,0 +1,880 @@
+//! The state machine: the one place that decides what a call does.
+//!
+//! ```text
+//!   local cache hit ──────────────────────────────────────────────► replay
+//!   same key already running in this process ── wait for it ──────► replay / its error / try again
+//!   reserve ── acquired ──► run body (heartbeat) ── Ok ── finalize ► cache, return
+//!      │                                         └─ Err ─ release ─► return the error
+//!      └─ exists ── completed, live ──────────── same payload ─────► replay
+//!               ├─ in progress, live lease ──── wait (bounded) or reject
+//!               ├─ lease over / expired ─────── take over (CAS) ──► run body
+//!               └─ different payload ─────────────────────────────► PayloadMismatch
+//! ```
+//!
+//! Stores only execute statements; everything above is decided here from what they return.
+//! Callers of one key inside one process share a single flight: one of them (the leader)
+//! talks to the store, the others wait for its outcome, so a retry storm costs one
+//! reservation per process.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use tokio::sync::watch;
+use tracing::Instrument;
+
+use crate::__private::{Call, Payload, Scope, Site, Spec};
+use crate::codec::{self, Codec};
+use crate::config::Inner;
+use crate::error::StoreError;
+use crate::key::{Fingerprint, RecordId};
+use crate::outcome::{self, Outcome};
+use crate::store::{Claim, Fence, Record, RecordState, Reservation, StoredResult};
+use crate::{Error, Idem, metrics};
+
+/// How a fn's results are stored: its `Ok` values only, or its `Err` values too.
+pub(crate) trait ResultCodec<T, E> {
+    /// What to store for `out`; `None` when it is not stored (an `Err` of a fn that does not
+    /// cache errors).
+    fn encode(out: &Result<T, E>) -> Option<(Codec, Result<Vec<u8>, String>)>;
+    /// The stored result back.
+    fn decode(codec: Codec, bytes: &[u8]) -> Result<Result<T, E>, String>;
+}
+
+/// Stores `Ok` values; an `Err` releases the key so a retry runs again.
+pub(crate) struct ValuesOnly;
+
+impl<T: Serialize + DeserializeOwned, E> ResultCodec<T, E> for ValuesOnly {
+    fn encode(out: &Result<T, E>) -> Option<(Codec, Result<Vec<u8>, String>)> {
+        match out {
+            Ok(v) => Some((Codec::Json, codec::encode(v))),
+            Err(_) => None,
+        }
+    }
+
+    fn decode(codec: Codec, bytes: &[u8]) -> Result<Result<T, E>, String> {
+        match codec {
+            Codec::Json => codec::decode(bytes).map(Ok),
+            Codec::JsonError => {
+                Err("the record holds a stored error, but this fn no longer caches errors".into())
+            }
+        }
+    }
+}
+
+/// Stores `Ok` and `Err` values (`cache_errors = true`).
+pub(crate) struct ValuesAndErrors;
+
+impl<T, E> ResultCodec<T, E> for ValuesAndErrors
+where
+    T: Serialize + DeserializeOwned,
+    E: Serialize + DeserializeOwned,
+{
+    fn encode(out: &Result<T, E>) -> Option<(Codec, Result<Vec<u8>, String>)> {
+        Some(match out {
+            Ok(v) => (Codec::Json, codec::encode(v)),
+            Err(e) => (Codec::JsonError, codec::encode(e)),
+        })
+    }
+
+    fn decode(codec: Codec, bytes: &[u8]) -> Result<Result<T, E>, String> {
+        match codec {
+            Codec::Json => codec::decode(bytes).map(Ok),
+            Codec::JsonError => codec::decode(bytes).map(Err),
+        }
+    }
+}
+
+/// Everything one call needs, resolved from its spec, its arguments and the runtime.
+struct Ctx<'a> {
+    idem: &'a Inner,
+    function: &'static str,
+    version: u32,
+    id: RecordId,
+    fingerprint: Option<Fingerprint>,
+    ttl: Duration,
+    lease: Duration,
+    wait: Duration,
+    reject: bool,
+}
+
+/// Runs one idempotent call. The entry point behind `__private::run`.
+pub(crate) async fn run<T, E, F, C>(
+    spec: &'static Spec,
+    site: &'static Site,
+    call: Call,
+    body: F,
+) -> Result<T, E>
+where
+    F: Future<Output = Result<T, E>>,
+    E: From<Error>,
+    C: ResultCodec<T, E>,
+{
+    let function = site.path;
+    let idem: Idem = match call.runtime.or_else(|| Idem::installed().cloned()) {
+        Some(idem) => idem,
+        None => return Err(fail(function, Error::NotInstalled { function })),
+    };
+    let unprotected = |part: &'static str| {
+        if spec.optional {
+            Ok(())
+        } else {
+            Err(fail(function, Error::MissingKey { function, part }))
+        }
+    };
+    let Some(key) = call.key else {
+        unprotected("key")?;
+        return run_unprotected(function, body).await;
+    };
+    let namespace = match call.scope {
+        Scope::Unscoped => None,
+        Scope::Value(scope) if scope.is_empty() => {
+            return Err(invalid(function, "the scope is empty"));
+        }
+        Scope::Value(scope) => Some(crate::key::Namespace::new(
+            function,
+            spec.version,
+            Some(&scope),
+        )),
+        Scope::Missing => {
+            unprotected("scope")?;
+            return run_unprotected(function, body).await;
+        }
+    };
+    if key.is_empty() {
+        return Err(invalid(function, "the key is empty"));
+    }
+    let fingerprint = match call.payload {
+        Payload::Unchecked => None,
+        Payload::Checked(fp) => Some(fp),
+        Payload::Failed(e) => {
+            return Err(invalid(
+                function,
+                &format!("the payload could not be fingerprinted: {e}"),
+            ));
+        }
+    };
+    let id = namespace.as_ref().unwrap_or(&site.unscoped).record(&key);
+    let settings = &idem.inner.settings;
+    let ctx = Ctx {
+        idem: &idem.inner,
+        function,
+        version: spec.version,
+        fingerprint,
+        ttl: spec.ttl.unwrap_or(settings.default_ttl),
+        lease: spec.lease.unwrap_or(settings.default_lease),
+        wait: spec.wait.unwrap_or(settings.default_wait),
+        reject: spec.reject,
+        id,
+    };
+    let span = tracing::info_span!(
+        "idempotent",
+        function,
+        key = %ctx.id.hash(),
+        outcome = tracing::field::Empty,
+    );
+    ctx.call::<T, E, F, C>(body).instrument(span).await
+}
+
+async fn run_unprotected<T, E>(
+    function: &'static str,
+    body: impl Future<Output = Result<T, E>>,
+) -> Result<T, E> {
+    tracing::debug!(function, "idem: no key; running the body unprotected");
+    metrics::call(function, Outcome::Unprotected);
+    outcome::report(Outcome::Unprotected);
+    body.await
+}
+
+fn fail<E: From<Error>>(function: &'static str, err: Error) -> E {
+    metrics::error(function, err.kind());
+    tracing::Span::current().record("outcome", err.kind());
+    E::from(err)
+}
+
+fn invalid<E: From<Error>>(function: &'static str, reason: &str) -> E {
+    fail(
+        function,
+        Error::InvalidKey {
+            function,
+            reason: reason.to_string(),
+        },
+    )
+}
+
+/// What the leader got from the store before running anything.
+enum Acquired {
+    /// The caller owns the record and runs the body.
+    Owned { fence: Fence, took_over: bool },
+    /// The record is completed with this result.
+    Replay {
+        result: StoredResult,
+        fingerprint: Option<Fingerprint>,
+        expires_in: Duration,
+        waited: bool,
+    },
+}
+
+/// What the engine does about an existing record. Pure: decided from the record alone.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Decision {
+    Replay,
+    PayloadMismatch,
+    Wait { retry_after: Duration },
+    TakeOver,
+}
+
+pub(crate) fn decide(record: &Record, fingerprint: Option<&Fingerprint>) -> Decision {
+    let mismatch = match (record.fingerprint.as_ref(), fingerprint) {
+        (Some(stored), Some(ours)) => stored != ours,
+        // A record without a fingerprint (or a fn without one) cannot be compared.
+        _ => false,
+    };
+    match record.state {
+        RecordState::Completed if !record.expires_in.is_zero() => {
+            if mismatch {
+                Decision::PayloadMismatch
+            } else {
+                Decision::Replay
+            }
+        }
+        RecordState::InProgress if !record.lease_remaining.is_zero() => {
+            if mismatch {
+                Decision::PayloadMismatch
+            } else {
+                Decision::Wait {
+                    retry_after: record.lease_remaining,
+                }
+            }
+        }
+        // Expired, or its owner stopped heartbeating: whatever it held is over.
+        RecordState::Completed | RecordState::InProgress => Decision::TakeOver,
+    }
+}
+
+impl Ctx<'_> {
+    async fn call<T, E, F, C>(&self, body: F) -> Result<T, E>
+    where
+        F: Future<Output = Result<T, E>>,
+        E: From<Error>,
+        C: ResultCodec<T, E>,
+    {
+        if let Some(cache) = &self.idem.cache {
+            if let Some(hit) = cache.get(&self.id) {
+                return self.replay::<T, E, C>(
+                    hit.codec,
+                    &hit.bytes,
+                    hit.fingerprint.as_ref(),
+                    Outcome::Replayed,
+                );
+            }
+        }
+        let mut body = Some(body);
+        loop {
+            match self.idem.flights.join(&self.id) {
+                Role::Leader(slot) => {
+                    // Only one loop iteration ever leads, so the body is still here.
+                    let Some(body) = body.take() else {
+                        unreachable!("a call leads at most once")
+                    };
+                    return self.lead::<T, E, F, C>(slot, body).await;
+                }
+                Role::Follower(rx) => match self.follow(rx).await {
+                    Shared::Completed {
+                        codec,
+                        bytes,
+                        fingerprint,
+                    } => {
+                        return self.replay::<T, E, C>(
+                            codec,
+                            &bytes,
+                            fingerprint.as_ref(),
+                            Outcome::Waited,
+                        );
+                    }
+                    Shared::Failed(e) => return Err(fail(self.function, e)),
+                    Shared::Retry => continue,
+                },
+            }
+        }
+    }
+
+    /// Waits for the leader of this key in this process; an `InProgress` error when it does
+    /// not finish within the wait budget (or at once for `on_conflict = "reject"`).
+    async fn follow(&self, mut rx: watch::Receiver<Option<Shared>>) -> Shared {
+        let busy = Shared::Failed(Error::InProgress {
+            function: self.function,
+            key: self.id.hash(),
+            retry_after: Duration::from_secs(1),
+        });
+        if self.reject {
+            // A value already shared is still an answer; only a running call is a conflict.
+            return rx.borrow().clone().unwrap_or(busy);
+        }
+        match tokio::time::timeout(self.wait, rx.wait_for(Option::is_some)).await {
+            Ok(Ok(shared)) => shared.clone().unwrap_or(Shared::Retry),
+            // The leader stopped without an answer (dropped or panicked): try again.
+            Ok(Err(_closed)) => Shared::Retry,
+            Err(_elapsed) => busy,
+        }
+    }
+
+    async fn lead<T, E, F, C>(&self, slot: LeaderSlot<'_>, body: F) -> Result<T, E>
+    where
+        F: Future<Output = Result<T, E>>,
+        E: From<Error>,
+        C: ResultCodec<T, E>,
+    {
+        let (fence, took_over) = match self.acquire().await {
+            Ok(Acquired::Owned { fence, took_over }) => (fence, took_over),
+            Ok(Acquired::Replay {
+                result,
+                fingerprint,
+                expires_in,
+                waited,
+            }) => {
+                let bytes: Arc<[u8]> = result.bytes.into();
+                if let Some(cache) = &self.idem.cache {
+                    cache.insert(
+                        self.id.clone(),
+                        result.codec,
+                        bytes.clone(),
+                        fingerprint,
+                        expires_in,
+                    );
+                }
+                slot.finish(Shared::Completed {
+                    codec: result.codec,
+                    bytes: bytes.clone(),
+                    fingerprint,
+                });
+                let how = if waited {
+                    Outcome::Waited
+                } else {
+                    Outcome::Replayed
+                };
+                return self.replay::<T, E, C>(result.codec, &bytes, fingerprint.as_ref(), how);
+            }
+            Err(e) => {
+                // A payload mismatch is about this caller's payload; the others check theirs.
+                slot.finish(match e {
+                    Error::PayloadMismatch { .. } => Shared::Retry,
+                    ref other => Shared::Failed(other.clone()),
+                });
+                return Err(fail(self.function, e));
+            }
+        };
+        if took_over {
+            metrics::takeover(self.function);
+        }
+        let mut guard = OwnedRecord::new(self.idem, &self.id, fence, self.function);
+        let (out, _lost) = crate::lease::with_heartbeat(
+            &*self.idem.store,
+            self.function,
+            &self.id,
+            fence,
+            self.lease,
+            body,
+        )
+        .await;
+        let how = if took_over {
+            Outcome::TookOver
+        } else {
+            Outcome::Executed
+        };
+        let Some((codec, encoded)) = C::encode(&out) else {
+            // An error that is not stored: free the key so the next attempt runs the body.
+            guard.release().await;
+            slot.finish(Shared::Retry);
+            self.finished(how);
+            return out;
+        };
+        let bytes = match encoded {
+            Ok(bytes) if bytes.len() <= self.idem.settings.max_result_bytes => bytes,
+            Ok(bytes) => {
+                tracing::error!(
+                    function = self.function,
+                    bytes = bytes.len(),
+                    limit = self.idem.settings.max_result_bytes,
+                    "idem: result is larger than max_result_bytes; returned but not stored, so a retry will run the body again"
+                );
+                metrics::not_stored(self.function, "too_large");
+                guard.release().await;
+                // Callers already waiting here are concurrent with this call: give them its result.
+                slot.finish(Shared::Completed {
+                    codec,
+                    bytes: bytes.into(),
+                    fingerprint: self.fingerprint,
+                });
+                self.finished(how);
+                return out;
+            }
+            Err(e) => {
+                tracing::error!(function = self.function, error = %e, "idem: result could not be encoded; returned but not stored");
+                metrics::not_stored(self.function, "encode");
+                guard.release().await;
+                slot.finish(Shared::Retry);
+                self.finished(how);
+                return out;
+            }
+        };
+        let result = StoredResult { codec, bytes };
+        match self.finalize(fence, &result).await {
+            Ok(true) => {
+                guard.disarm();
+                metrics::stored_bytes(self.function, result.bytes.len());
+                let bytes: Arc<[u8]> = result.bytes.into();
+                if let Some(cache) = &self.idem.cache {
+                    cache.insert(
+                        self.id.clone(),
+                        codec,
+                        bytes.clone(),
+                        self.fingerprint,
+                        self.ttl,
+                    );
+                }
+                slot.finish(Shared::Completed {
+                    codec,
+                    bytes,
+                    fingerprint: self.fingerprint,
+                });
+                self.finished(how);
+                out
+            }
+            Ok(false) => {
+                // Someone took the record over: their result is the one that counts.
+                guard.disarm();
+                slot.finish(Shared::Retry);
+                Err(fail(
+                    self.function,
+                    Error::LeaseLost {
+                        function: self.function,
+                        key: self.id.hash(),
+                    },
+                ))
+            }
+            Err(e) => {
+                // The body's effects happened and its value is in hand. The record stays in
+                // progress until its lease runs out; a retry after that runs the body again.
+                guard.disarm();
+                tracing::error!(function = self.function, key = %self.id.hash(), error = %e,
+                    "idem: could not record the result; returned it, but a retry after the lease will run the body again");
+                metrics::not_stored(self.function, "store");
+                slot.finish(Shared::Completed {
+                    codec,
+                    bytes: result.bytes.into(),
+                    fingerprint: self.fingerprint,
+                });
+                self.finished(how);
+                out
+            }
+        }
+    }
+
+    /// Finalize, retried a few times: a store blip right after the body ran should not
+    /// throw its result away.
+    async fn finalize(&self, fence: Fence, result: &StoredResult) -> Result<bool, StoreError> {
+        let store = &*self.idem.store;
+        let mut pause = Duration::from_millis(20);
+        for _ in 0..3 {
+            match metrics::timed(
+                store,
+                "finalize",
+                store.finalize(&self.id, fence, result, self.ttl),
+            )
+            .await
+            {
+                Ok(done) => return Ok(done),
+                Err(e) => {
+                    tracing::warn!(function = self.function, error = %e, "idem: finalize failed; retrying");
+                    tokio::time::sleep(pause).await;
+                    pause *= 4;
+                }
+            }
+        }
+        metrics::timed(
+            store,
+            "finalize",
+            store.finalize(&self.id, fence, result, self.ttl),
+        )
+        .await
+    }
+
+    /// Reserves the record, or finds out why not: replay, wait (bounded), take over, refuse.
+    async fn acquire(&self) -> Result<Acquired, Error> {
+        let store = &*self.idem.store;
+        let deadline = Instant::now() + self.wait;
+        let mut backoff = Backoff::default();
+        let mut waited = false;
+        let mut races = 0u32;
+        loop {
+            let fence = Fence::random();
+            let claim = Claim {
+                id: &self.id,
+                fence,
+                owner: &self.idem.settings.executor_id,
+                fingerprint: self.fingerprint.as_ref(),
+                lease: self.lease,
+            };
+            let record = match metrics::timed(store, "reserve", store.reserve(&claim))
+                .await
+                .map_err(|e| self.unavailable(e))?
+            {
+                Reservation::Acquired => {
+                    return Ok(Acquired::Owned {
+                        fence,
+                        took_over: false,
+                    });
+                }
+                Reservation::Exists(record) => record,
+                Reservation::Vanished => {
+                    races += 1;
+                    self.pace_race(races, &mut backoff, deadline).await?;
+                    continue;
+                }
+            };
+            match decide(&record, self.fingerprint.as_ref()) {
+                Decision::Replay => {
+                    let result = record.result.ok_or_else(|| {
+                        self.unavailable(StoreError::msg("a completed record has no result"))
+                    })?;
+                    return Ok(Acquired::Replay {
+                        result,
+                        fingerprint: record.fingerprint,
+                        expires_in: record.expires_in,
+                        waited,
+                    });
+                }
+                Decision::PayloadMismatch => {
+                    return Err(Error::PayloadMismatch {
+                        function: self.function,
+                        key: self.id.hash(),
+                    });
+                }
+                Decision::TakeOver => {
+                    let taken =
+                        metrics::timed(store, "take_over", store.take_over(&claim, record.fence))
+                            .await
+                            .map_err(|e| self.unavailable(e))?;
+                    if taken {
+                        return Ok(Acquired::Owned {
+                            fence,
+                            took_over: record.state == RecordState::InProgress,
+                        });
+                    }
+                    races += 1;
+                    self.pace_race(races, &mut backoff, deadline).await?;
+                }
+                Decision::Wait { retry_after } => {
+                    let now = Instant::now();
+                    if self.reject || now >= deadline {
+                        return Err(Error::InProgress {
+                            function: self.function,
+                            key: self.id.hash(),
+                            retry_after,
+                        });
+                    }
+                    waited = true;
+                    tokio::time::sleep(backoff.next().min(deadline - now)).await;
+                }
+            }
+        }
+    }
+
+    /// After losing a race (the record changed between two statements), go again at once a
+    /// few times, then back off so a pathological churn cannot spin.
+    async fn pace_race(
+        &self,
+        races: u32,
+        backoff: &mut Backoff,
+        deadline: Instant,
+    ) -> Result<(), Error> {
+        if races <= 3 {
+            return Ok(());
+        }
+        let now = Instant::now();
+        if now >= deadline {
+            return Err(Error::InProgress {
+                function: self.function,
+                key: self.id.hash(),
+                retry_after: backoff.next(),
+            });
+        }
+        tokio::time::sleep(backoff.next().min(deadline - now)).await;
+        Ok(())
+    }
+
+    fn replay<T, E, C>(
+        &self,
+        codec: Codec,
+        bytes: &[u8],
+        stored: Option<&Fingerprint>,
+        how: Outcome,
+    ) -> Result<T, E>
+    where
+        E: From<Error>,
+        C: ResultCodec<T, E>,
+    {
+        if let (Some(stored), Some(ours)) = (stored, self.fingerprint.as_ref()) {
+            if stored != ours {
+                return Err(fail(
+                    self.function,
+                    Error::PayloadMismatch {
+                        function: self.function,
+                        key: self.id.hash(),
+                    },
+                ));
+            }
+        }
+        match C::decode(codec, bytes) {
+            Ok(out) => {
+                self.finished(how);
+                out
+            }
+            Err(message) => Err(fail(
+                self.function,
+                Error::Decode {
+                    function: self.function,
+                    key: self.id.hash(),
+                    version: self.version,
+                    message,
+                },
+            )),
+        }
+    }
+
+    fn finished(&self, how: Outcome) {
+        metrics::call(self.function, how);
+        outcome::report(how);
+        tracing::Span::current().record("outcome", how.as_str());
+    }
+
+    fn unavailable(&self, source: StoreError) -> Error {
+        Error::StoreUnavailable {
+            function: self.function,
+            source,
+        }
+    }
+}
+
+/// Exponential backoff with jitter for polling an in-progress record: 5 ms doubling to
+/// 250 ms, each pause drawn from [50%, 100%] of the step so waiters spread out.
+#[derive(Default)]
+struct Backoff {
+    step: u32,
+}
+
+impl Backoff {
+    fn next(&mut self) -> Duration {
+        let base = Duration::from_millis(5) * 2u32.pow(self.step.min(6));
+        self.step = self.step.saturating_add(1);
+        let cap = base.min(Duration::from_millis(250));
+        cap.mul_f64(0.5 + fastrand::f64() * 0.5)
+    }
+}
+
+/// An owned reservation. Dropped while armed (the body panicked, or the call's future was
+/// dropped mid-body) it releases the record in the background, so the key is free again
+/// at once instead of after the lease.
+struct OwnedRecord<'a> {
+    idem: &'a Inner,
+    id: &'a RecordId,
+    fence: Fence,
+    function: &'static str,
+    armed: bool,
+}
+
+impl<'a> OwnedRecord<'a> {
+    fn new(idem: &'a Inner, id: &'a RecordId, fence: Fence, function: &'static str) -> Self {
+        OwnedRecord {
+            idem,
+            id,
+            fence,
+            function,
+            armed: true,
+        }
+    }
+
+    fn disarm(&mut self) {
+        self.armed = false;
+    }
+
+    async fn release(&mut self) {
+        self.armed = false;
+        let store = &*self.idem.store;
+        if let Err(e) = metrics::timed(store, "release", store.release(self.id, self.fence)).await {
+            tracing::warn!(function = self.function, key = %self.id.hash(), error = %e,
+                "idem: could not release the key; it frees itself when the lease runs out");
+        }
+    }
+}
+
+impl Drop for OwnedRecord<'_> {
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
+        let store = self.idem.store.clone();
+        let (id, fence, function) = (self.id.clone(), self.fence, self.function);
+        match tokio::runtime::Handle::try_current() {
+            Ok(rt) => {
+                rt.spawn(async move {
+                    if let Err(e) = store.release(&id, fence).await {
+                        tracing::warn!(function, key = %id.hash(), error = %e,
+                            "idem: could not release an abandoned key; it frees itself when the lease runs out");
+                    }
+                });
+            }
+            Err(_) => tracing::warn!(function, key = %id.hash(),
+                "idem: call abandoned outside a tokio runtime; the key frees itself when the lease runs out"),
+        }
+    }
+}
+
+/// What the leader of a key tells the callers waiting on it.
+#[derive(Clone)]
+enum Shared {
+    Completed {
+        codec: Codec,
+        bytes: Arc<[u8]>,
+        fingerprint: Option<Fingerprint>,
+    },
+    /// It stopped without a result to share: run the protocol yourself.
+    Retry,
+    /// It failed in a way that applies to every caller of the key.
+    Failed(Error),
+}
+
+/// The keys this process is currently leading, for single flight.
+#[derive(Default)]
+pub(crate) struct Flights {
+    map: Mutex<HashMap<RecordId, watch::Sender<Option<Shared>>>>,
+}
+
+enum Role<'a> {
+    Leader(LeaderSlot<'a>),
+    Follower(watch::Receiver<Option<Shared>>),
+}
+
+impl Flights {
+    fn lock(&self) -> MutexGuard<'_, HashMap<RecordId, watch::Sender<Option<Shared>>>> {
+        // Critical sections below only insert and remove; a poisoned map is still consistent.
+        self.map.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn join(&self, id: &RecordId) -> Role<'_> {
+        let mut map = self.lock();
+        if let Some(tx) = map.get(id) {
+            return Role::Follower(tx.subscribe());
+        }
+        let (tx, _) = watch::channel(None);
+        map.insert(id.clone(), tx.clone());
+        Role::Leader(LeaderSlot {
+            flights: self,
+            id: id.clone(),
+            tx,
+        })
+    }
+}
+
+/// Leadership of one key in this process. Finishing (or dropping) it removes the key from
+/// the map first, so a caller arriving afterwards starts afresh instead of seeing a stale
+/// answer, and then wakes the followers.
+struct LeaderSlot<'a> {
+    flights: &'a Flights,
+    id: RecordId,
+    tx: watch::Sender<Option<Shared>>,
+}
+
+impl LeaderSlot<'_> {
+    fn finish(self, shared: Shared) {
+        self.remove();
+        self.tx.send_replace(Some(shared));
+    }
+
+    fn remove(&self) {
+        let mut map = self.flights.lock();
+        if map
+            .get(&self.id)
+            .is_some_and(|tx| tx.same_channel(&self.tx))
+        {
+            map.remove(&self.id);
+        }
+    }
+}
+
+impl Drop for LeaderSlot<'_> {
+    fn drop(&mut self) {
+        // Finished or not, leave the map. Followers of an unfinished flight see the channel
+        // close once the last sender (ours) is gone, and retry.
+        self.remove();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::Fence;
+
+    fn record(state: RecordState, lease_ms: u64, expires_ms: u64, fp: Option<u8>) -> Record {
+        Record {
+            state,
+            fingerprint: fp.map(|b| Fingerprint::from_bytes(&[b; 16]).expect("16 bytes")),
+            fence: Fence::from_raw(1),
+            owner: "o".into(),
+            attempts: 1,
+            lease_remaining: Duration::from_millis(lease_ms),
+            expires_in: Duration::from_millis(expires_ms),
+            result: None,
+        }
+    }
+
+    fn fp(b: u8) -> Fingerprint {
+        Fingerprint::from_bytes(&[b; 16]).expect("16 bytes")
+    }
+
+    #[test]
+    fn completed_and_live_replays_for_the_same_payload_only() {
+        let r = record(RecordState::Completed, 0, 1_000, Some(1));
+        assert_eq!(decide(&r, Some(&fp(1))), Decision::Replay);
+        assert_eq!(decide(&r, Some(&fp(2))), Decision::PayloadMismatch);
+        assert_eq!(
+            decide(&r, None),
+            Decision::Replay,
+            "no fingerprint, no check"
+        );
+    }
+
+    #[test]
+    fn in_progress_with_a_live_lease_waits() {
+        let r = record(RecordState::InProgress, 700, 700, Some(1));
+        assert_eq!(
+            decide(&r, Some(&fp(1))),
+            Decision::Wait {
+                retry_after: Duration::from_millis(700)
+            }
+        );
+        assert_eq!(decide(&r, Some(&fp(9))), Decision::PayloadMismatch);
+    }
+
+    #[test]
+    fn over_leases_and_expired_results_are_taken_over() {
+        let r = record(RecordState::InProgress, 0, 0, Some(1));
+        assert_eq!(decide(&r, Some(&fp(2))), Decision::TakeOver);
+        let r = record(RecordState::Completed, 0, 0, Some(1));
+        assert_eq!(decide(&r, Some(&fp(2))), Decision::TakeOver);
+    }
+
+    #[test]
+    fn backoff_grows_and_is_capped() {
+        let mut b = Backoff::default();
+        let first = b.next();
+        assert!(first <= Duration::from_millis(5));
+        for _ in 0..20 {
+            assert!(b.next() <= Duration::from_millis(250));
+        }
+    }
+}

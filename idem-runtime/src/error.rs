@@ -1,0 +1,229 @@
+//! The one error type a caller of an `#[idempotent]` fn can get from idem itself.
+//!
+//! Every variant says what happened and what to do about it, names the fn, and identifies the
+//! key only by a short hash ([`KeyHash`]): keys and payloads often carry customer data and must
+//! not end up in logs through an error message.
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::key::KeyHash;
+
+/// What went wrong in an idempotent call, as opposed to in its body.
+///
+/// An `#[idempotent]` fn returns `Result<T, E>` with `E: From<Error>`, so these arrive in the
+/// caller's own error type. [`Error::http_status`] maps each to the status an HTTP API should
+/// answer with.
+#[derive(Debug, Clone, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// Another call with the same key is still running (here or on another replica) and did not
+    /// finish within the wait budget, or the fn was declared `on_conflict = "reject"`.
+    ///
+    /// Retry after `retry_after`; the first call's result will be replayed then. HTTP 409.
+    #[error(
+        "`{function}`: a call with key {key} is still in progress; retry after {retry_after:?} to get its result"
+    )]
+    InProgress {
+        /// The fn's record path.
+        function: &'static str,
+        /// A short hash of the key.
+        key: KeyHash,
+        /// How long until a retry is likely to find the first call finished.
+        retry_after: Duration,
+    },
+
+    /// The key was first used with a different payload (the fingerprint of the arguments
+    /// differs). The stored result belongs to another request, so it is not replayed.
+    ///
+    /// A client reused a key for a new request: it should send a fresh key. HTTP 422.
+    #[error(
+        "`{function}`: key {key} was already used with a different payload; a new request needs a new key"
+    )]
+    PayloadMismatch {
+        /// The fn's record path.
+        function: &'static str,
+        /// A short hash of the key.
+        key: KeyHash,
+    },
+
+    /// The key (or scope) expression evaluated to `None` and the fn is not `optional`.
+    ///
+    /// The request carries no idempotency key: reject it (HTTP 400), or declare the attribute
+    /// `optional` to run such calls unprotected.
+    #[error(
+        "`{function}`: the idempotency {part} is missing (it evaluated to `None`); send one, or mark the fn `optional`"
+    )]
+    MissingKey {
+        /// The fn's record path.
+        function: &'static str,
+        /// `"key"` or `"scope"`.
+        part: &'static str,
+    },
+
+    /// The key, scope or payload cannot be used: an empty key or scope, or arguments whose
+    /// `Serialize` impl failed while fingerprinting. HTTP 400.
+    #[error("`{function}`: invalid idempotency input: {reason}")]
+    InvalidKey {
+        /// The fn's record path.
+        function: &'static str,
+        /// What is wrong with it.
+        reason: String,
+    },
+
+    /// The store could not be reached or refused a statement. The body did not run (idem fails
+    /// closed: it never runs a body without a reservation). Retry later. HTTP 503.
+    #[error(
+        "`{function}`: the idempotency store is unavailable ({source}); the call did not run, retry later"
+    )]
+    StoreUnavailable {
+        /// The fn's record path (`"idem"` for calls not tied to a fn).
+        function: &'static str,
+        /// What the store said.
+        source: StoreError,
+    },
+
+    /// A stored result no longer decodes as the fn's return type, usually because the type
+    /// changed. Bump the attribute's `version = N` when a return type changes incompatibly, so
+    /// old records live in their own namespace. HTTP 500.
+    #[error(
+        "`{function}` (version {version}): the stored result for key {key} no longer decodes ({message}); bump `version` when the return type changes"
+    )]
+    Decode {
+        /// The fn's record path.
+        function: &'static str,
+        /// A short hash of the key.
+        key: KeyHash,
+        /// The attribute's `version`.
+        version: u32,
+        /// The decoder's message.
+        message: String,
+    },
+
+    /// This call's reservation was taken over by another caller while the body ran (its lease
+    /// expired without a heartbeat getting through). The body's effects happened, but the
+    /// record now belongs to the newer owner, whose result is the one that will be replayed.
+    /// HTTP 409.
+    #[error(
+        "`{function}`: lost the reservation for key {key} while running (lease expired and another caller took over); its result was not recorded"
+    )]
+    LeaseLost {
+        /// The fn's record path.
+        function: &'static str,
+        /// A short hash of the key.
+        key: KeyHash,
+    },
+
+    /// An `#[idempotent]` fn ran before any [`Idem`](crate::Idem) was installed, and the
+    /// attribute names no `runtime = ..`. Call `Idem::builder()...install()` at startup.
+    #[error(
+        "`{function}`: no idem runtime is installed; call `Idem::builder().store(..).install()` at startup or pass `runtime = ..`"
+    )]
+    NotInstalled {
+        /// The fn's record path.
+        function: &'static str,
+    },
+
+    /// The configuration is wrong: a bad duration string, no store, a second `install()`.
+    #[error("idem configuration: {0}")]
+    Config(String),
+}
+
+impl Error {
+    /// The HTTP status an API should answer with for this error.
+    ///
+    /// ```
+    /// # use idem_runtime::Error;
+    /// assert_eq!(Error::Config("x".into()).http_status(), 500);
+    /// ```
+    pub fn http_status(&self) -> u16 {
+        match self {
+            Error::InProgress { .. } | Error::LeaseLost { .. } => 409,
+            Error::PayloadMismatch { .. } => 422,
+            Error::MissingKey { .. } | Error::InvalidKey { .. } => 400,
+            Error::StoreUnavailable { .. } => 503,
+            Error::Decode { .. } | Error::NotInstalled { .. } | Error::Config(_) => 500,
+        }
+    }
+
+    /// For [`Error::InProgress`], how long the caller should wait before retrying.
+    pub fn retry_after(&self) -> Option<Duration> {
+        match self {
+            Error::InProgress { retry_after, .. } => Some(*retry_after),
+            _ => None,
+        }
+    }
+
+    /// A short, stable name of the variant, for metrics labels and problem types.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Error::InProgress { .. } => "in_progress",
+            Error::PayloadMismatch { .. } => "payload_mismatch",
+            Error::MissingKey { .. } => "missing_key",
+            Error::InvalidKey { .. } => "invalid_key",
+            Error::StoreUnavailable { .. } => "store_unavailable",
+            Error::Decode { .. } => "decode",
+            Error::LeaseLost { .. } => "lease_lost",
+            Error::NotInstalled { .. } => "not_installed",
+            Error::Config(_) => "config",
+        }
+    }
+}
+
+/// A failure reported by a [`Store`](crate::store::Store): the database is down, a statement
+/// failed, or a row could not be read.
+///
+/// Cheap to clone: the underlying error is shared, so one failure can be handed to every
+/// caller waiting on the same key.
+#[derive(Clone)]
+pub struct StoreError {
+    inner: Arc<dyn std::error::Error + Send + Sync>,
+}
+
+impl StoreError {
+    /// Wraps any error a store backend produced.
+    pub fn new(err: impl std::error::Error + Send + Sync + 'static) -> Self {
+        StoreError {
+            inner: Arc::new(err),
+        }
+    }
+
+    /// A store error described by a message alone.
+    pub fn msg(message: impl Into<String>) -> Self {
+        #[derive(Debug)]
+        struct Message(String);
+        impl fmt::Display for Message {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(&self.0)
+            }
+        }
+        impl std::error::Error for Message {}
+        StoreError::new(Message(message.into()))
+    }
+}
+
+impl fmt::Debug for StoreError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(&self.inner, f)
+    }
+}
+
+impl fmt::Display for StoreError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(&self.inner, f)
+    }
+}
+
+impl std::error::Error for StoreError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        self.inner.source()
+    }
+}
+
+#[cfg(feature = "_sql")]
+impl From<sqlx::Error> for StoreError {
+    fn from(err: sqlx::Error) -> Self {
+        StoreError::new(err)
+    }
+}

@@ -1,0 +1,281 @@
+//! Keys, scopes, record names and payload fingerprints.
+//!
+//! A record is named by a namespace (scope, fn path, version) and a key. Both are composed
+//! here, once, with the size rules the stores rely on: a key longer than [`MAX_KEY_BYTES`]
+//! is replaced by its digest, never truncated, so two long keys that share a prefix never
+//! share a record. Keys are stored as bytes, so any string (NUL, newlines, emoji) is a key,
+//! distinct from every other string; no collation folds `"A"` into `"a"`.
+
+mod fingerprint;
+
+use std::borrow::Cow;
+use std::fmt;
+use std::rc::Rc;
+use std::sync::Arc;
+
+pub use fingerprint::{Fingerprint, FingerprintArg, Fingerprinter};
+
+/// Keys longer than this many bytes are stored as their digest (`#` and 64 hex digits).
+pub const MAX_KEY_BYTES: usize = 255;
+/// Scopes longer than this many bytes are stored as their digest.
+pub const MAX_SCOPE_BYTES: usize = 128;
+/// Namespaces longer than this many bytes are stored as their digest; stores size their
+/// namespace column for it.
+pub const MAX_NAMESPACE_BYTES: usize = 512;
+
+/// Marks a digest standing in for a long key, scope or namespace. A user value that itself
+/// starts with it is digested too, so a user cannot name another key's digest.
+const DIGEST_MARK: char = '#';
+
+/// A value that can be an idempotency key or scope.
+///
+/// `#[idempotent(key = ..)]` and `scope = ..` accept anything implementing it: strings,
+/// integers, `char`, references to them, and `Option`s of them (`None` means "no key":
+/// [`Error::MissingKey`](crate::Error::MissingKey), or an unprotected call for `optional` fns).
+/// Implement it for your own id types, or call `.to_string()` on anything `Display`.
+///
+/// ```
+/// use std::borrow::Cow;
+/// struct OrderId(u64);
+/// impl idem_runtime::IntoKey for OrderId {
+///     fn to_key(&self) -> Option<Cow<'_, str>> {
+///         Some(Cow::Owned(format!("order-{}", self.0)))
+///     }
+/// }
+/// ```
+#[diagnostic::on_unimplemented(
+    message = "`{Self}` cannot be used as an idempotency key",
+    label = "expected a string, an integer, or an `Option` of one",
+    note = "`#[idempotent]` keys and scopes accept `&str`, `String`, integers, `char` and `Option`s of them; call `.to_string()` on other `Display` types or implement `idem_runtime::IntoKey`"
+)]
+pub trait IntoKey {
+    /// The key as a string, or `None` when there is no key.
+    fn to_key(&self) -> Option<Cow<'_, str>>;
+}
+
+impl IntoKey for str {
+    fn to_key(&self) -> Option<Cow<'_, str>> {
+        Some(Cow::Borrowed(self))
+    }
+}
+
+macro_rules! into_key_via_deref_str {
+    ($($ty:ty),*) => {$(
+        impl IntoKey for $ty {
+            fn to_key(&self) -> Option<Cow<'_, str>> {
+                Some(Cow::Borrowed(&**self))
+            }
+        }
+    )*};
+}
+into_key_via_deref_str!(String, Cow<'_, str>, Box<str>, Arc<str>, Rc<str>);
+
+macro_rules! into_key_via_display {
+    ($($ty:ty),*) => {$(
+        impl IntoKey for $ty {
+            fn to_key(&self) -> Option<Cow<'_, str>> {
+                Some(Cow::Owned(self.to_string()))
+            }
+        }
+    )*};
+}
+into_key_via_display!(
+    char, u8, u16, u32, u64, u128, usize, i8, i16, i32, i64, i128, isize
+);
+
+impl<T: IntoKey + ?Sized> IntoKey for &T {
+    fn to_key(&self) -> Option<Cow<'_, str>> {
+        (**self).to_key()
+    }
+}
+
+impl<T: IntoKey> IntoKey for Option<T> {
+    fn to_key(&self) -> Option<Cow<'_, str>> {
+        self.as_ref().and_then(IntoKey::to_key)
+    }
+}
+
+/// The name of one record in a store: a namespace (scope, fn path, version) and a key.
+///
+/// Built by the engine; a [`Store`](crate::store::Store) reads it and writes both parts as
+/// bytes. The namespace is at most [`MAX_NAMESPACE_BYTES`] bytes and the key at most
+/// [`MAX_KEY_BYTES`].
+#[derive(Clone, PartialEq, Eq, Hash)]
+pub struct RecordId {
+    namespace: Arc<str>,
+    key: Box<str>,
+}
+
+impl RecordId {
+    /// A record name from parts already composed (for store tests and tools). The engine
+    /// composes names with [`RecordId::compose`] instead.
+    pub fn new(namespace: impl Into<Arc<str>>, key: impl Into<Box<str>>) -> RecordId {
+        RecordId {
+            namespace: namespace.into(),
+            key: key.into(),
+        }
+    }
+
+    /// The namespace: `[scope/]fn-path/v<version>`.
+    pub fn namespace(&self) -> &str {
+        &self.namespace
+    }
+
+    /// The key as stored (a digest for long keys).
+    pub fn key(&self) -> &str {
+        &self.key
+    }
+
+    /// A short hash that identifies this record in messages without revealing the key.
+    pub fn hash(&self) -> KeyHash {
+        let mut h = blake3::Hasher::new();
+        h.update(self.namespace.as_bytes());
+        h.update(&[0xff]); // never part of UTF-8, so the boundary is unambiguous
+        h.update(self.key.as_bytes());
+        let mut out = [0u8; 8];
+        out.copy_from_slice(&h.finalize().as_bytes()[..8]);
+        KeyHash(out)
+    }
+}
+
+impl fmt::Debug for RecordId {
+    // Keys can carry customer data: debug output shows the namespace and the key's hash only.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "RecordId({}, key {})", self.namespace, self.hash())
+    }
+}
+
+/// A namespace for one fn at one version, reused across calls.
+///
+/// An unscoped namespace is the same on every call, so the engine builds it once per fn.
+#[derive(Clone, Debug)]
+pub(crate) struct Namespace(Arc<str>);
+
+impl Namespace {
+    pub(crate) fn new(path: &str, version: u32, scope: Option<&str>) -> Namespace {
+        // A Rust path never contains '/', so only the scope (which comes first) may; the last
+        // two '/'-separated parts are always the path and the version.
+        let path = path.replace('/', "%2F");
+        let ns = match scope {
+            None => format!("{path}/v{version}"),
+            Some(scope) => {
+                let scope = fit(scope, MAX_SCOPE_BYTES);
+                format!("{scope}/{path}/v{version}")
+            }
+        };
+        Namespace(Arc::from(fit(&ns, MAX_NAMESPACE_BYTES)))
+    }
+
+    pub(crate) fn record(&self, key: &str) -> RecordId {
+        RecordId {
+            namespace: self.0.clone(),
+            key: fit(key, MAX_KEY_BYTES).into(),
+        }
+    }
+}
+
+/// `s` itself when it is short enough and cannot be mistaken for a digest; its digest otherwise.
+fn fit(s: &str, max: usize) -> Cow<'_, str> {
+    if s.len() <= max && !s.starts_with(DIGEST_MARK) {
+        Cow::Borrowed(s)
+    } else {
+        Cow::Owned(format!(
+            "{DIGEST_MARK}{}",
+            blake3::hash(s.as_bytes()).to_hex()
+        ))
+    }
+}
+
+/// The first 8 bytes of a record's hash, shown as 16 hex digits.
+///
+/// Messages, logs and spans use it instead of the key itself.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct KeyHash([u8; 8]);
+
+impl fmt::Display for KeyHash {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for b in self.0 {
+            write!(f, "{b:02x}")?;
+        }
+        Ok(())
+    }
+}
+
+impl fmt::Debug for KeyHash {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "KeyHash({self})")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_from_common_types() {
+        assert_eq!("a".to_key().as_deref(), Some("a"));
+        assert_eq!(String::from("b").to_key().as_deref(), Some("b"));
+        assert_eq!(42u64.to_key().as_deref(), Some("42"));
+        assert_eq!((-7i32).to_key().as_deref(), Some("-7"));
+        assert_eq!(Some("c").to_key().as_deref(), Some("c"));
+        assert_eq!(None::<String>.to_key(), None);
+        assert_eq!((&&"d").to_key().as_deref(), Some("d"));
+        assert_eq!(Some(Some(5u8)).to_key().as_deref(), Some("5"));
+    }
+
+    #[test]
+    fn namespaces_are_injective() {
+        let a = Namespace::new("m::f", 0, Some("a/b"));
+        let b = Namespace::new("b::f", 0, Some("a"));
+        assert_ne!(a.0, b.0);
+        assert_ne!(
+            Namespace::new("m::f", 0, None).0,
+            Namespace::new("m::f", 1, None).0
+        );
+        assert_ne!(
+            Namespace::new("m::f", 0, None).0,
+            Namespace::new("m::f", 0, Some("")).0
+        );
+        assert_eq!(&*Namespace::new("m::f", 3, Some("t1")).0, "t1/m::f/v3");
+    }
+
+    #[test]
+    fn long_keys_are_digested_not_truncated() {
+        let ns = Namespace::new("m::f", 0, None);
+        let long_a = format!("{}a", "x".repeat(300));
+        let long_b = format!("{}b", "x".repeat(300));
+        let (a, b) = (ns.record(&long_a), ns.record(&long_b));
+        assert_ne!(a.key(), b.key());
+        assert!(a.key().len() <= MAX_KEY_BYTES && a.key().starts_with('#'));
+        let exact = "k".repeat(MAX_KEY_BYTES);
+        assert_eq!(
+            ns.record(&exact).key(),
+            exact,
+            "a key at the limit is kept as is"
+        );
+    }
+
+    #[test]
+    fn a_key_cannot_impersonate_a_digest() {
+        let ns = Namespace::new("m::f", 0, None);
+        let long = "y".repeat(400);
+        let digest = ns.record(&long).key().to_string();
+        assert_ne!(ns.record(&digest).key(), digest);
+    }
+
+    #[test]
+    fn odd_bytes_are_kept_verbatim() {
+        let ns = Namespace::new("m::f", 0, None);
+        for k in ["a\0b", "line\nbreak", "🦀", "A", "a", "a ", "' OR 1=1 --"] {
+            assert_eq!(ns.record(k).key(), k);
+        }
+    }
+
+    #[test]
+    fn debug_output_hides_the_key() {
+        let id = Namespace::new("m::f", 0, None).record("card-4242");
+        let shown = format!("{id:?}");
+        assert!(!shown.contains("4242"), "{shown}");
+        assert_eq!(id.hash().to_string().len(), 16);
+    }
+}

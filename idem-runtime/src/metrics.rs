@@ -1,0 +1,64 @@
+//! The `metrics` an operator alerts on, in one place with their names.
+//!
+//! | name | kind | labels | meaning |
+//! | --- | --- | --- | --- |
+//! | `idem_calls_total` | counter | `function`, `outcome` | calls by how they were answered: `executed`, `took_over`, `replayed`, `waited`, `unprotected` |
+//! | `idem_errors_total` | counter | `function`, `kind` | calls that ended in an idem error: `in_progress`, `payload_mismatch`, `store_unavailable`, `lease_lost`, ... |
+//! | `idem_takeovers_total` | counter | `function` | reservations taken over after their lease ran out (a replica died mid-body) |
+//! | `idem_leases_lost_total` | counter | `function` | bodies whose lease was taken over while they ran |
+//! | `idem_results_not_stored_total` | counter | `function`, `reason` | results returned but not stored (`too_large`, `encode`, `store`) |
+//! | `idem_store_seconds` | histogram | `backend`, `op` | latency of each store statement |
+//! | `idem_stored_bytes` | histogram | `function` | size of stored results |
+//! | `idem_purged_records_total` | counter | `backend` | expired records deleted |
+//!
+//! Nothing is recorded unless the application installs a `metrics` recorder (for example a
+//! Prometheus exporter).
+
+use std::future::Future;
+use std::time::Instant;
+
+use crate::outcome::Outcome;
+use crate::store::Store;
+
+pub(crate) fn call(function: &'static str, outcome: Outcome) {
+    metrics::counter!("idem_calls_total", "function" => function, "outcome" => outcome.as_str())
+        .increment(1);
+}
+
+pub(crate) fn error(function: &'static str, kind: &'static str) {
+    metrics::counter!("idem_errors_total", "function" => function, "kind" => kind).increment(1);
+}
+
+pub(crate) fn takeover(function: &'static str) {
+    metrics::counter!("idem_takeovers_total", "function" => function).increment(1);
+}
+
+pub(crate) fn lease_lost(function: &'static str) {
+    metrics::counter!("idem_leases_lost_total", "function" => function).increment(1);
+}
+
+pub(crate) fn not_stored(function: &'static str, reason: &'static str) {
+    metrics::counter!("idem_results_not_stored_total", "function" => function, "reason" => reason)
+        .increment(1);
+}
+
+pub(crate) fn stored_bytes(function: &'static str, bytes: usize) {
+    metrics::histogram!("idem_stored_bytes", "function" => function).record(bytes as f64);
+}
+
+pub(crate) fn purged(backend: &'static str, n: u64) {
+    metrics::counter!("idem_purged_records_total", "backend" => backend).increment(n);
+}
+
+/// Runs one store statement and records its latency.
+pub(crate) async fn timed<T>(
+    store: &dyn Store,
+    op: &'static str,
+    fut: impl Future<Output = T>,
+) -> T {
+    let start = Instant::now();
+    let out = fut.await;
+    metrics::histogram!("idem_store_seconds", "backend" => store.backend(), "op" => op)
+        .record(start.elapsed().as_secs_f64());
+    out
+}

@@ -1,0 +1,206 @@
+//! The durable record: the [`Store`] trait and its backends.
+//!
+//! A store executes the protocol's statements and nothing else. It never decides whether to
+//! wait, retry, replay or take over; the engine does, from what the store returns. Each verb
+//! is one statement (or one statement and a read, where a backend cannot return the
+//! conflicting row from the insert), and every write after `reserve` is fenced: it changes
+//! the row only while the row still holds the caller's fence token and is in progress.
+//!
+//! Durations, not instants, cross this boundary. A store computes `now + lease` and "is the
+//! lease over?" with its own clock (the database server's clock where there is one), so
+//! replicas with skewed clocks agree on who owns a record.
+//!
+//! Backends: [`MemoryStore`] (tests, single process), `SqliteStore` (feature `sqlite`, the
+//! embedded default).
+
+mod memory;
+#[cfg(feature = "_sql")]
+mod sql;
+#[cfg(feature = "sqlite")]
+mod sqlite;
+
+use std::fmt;
+use std::time::Duration;
+
+pub use memory::MemoryStore;
+#[cfg(feature = "sqlite")]
+pub use sqlite::{SqliteStore, SqliteStoreOptions};
+
+use crate::codec::Codec;
+use crate::error::StoreError;
+use crate::key::{Fingerprint, RecordId};
+
+/// The table name used when none is configured.
+pub const DEFAULT_TABLE: &str = "idem_records";
+
+/// The token that makes a reservation this caller's own.
+///
+/// Every reservation and takeover writes a fresh random fence; heartbeat, finalize and
+/// release change the row only while it still holds that fence. A caller whose record was
+/// taken over (even by the same process) therefore cannot overwrite the new owner's work.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Fence(i64);
+
+impl Fence {
+    /// A fresh fence token (random, never zero).
+    pub fn random() -> Fence {
+        loop {
+            let v = fastrand::i64(..);
+            if v != 0 {
+                return Fence(v);
+            }
+        }
+    }
+
+    /// The token as stored.
+    pub fn get(self) -> i64 {
+        self.0
+    }
+
+    /// A token read back from a store.
+    pub fn from_raw(v: i64) -> Fence {
+        Fence(v)
+    }
+}
+
+impl fmt::Debug for Fence {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Fence({:016x})", self.0)
+    }
+}
+
+/// The two states a record can be in. A released or purged record is simply absent.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RecordState {
+    /// A caller holds the reservation and is running the body.
+    InProgress,
+    /// The body finished; `result` holds what to replay until the record expires.
+    Completed,
+}
+
+impl RecordState {
+    /// The value stored in the `state` column.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RecordState::InProgress => "in_progress",
+            RecordState::Completed => "completed",
+        }
+    }
+
+    /// Parses the `state` column.
+    pub fn parse(s: &str) -> Option<RecordState> {
+        match s {
+            "in_progress" => Some(RecordState::InProgress),
+            "completed" => Some(RecordState::Completed),
+            _ => None,
+        }
+    }
+}
+
+/// A stored result: the encoded bytes of the fn's value (or error) and how they are encoded.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StoredResult {
+    /// How `bytes` are encoded and whether they hold an error.
+    pub codec: Codec,
+    /// The encoded result.
+    pub bytes: Vec<u8>,
+}
+
+/// A record as a store reads it back.
+#[derive(Clone, Debug)]
+pub struct Record {
+    /// In progress or completed.
+    pub state: RecordState,
+    /// The payload fingerprint of the call that created (or took over) the record, if it had one.
+    pub fingerprint: Option<Fingerprint>,
+    /// The current owner's fence token.
+    pub fence: Fence,
+    /// The executor id of the current (or last) owner, for operators.
+    pub owner: String,
+    /// How many times a body has started for this record (1 + takeovers).
+    pub attempts: u32,
+    /// For an in-progress record: how long its lease still runs, by the store's clock.
+    /// Zero once the lease is over (the record may be taken over).
+    pub lease_remaining: Duration,
+    /// How long until the record expires, by the store's clock; zero once it has expired
+    /// (a completed record is then reused by the next caller).
+    pub expires_in: Duration,
+    /// For a completed record: the result to replay.
+    pub result: Option<StoredResult>,
+}
+
+/// What a caller asks a store to write when it reserves or takes over a record.
+#[derive(Clone, Copy, Debug)]
+pub struct Claim<'a> {
+    /// The record.
+    pub id: &'a RecordId,
+    /// The caller's fresh fence token.
+    pub fence: Fence,
+    /// The caller's executor id.
+    pub owner: &'a str,
+    /// The caller's payload fingerprint, if the fn has one.
+    pub fingerprint: Option<&'a Fingerprint>,
+    /// How long the reservation lasts without a heartbeat.
+    pub lease: Duration,
+}
+
+/// What `reserve` found.
+#[derive(Clone, Debug)]
+pub enum Reservation {
+    /// The record did not exist; it is now in progress and the caller owns it.
+    Acquired,
+    /// The record exists; here it is as read just after the failed insert.
+    Exists(Record),
+    /// The insert conflicted, but the record was gone by the time it was read (released or
+    /// purged in between). Reserving again will usually succeed.
+    Vanished,
+}
+
+/// The protocol's statements against one durable table.
+///
+/// Implementations must make `reserve` and `take_over` atomic single statements (insert if
+/// absent; compare-and-set on the observed fence), fence every later write, and use their own
+/// clock for every time comparison. The store conformance suite (feature `conformance`)
+/// checks all of this; a new backend should pass it.
+#[async_trait::async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// Inserts an in-progress record owned by `claim` if none exists for `claim.id`.
+    async fn reserve(&self, claim: &Claim<'_>) -> Result<Reservation, StoreError>;
+
+    /// Reads a record.
+    async fn load(&self, id: &RecordId) -> Result<Option<Record>, StoreError>;
+
+    /// Makes `claim` the owner of a record that still holds `observed` and is reclaimable
+    /// (in progress with its lease over, or completed and expired). Returns whether it did;
+    /// `false` means another caller changed the record first.
+    async fn take_over(&self, claim: &Claim<'_>, observed: Fence) -> Result<bool, StoreError>;
+
+    /// Extends the lease of an in-progress record the caller still owns. `false`: it no
+    /// longer does.
+    async fn heartbeat(
+        &self,
+        id: &RecordId,
+        fence: Fence,
+        lease: Duration,
+    ) -> Result<bool, StoreError>;
+
+    /// Marks an in-progress record the caller still owns as completed with `result`, to be
+    /// replayed for `ttl`. `false`: the caller no longer owns it, and nothing was written.
+    async fn finalize(
+        &self,
+        id: &RecordId,
+        fence: Fence,
+        result: &StoredResult,
+        ttl: Duration,
+    ) -> Result<bool, StoreError>;
+
+    /// Deletes an in-progress record the caller still owns, so the next caller runs the body.
+    async fn release(&self, id: &RecordId, fence: Fence) -> Result<bool, StoreError>;
+
+    /// Deletes up to `limit` records that have expired (completed past their TTL, or in
+    /// progress with their lease over) and returns how many it deleted.
+    async fn purge(&self, limit: u32) -> Result<u64, StoreError>;
+
+    /// A short name for logs and metrics (`"memory"`, `"sqlite"`, ...).
+    fn backend(&self) -> &'static str;
+}

@@ -1,0 +1,125 @@
+//! What the SQL backends share: table-name checks, statement templates, row decoding.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use sqlx::{AssertSqlSafe, SqlStr};
+
+use crate::Error;
+use crate::codec::Codec;
+use crate::error::StoreError;
+use crate::key::Fingerprint;
+use crate::store::{Fence, Record, RecordState, StoredResult};
+
+/// Checks a configured table name. It is spliced into SQL text (a table name cannot be a bind
+/// parameter), so only plain identifiers are accepted.
+pub(crate) fn check_table_name(name: &str) -> Result<(), Error> {
+    let mut chars = name.chars();
+    let first_ok = chars
+        .next()
+        .is_some_and(|c| c.is_ascii_alphabetic() || c == '_');
+    if first_ok && name.len() <= 48 && chars.all(|c| c.is_ascii_alphanumeric() || c == '_') {
+        Ok(())
+    } else {
+        Err(Error::Config(format!(
+            "table name {name:?} is not a plain identifier (letters, digits and `_`, at most 48, not starting with a digit)"
+        )))
+    }
+}
+
+/// A statement with the table name filled in, ready to hand to `sqlx::query` many times.
+pub(crate) fn statement(template: &str, table: &str) -> SqlStr {
+    let sql: Arc<str> = Arc::from(template.replace("{t}", table));
+    sqlx::SqlSafeStr::into_sql_str(AssertSqlSafe(sql))
+}
+
+/// Milliseconds as a duration; negative means "already past" and becomes zero.
+pub(crate) fn remaining(ms: i64) -> Duration {
+    Duration::from_millis(u64::try_from(ms).unwrap_or(0))
+}
+
+/// A duration as whole milliseconds for a bind parameter, rounded up so a lease of 0.5 ms
+/// is not stored as already over. Durations are capped at ten years by config parsing.
+pub(crate) fn millis(d: Duration) -> i64 {
+    let ms = d.as_millis() + u128::from(d.subsec_nanos() % 1_000_000 != 0);
+    i64::try_from(ms).unwrap_or(i64::MAX)
+}
+
+/// The columns of a loaded row, as every backend selects them, before interpretation.
+pub(crate) struct RawRecord {
+    pub(crate) state: String,
+    pub(crate) fingerprint: Option<Vec<u8>>,
+    pub(crate) fence: i64,
+    pub(crate) owner: String,
+    pub(crate) attempts: i64,
+    pub(crate) lease_remaining_ms: Option<i64>,
+    pub(crate) expires_in_ms: i64,
+    pub(crate) result: Option<Vec<u8>>,
+    pub(crate) codec: Option<String>,
+}
+
+impl RawRecord {
+    pub(crate) fn into_record(self) -> Result<Record, StoreError> {
+        let state = RecordState::parse(&self.state)
+            .ok_or_else(|| StoreError::msg(format!("unknown record state {:?}", self.state)))?;
+        let fingerprint = match self.fingerprint {
+            None => None,
+            Some(bytes) => Some(Fingerprint::from_bytes(&bytes).ok_or_else(|| {
+                StoreError::msg(format!(
+                    "fingerprint has {} bytes, expected 16",
+                    bytes.len()
+                ))
+            })?),
+        };
+        let result = match (self.result, self.codec) {
+            (Some(bytes), Some(codec)) => Some(StoredResult {
+                codec: codec.parse::<Codec>().map_err(StoreError::new)?,
+                bytes,
+            }),
+            _ => None,
+        };
+        Ok(Record {
+            state,
+            fingerprint,
+            fence: Fence::from_raw(self.fence),
+            owner: self.owner,
+            attempts: u32::try_from(self.attempts).unwrap_or(0),
+            lease_remaining: match state {
+                RecordState::InProgress => remaining(self.lease_remaining_ms.unwrap_or(0)),
+                RecordState::Completed => Duration::ZERO,
+            },
+            expires_in: remaining(self.expires_in_ms),
+            result,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn table_names_must_be_identifiers() {
+        for ok in ["idem_records", "_t", "Orders2"] {
+            assert!(check_table_name(ok).is_ok(), "{ok}");
+        }
+        for bad in [
+            "",
+            "1t",
+            "a-b",
+            "a b",
+            "t;drop table x",
+            "schema.t",
+            &"x".repeat(49),
+        ] {
+            assert!(check_table_name(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn millis_round_up() {
+        assert_eq!(millis(Duration::from_micros(500)), 1);
+        assert_eq!(millis(Duration::from_millis(30)), 30);
+        assert_eq!(remaining(-5), Duration::ZERO);
+    }
+}
