@@ -87,7 +87,7 @@ pub fn parse(input: &str) -> Result<Duration, DurationError> {
 fn parse_iso(s: &str) -> Result<Duration, DurationError> {
     let upper = s.to_ascii_uppercase();
     let parsed = match iso8601::parsers::parse_duration(upper.as_bytes()) {
-        Ok((rest, parsed)) if rest.is_empty() => parsed,
+        Ok((b"", parsed)) => parsed,
         _ => return Err(DurationError::Malformed),
     };
     match parsed {

@@ -262,15 +262,15 @@ impl Ctx<'_> {
         E: From<Error>,
         C: ResultCodec<T, E>,
     {
-        if let Some(cache) = &self.idem.cache {
-            if let Some(hit) = cache.get(&self.id) {
-                return self.replay::<T, E, C>(
-                    hit.codec,
-                    &hit.bytes,
-                    hit.fingerprint.as_ref(),
-                    Outcome::Replayed,
-                );
-            }
+        if let Some(cache) = &self.idem.cache
+            && let Some(hit) = cache.get(&self.id)
+        {
+            return self.replay::<T, E, C>(
+                hit.codec,
+                &hit.bytes,
+                hit.fingerprint.as_ref(),
+                Outcome::Replayed,
+            );
         }
         let mut body = Some(body);
         loop {
@@ -618,16 +618,16 @@ impl Ctx<'_> {
         E: From<Error>,
         C: ResultCodec<T, E>,
     {
-        if let (Some(stored), Some(ours)) = (stored, self.fingerprint.as_ref()) {
-            if stored != ours {
-                return Err(fail(
-                    self.function,
-                    Error::PayloadMismatch {
-                        function: self.function,
-                        key: self.id.hash(),
-                    },
-                ));
-            }
+        if let (Some(stored), Some(ours)) = (stored, self.fingerprint.as_ref())
+            && stored != ours
+        {
+            return Err(fail(
+                self.function,
+                Error::PayloadMismatch {
+                    function: self.function,
+                    key: self.id.hash(),
+                },
+            ));
         }
         match C::decode(codec, bytes) {
             Ok(out) => {

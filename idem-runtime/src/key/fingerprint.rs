@@ -69,10 +69,10 @@ impl Fingerprinter {
 
     /// Adds the next argument.
     pub fn arg<A: FingerprintArg + ?Sized>(&mut self, arg: &A) {
-        if self.error.is_none() {
-            if let Err(e) = arg.write_to(&mut Sink(&mut self.hasher)) {
-                self.error = Some(e.0);
-            }
+        if self.error.is_none()
+            && let Err(e) = arg.write_to(&mut Sink(&mut self.hasher))
+        {
+            self.error = Some(e.0);
         }
     }
 

@@ -41,7 +41,7 @@ pub(crate) fn remaining(ms: i64) -> Duration {
 /// A duration as whole milliseconds for a bind parameter, rounded up so a lease of 0.5 ms
 /// is not stored as already over. Durations are capped at ten years by config parsing.
 pub(crate) fn millis(d: Duration) -> i64 {
-    let ms = d.as_millis() + u128::from(d.subsec_nanos() % 1_000_000 != 0);
+    let ms = d.as_millis() + u128::from(!d.subsec_nanos().is_multiple_of(1_000_000));
     i64::try_from(ms).unwrap_or(i64::MAX)
 }
 
