@@ -142,7 +142,13 @@ fn expand(args: &Args, mut func: ItemFn) -> syn::Result<TokenStream> {
         ));
     };
     let stmts = &shape.block.stmts;
-    let inner = quote!(async move { #(#stmts)* });
+    // `#[async_trait]` rebinds every argument inside its block (`let id = id;`); one used only
+    // by the key now looks unused there, so that rebinding must not warn.
+    let inner = quote!({
+        #[allow(unused_variables)]
+        let __idem_body = async move { #(#stmts)* };
+        __idem_body
+    });
     let new_body = wrap(args, &params, &shape.output, inner);
     *shape.block = syn::parse2(quote!({ #new_body }))?;
     Ok(func.into_token_stream())
@@ -220,11 +226,13 @@ fn bindings(pat: &Pat, out: &mut Vec<Ident>) {
 /// `{ static SPEC; fn marker; let call = ..; run(&SPEC, marker, call, inner).await }`
 fn wrap(args: &Args, params: &Params, ret: &Type, inner: TokenStream) -> TokenStream {
     let ret_span = ret.span();
-    let krate = match &args.krate {
-        Some(path) => path.to_token_stream(),
-        None => quote_spanned!(ret_span=> ::idem_runtime),
+    // `::idem_runtime::__private`, every token carrying `span`: an error about a call into
+    // the runtime is then reported on the user's tokens that caused it.
+    let private_at = |span: Span| match &args.krate {
+        Some(path) => quote_spanned!(span=> #path::__private),
+        None => quote_spanned!(span=> ::idem_runtime::__private),
     };
-    let private = quote!(#krate::__private);
+    let private = private_at(Span::call_site());
     let spec = Ident::new("__IDEM_SPEC", Span::mixed_site());
     let marker = Ident::new("__idem_here", Span::call_site());
     let call = Ident::new("__idem_call", Span::mixed_site());
@@ -280,17 +288,20 @@ fn wrap(args: &Args, params: &Params, ret: &Type, inner: TokenStream) -> TokenSt
     };
     let runtime = match &args.runtime {
         Some(r) => {
-            quote_spanned!(r.span()=> ::core::option::Option::Some(#private::runtime(&(#r))))
+            let at = private_at(r.span());
+            quote_spanned!(r.span()=> ::core::option::Option::Some(#at::runtime(&(#r))))
         }
         None => quote!(::core::option::Option::None),
     };
     // The entry point is spanned on the return type: an unsupported return type is reported
     // there, with the message of `IdempotentOutput`.
+    let at = private_at(ret_span);
     let entry = if args.cache_errors {
-        quote_spanned!(ret_span=> #private::run_caching_errors)
+        quote_spanned!(ret_span=> #at::run_caching_errors)
     } else {
-        quote_spanned!(ret_span=> #private::run)
+        quote_spanned!(ret_span=> #at::run)
     };
+    let run = quote_spanned!(ret_span=> #entry(&#spec, #marker, #call, #inner).await);
     quote! {
         static #spec: #private::Spec = #spec_init;
         fn #marker() {}
@@ -300,7 +311,7 @@ fn wrap(args: &Args, params: &Params, ret: &Type, inner: TokenStream) -> TokenSt
             payload: #payload,
             runtime: #runtime,
         };
-        #entry(&#spec, #marker, #call, #inner).await
+        #run
     }
 }
 

@@ -3,7 +3,7 @@
 //! Each check is an async fn taking the store under test. [`store_conformance_tests!`]
 //! turns them all into `#[tokio::test]`s for one backend:
 //!
-//! ```ignore
+//! ```no_run
 //! idem_runtime::store_conformance_tests!(async { idem_runtime::store::MemoryStore::new() });
 //! ```
 //!

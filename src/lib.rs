@@ -1,0 +1,1 @@
+//! idem workspace: see README.md. This package only holds examples and workspace tests.

@@ -1,0 +1,8 @@
+use idem_runtime::idempotent;
+
+#[idempotent(key = id)]
+async fn charge(id: u64) -> u64 {
+    id
+}
+
+fn main() {}
