@@ -91,6 +91,7 @@ where
 /// Everything one call needs, resolved from its spec, its arguments and the runtime.
 struct Ctx<'a> {
     idem: &'a Inner,
+    site: &'static Site,
     function: &'static str,
     version: u32,
     id: RecordId,
@@ -127,7 +128,7 @@ where
     };
     let Some(key) = call.key else {
         unprotected("key")?;
-        return run_unprotected(function, body).await;
+        return run_unprotected(site, body).await;
     };
     let namespace = match call.scope {
         Scope::Unscoped => None,
@@ -141,7 +142,7 @@ where
         )),
         Scope::Missing => {
             unprotected("scope")?;
-            return run_unprotected(function, body).await;
+            return run_unprotected(site, body).await;
         }
     };
     if key.is_empty() {
@@ -157,10 +158,11 @@ where
             ));
         }
     };
-    let id = namespace.as_ref().unwrap_or(&site.unscoped).record(&key);
+    let id = namespace.as_ref().unwrap_or(&site.unscoped).record(key);
     let settings = &idem.inner.settings;
     let ctx = Ctx {
         idem: &idem.inner,
+        site,
         function,
         version: spec.version,
         fingerprint,
@@ -173,18 +175,21 @@ where
     let span = tracing::info_span!(
         "idempotent",
         function,
-        key = %ctx.id.hash(),
+        key = %ctx.id.lazy_hash(),
         outcome = tracing::field::Empty,
     );
     ctx.call::<T, E, F, C>(body).instrument(span).await
 }
 
 async fn run_unprotected<T, E>(
-    function: &'static str,
+    site: &'static Site,
     body: impl Future<Output = Result<T, E>>,
 ) -> Result<T, E> {
-    tracing::debug!(function, "idem: no key; running the body unprotected");
-    metrics::call(function, Outcome::Unprotected);
+    tracing::debug!(
+        function = site.path,
+        "idem: no key; running the body unprotected"
+    );
+    metrics::call(&site.labels, Outcome::Unprotected);
     outcome::report(Outcome::Unprotected);
     body.await
 }
@@ -647,7 +652,7 @@ impl Ctx<'_> {
     }
 
     fn finished(&self, how: Outcome) {
-        metrics::call(self.function, how);
+        metrics::call(&self.site.labels, how);
         outcome::report(how);
         tracing::Span::current().record("outcome", how.as_str());
     }

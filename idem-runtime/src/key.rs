@@ -103,13 +103,13 @@ impl<T: IntoKey> IntoKey for Option<T> {
 #[derive(Clone, PartialEq, Eq, Hash)]
 pub struct RecordId {
     namespace: Arc<str>,
-    key: Box<str>,
+    key: String,
 }
 
 impl RecordId {
     /// A record name from parts already composed (for store tests and tools). The engine
     /// composes names with [`RecordId::compose`] instead.
-    pub fn new(namespace: impl Into<Arc<str>>, key: impl Into<Box<str>>) -> RecordId {
+    pub fn new(namespace: impl Into<Arc<str>>, key: impl Into<String>) -> RecordId {
         RecordId {
             namespace: namespace.into(),
             key: key.into(),
@@ -124,6 +124,11 @@ impl RecordId {
     /// The key as stored (a digest for long keys).
     pub fn key(&self) -> &str {
         &self.key
+    }
+
+    /// The key's hash, computed only if it is displayed (for span fields).
+    pub(crate) fn lazy_hash(&self) -> LazyHash<'_> {
+        LazyHash(self)
     }
 
     /// A short hash that identifies this record in messages without revealing the key.
@@ -166,10 +171,14 @@ impl Namespace {
         Namespace(Arc::from(fit(&ns, MAX_NAMESPACE_BYTES)))
     }
 
-    pub(crate) fn record(&self, key: &str) -> RecordId {
+    pub(crate) fn record(&self, key: String) -> RecordId {
+        let key = match fit(&key, MAX_KEY_BYTES) {
+            Cow::Borrowed(_) => key,
+            Cow::Owned(digest) => digest,
+        };
         RecordId {
             namespace: self.0.clone(),
-            key: fit(key, MAX_KEY_BYTES).into(),
+            key,
         }
     }
 }
@@ -183,6 +192,15 @@ fn fit(s: &str, max: usize) -> Cow<'_, str> {
             "{DIGEST_MARK}{}",
             blake3::hash(s.as_bytes()).to_hex()
         ))
+    }
+}
+
+/// Displays a record's [`KeyHash`], hashing only when formatted.
+pub(crate) struct LazyHash<'a>(&'a RecordId);
+
+impl fmt::Display for LazyHash<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(&self.0.hash(), f)
     }
 }
 
@@ -244,12 +262,12 @@ mod tests {
         let ns = Namespace::new("m::f", 0, None);
         let long_a = format!("{}a", "x".repeat(300));
         let long_b = format!("{}b", "x".repeat(300));
-        let (a, b) = (ns.record(&long_a), ns.record(&long_b));
+        let (a, b) = (ns.record(long_a), ns.record(long_b));
         assert_ne!(a.key(), b.key());
         assert!(a.key().len() <= MAX_KEY_BYTES && a.key().starts_with('#'));
         let exact = "k".repeat(MAX_KEY_BYTES);
         assert_eq!(
-            ns.record(&exact).key(),
+            ns.record(exact.clone()).key(),
             exact,
             "a key at the limit is kept as is"
         );
@@ -259,21 +277,21 @@ mod tests {
     fn a_key_cannot_impersonate_a_digest() {
         let ns = Namespace::new("m::f", 0, None);
         let long = "y".repeat(400);
-        let digest = ns.record(&long).key().to_string();
-        assert_ne!(ns.record(&digest).key(), digest);
+        let digest = ns.record(long).key().to_string();
+        assert_ne!(ns.record(digest.clone()).key(), digest);
     }
 
     #[test]
     fn odd_bytes_are_kept_verbatim() {
         let ns = Namespace::new("m::f", 0, None);
         for k in ["a\0b", "line\nbreak", "🦀", "A", "a", "a ", "' OR 1=1 --"] {
-            assert_eq!(ns.record(k).key(), k);
+            assert_eq!(ns.record(k.to_string()).key(), k);
         }
     }
 
     #[test]
     fn debug_output_hides_the_key() {
-        let id = Namespace::new("m::f", 0, None).record("card-4242");
+        let id = Namespace::new("m::f", 0, None).record("card-4242".into());
         let shown = format!("{id:?}");
         assert!(!shown.contains("4242"), "{shown}");
         assert_eq!(id.hash().to_string().len(), 16);

@@ -30,6 +30,7 @@ pub struct Spec {
 pub(crate) struct Site {
     pub(crate) path: &'static str,
     pub(crate) unscoped: Namespace,
+    pub(crate) labels: crate::metrics::CallLabels,
 }
 
 impl Default for Spec {
@@ -106,6 +107,7 @@ impl Spec {
             Site {
                 path,
                 unscoped: Namespace::new(path, self.version, None),
+                labels: crate::metrics::CallLabels::new(path),
             }
         })
     }

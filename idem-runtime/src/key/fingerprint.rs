@@ -48,8 +48,45 @@ impl fmt::Debug for Fingerprint {
 
 /// Accumulates the arguments of one call into a [`Fingerprint`].
 pub struct Fingerprinter {
-    hasher: blake3::Hasher,
+    hasher: Buffered,
     error: Option<String>,
+}
+
+/// A hasher fed through a small buffer: the serializer writes many tiny pieces (tags,
+/// lengths), and one `update` per piece would cost more than the hashing itself.
+#[doc(hidden)]
+pub struct Buffered {
+    hasher: blake3::Hasher,
+    buf: [u8; 256],
+    len: usize,
+}
+
+impl Buffered {
+    fn new() -> Buffered {
+        Buffered {
+            hasher: blake3::Hasher::new(),
+            buf: [0; 256],
+            len: 0,
+        }
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        if self.len + bytes.len() > self.buf.len() {
+            self.hasher.update(&self.buf[..self.len]);
+            self.len = 0;
+            if bytes.len() > self.buf.len() {
+                self.hasher.update(bytes);
+                return;
+            }
+        }
+        self.buf[self.len..self.len + bytes.len()].copy_from_slice(bytes);
+        self.len += bytes.len();
+    }
+
+    fn finalize(mut self) -> blake3::Hash {
+        self.hasher.update(&self.buf[..self.len]);
+        self.hasher.finalize()
+    }
 }
 
 impl Default for Fingerprinter {
@@ -62,7 +99,7 @@ impl Fingerprinter {
     /// An empty fingerprint.
     pub fn new() -> Fingerprinter {
         Fingerprinter {
-            hasher: blake3::Hasher::new(),
+            hasher: Buffered::new(),
             error: None,
         }
     }
@@ -106,7 +143,7 @@ impl<T: Serialize + ?Sized> FingerprintArg for T {
 
 /// The hashing serializer. Public only because [`FingerprintArg`] names it.
 #[doc(hidden)]
-pub struct Sink<'h>(&'h mut blake3::Hasher);
+pub struct Sink<'h>(&'h mut Buffered);
 
 /// A `Serialize` impl failed while fingerprinting.
 #[doc(hidden)]
@@ -147,18 +184,18 @@ const END: u8 = 15;
 
 impl Sink<'_> {
     fn tag(&mut self, tag: u8) {
-        self.0.update(&[tag]);
+        self.0.write(&[tag]);
     }
 
     fn len_prefixed(&mut self, tag: u8, bytes: &[u8]) {
         self.tag(tag);
-        self.0.update(&(bytes.len() as u64).to_le_bytes());
-        self.0.update(bytes);
+        self.0.write(&(bytes.len() as u64).to_le_bytes());
+        self.0.write(bytes);
     }
 
     fn int(&mut self, v: i128) {
         self.tag(INT);
-        self.0.update(&v.to_le_bytes());
+        self.0.write(&v.to_le_bytes());
     }
 }
 
@@ -183,7 +220,7 @@ impl<'a, 'h> ser::Serializer for &'a mut Sink<'h> {
     type SerializeStructVariant = Self;
 
     fn serialize_bool(self, v: bool) -> Result<(), FpError> {
-        self.0.update(&[BOOL, u8::from(v)]);
+        self.0.write(&[BOOL, u8::from(v)]);
         Ok(())
     }
 
@@ -196,7 +233,7 @@ impl<'a, 'h> ser::Serializer for &'a mut Sink<'h> {
             Ok(v) => self.int(v),
             Err(_) => {
                 self.tag(BIG_UINT);
-                self.0.update(&v.to_le_bytes());
+                self.0.write(&v.to_le_bytes());
             }
         }
         Ok(())
@@ -216,13 +253,13 @@ impl<'a, 'h> ser::Serializer for &'a mut Sink<'h> {
             v
         };
         self.tag(FLOAT);
-        self.0.update(&v.to_bits().to_le_bytes());
+        self.0.write(&v.to_bits().to_le_bytes());
         Ok(())
     }
 
     fn serialize_char(self, v: char) -> Result<(), FpError> {
         self.tag(CHAR);
-        self.0.update(&u32::from(v).to_le_bytes());
+        self.0.write(&u32::from(v).to_le_bytes());
         Ok(())
     }
 
@@ -388,7 +425,7 @@ struct_like!(SerializeStruct, SerializeStructVariant);
 pub struct MapSink<'a, 'h> {
     outer: &'a mut Sink<'h>,
     entries: Vec<[u8; 32]>,
-    entry: Option<blake3::Hasher>,
+    entry: Option<Buffered>,
 }
 
 impl ser::SerializeMap for MapSink<'_, '_> {
@@ -396,7 +433,7 @@ impl ser::SerializeMap for MapSink<'_, '_> {
     type Error = FpError;
 
     fn serialize_key<T: Serialize + ?Sized>(&mut self, key: &T) -> Result<(), FpError> {
-        let mut hasher = blake3::Hasher::new();
+        let mut hasher = Buffered::new();
         key.serialize(&mut Sink(&mut hasher))?;
         self.entry = Some(hasher);
         Ok(())
@@ -417,9 +454,9 @@ impl ser::SerializeMap for MapSink<'_, '_> {
         self.outer.tag(MAP);
         self.outer
             .0
-            .update(&(self.entries.len() as u64).to_le_bytes());
+            .write(&(self.entries.len() as u64).to_le_bytes());
         for entry in &self.entries {
-            self.outer.0.update(entry);
+            self.outer.0.write(entry);
         }
         self.outer.tag(END);
         Ok(())
