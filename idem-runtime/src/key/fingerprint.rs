@@ -54,8 +54,7 @@ pub struct Fingerprinter {
 
 /// A hasher fed through a small buffer: the serializer writes many tiny pieces (tags,
 /// lengths), and one `update` per piece would cost more than the hashing itself.
-#[doc(hidden)]
-pub struct Buffered {
+pub(super) struct Buffered {
     hasher: blake3::Hasher,
     buf: [u8; 256],
     len: usize,
