@@ -154,9 +154,12 @@ fn expand(args: &Args, mut func: ItemFn) -> syn::Result<TokenStream> {
     Ok(func.into_token_stream())
 }
 
-/// The arguments that make up the payload fingerprint.
+/// The arguments that make up the payload fingerprint, and the types that tell one
+/// instantiation of the fn from another.
 struct Params {
     fingerprinted: Vec<Ident>,
+    has_receiver: bool,
+    type_params: Vec<Ident>,
 }
 
 impl Params {
@@ -198,7 +201,16 @@ impl Params {
                 .filter(|a| !skipped.contains(&a) && Some(a) != runtime_arg.as_ref())
                 .collect()
         };
-        Ok(Params { fingerprinted })
+        Ok(Params {
+            fingerprinted,
+            has_receiver: func.sig.receiver().is_some(),
+            type_params: func
+                .sig
+                .generics
+                .type_params()
+                .map(|t| t.ident.clone())
+                .collect(),
+        })
     }
 }
 
@@ -301,7 +313,20 @@ fn wrap(args: &Args, params: &Params, ret: &Type, inner: TokenStream) -> TokenSt
     } else {
         quote_spanned!(ret_span=> #at::run)
     };
-    let run = quote_spanned!(ret_span=> #entry(&#spec, #marker, #call, #inner).await);
+    // `Self` and the type parameters name the instantiation: a trait's default method run for
+    // two implementers (or a generic fn for two types) keeps two sets of records. An explicit
+    // `name` is the whole namespace.
+    let mut types = Vec::new();
+    if args.name.is_none() {
+        if params.has_receiver {
+            types.push(quote!(::core::any::type_name::<Self>()));
+        }
+        for t in &params.type_params {
+            types.push(quote!(::core::any::type_name::<#t>()));
+        }
+    }
+    let run =
+        quote_spanned!(ret_span=> #entry(&#spec, #marker, &[#(#types),*], #call, #inner).await);
     quote! {
         static #spec: #private::Spec = #spec_init;
         fn #marker() {}

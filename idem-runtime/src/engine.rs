@@ -106,6 +106,7 @@ struct Ctx<'a> {
 pub(crate) async fn run<T, E, F, C>(
     spec: &'static Spec,
     site: &'static Site,
+    types: &[&'static str],
     call: Call,
     body: F,
 ) -> Result<T, E>
@@ -131,15 +132,13 @@ where
         return run_unprotected(site, body).await;
     };
     let namespace = match call.scope {
-        Scope::Unscoped => None,
+        Scope::Unscoped => site.namespace(types),
         Scope::Value(scope) if scope.is_empty() => {
             return Err(invalid(function, "the scope is empty"));
         }
-        Scope::Value(scope) => Some(crate::key::Namespace::new(
-            function,
-            spec.version,
-            Some(&scope),
-        )),
+        Scope::Value(scope) => {
+            crate::key::Namespace::new(&site.qualified_path(types), spec.version, Some(&scope))
+        }
         Scope::Missing => {
             unprotected("scope")?;
             return run_unprotected(site, body).await;
@@ -158,7 +157,7 @@ where
             ));
         }
     };
-    let id = namespace.as_ref().unwrap_or(&site.unscoped).record(key);
+    let id = namespace.record(key);
     let settings = &idem.inner.settings;
     let ctx = Ctx {
         idem: &idem.inner,
@@ -211,9 +210,12 @@ fn invalid<E: From<Error>>(function: &'static str, reason: &str) -> E {
 }
 
 /// What the leader got from the store before running anything.
-enum Acquired {
+enum Acquired<'a> {
     /// The caller owns the record and runs the body.
-    Owned { fence: Fence, took_over: bool },
+    Owned {
+        guard: OwnedRecord<'a>,
+        took_over: bool,
+    },
     /// The record is completed with this result.
     Replay {
         result: StoredResult,
@@ -255,7 +257,10 @@ pub(crate) fn decide(record: &Record, fingerprint: Option<&Fingerprint>) -> Deci
                 }
             }
         }
-        // Expired, or its owner stopped heartbeating: whatever it held is over.
+        // Its owner stopped heartbeating. Only a retry of the same request may run it again:
+        // another payload under this key is a client bug, not a takeover.
+        RecordState::InProgress if mismatch => Decision::PayloadMismatch,
+        // Expired, or abandoned: whatever it held is over.
         RecordState::Completed | RecordState::InProgress => Decision::TakeOver,
     }
 }
@@ -277,6 +282,9 @@ impl Ctx<'_> {
                 Outcome::Replayed,
             );
         }
+        // One budget for the whole call, however many times it follows a leader that gives
+        // up: the wait is bounded, as documented.
+        let deadline = Instant::now() + self.wait;
         let mut body = Some(body);
         loop {
             match self.idem.flights.join(&self.id) {
@@ -285,9 +293,9 @@ impl Ctx<'_> {
                     let Some(body) = body.take() else {
                         unreachable!("a call leads at most once")
                     };
-                    return self.lead::<T, E, F, C>(slot, body).await;
+                    return self.lead::<T, E, F, C>(slot, body, deadline).await;
                 }
-                Role::Follower(rx) => match self.follow(rx).await {
+                Role::Follower(rx) => match self.follow(rx, deadline).await {
                     Shared::Completed {
                         codec,
                         bytes,
@@ -308,8 +316,8 @@ impl Ctx<'_> {
     }
 
     /// Waits for the leader of this key in this process; an `InProgress` error when it does
-    /// not finish within the wait budget (or at once for `on_conflict = "reject"`).
-    async fn follow(&self, mut rx: watch::Receiver<Option<Shared>>) -> Shared {
+    /// not finish by `deadline` (or at once for `on_conflict = "reject"`).
+    async fn follow(&self, mut rx: watch::Receiver<Option<Shared>>, deadline: Instant) -> Shared {
         let busy = Shared::Failed(Error::InProgress {
             function: self.function,
             key: self.id.hash(),
@@ -319,7 +327,8 @@ impl Ctx<'_> {
             // A value already shared is still an answer; only a running call is a conflict.
             return rx.borrow().clone().unwrap_or(busy);
         }
-        match tokio::time::timeout(self.wait, rx.wait_for(Option::is_some)).await {
+        let deadline = tokio::time::Instant::from_std(deadline);
+        match tokio::time::timeout_at(deadline, rx.wait_for(Option::is_some)).await {
             Ok(Ok(shared)) => shared.clone().unwrap_or(Shared::Retry),
             // The leader stopped without an answer (dropped or panicked): try again.
             Ok(Err(_closed)) => Shared::Retry,
@@ -327,14 +336,19 @@ impl Ctx<'_> {
         }
     }
 
-    async fn lead<T, E, F, C>(&self, slot: LeaderSlot<'_>, body: F) -> Result<T, E>
+    async fn lead<T, E, F, C>(
+        &self,
+        slot: LeaderSlot<'_>,
+        body: F,
+        deadline: Instant,
+    ) -> Result<T, E>
     where
         F: Future<Output = Result<T, E>>,
         E: From<Error>,
         C: ResultCodec<T, E>,
     {
-        let (fence, took_over) = match self.acquire().await {
-            Ok(Acquired::Owned { fence, took_over }) => (fence, took_over),
+        let (mut guard, took_over) = match self.acquire(deadline).await {
+            Ok(Acquired::Owned { guard, took_over }) => (guard, took_over),
             Ok(Acquired::Replay {
                 result,
                 fingerprint,
@@ -375,7 +389,7 @@ impl Ctx<'_> {
         if took_over {
             metrics::takeover(self.function);
         }
-        let mut guard = OwnedRecord::new(self.idem, &self.id, fence, self.function);
+        let fence = guard.fence;
         let (out, _lost) = crate::lease::with_heartbeat(
             &*self.idem.store,
             self.function,
@@ -426,10 +440,15 @@ impl Ctx<'_> {
                 return out;
             }
         };
-        let result = StoredResult { codec, bytes };
-        match self.finalize(fence, &result).await {
-            Ok(true) => {
-                guard.disarm();
+        // The effect happened and its result is in hand: from here on, dropping this call
+        // must lead to the result being stored, never to the key being released. The store
+        // writes run in their own task, which finishes even if this future is dropped.
+        guard.disarm();
+        let (stored, result) = self
+            .store_result(fence, StoredResult { codec, bytes })
+            .await;
+        match stored {
+            Stored::Yes => {
                 metrics::stored_bytes(self.function, result.bytes.len());
                 let bytes: Arc<[u8]> = result.bytes.into();
                 if let Some(cache) = &self.idem.cache {
@@ -449,9 +468,8 @@ impl Ctx<'_> {
                 self.finished(how);
                 out
             }
-            Ok(false) => {
+            Stored::Lost => {
                 // Someone took the record over: their result is the one that counts.
-                guard.disarm();
                 slot.finish(Shared::Retry);
                 Err(fail(
                     self.function,
@@ -461,10 +479,9 @@ impl Ctx<'_> {
                     },
                 ))
             }
-            Err(e) => {
-                // The body's effects happened and its value is in hand. The record stays in
-                // progress until its lease runs out; a retry after that runs the body again.
-                guard.disarm();
+            Stored::Failed(e) => {
+                // The body's value is in hand. The record stays in progress until its lease
+                // runs out; a retry after that runs the body again.
                 tracing::error!(function = self.function, key = %self.id.hash(), error = %e,
                     "idem: could not record the result; returned it, but a retry after the lease will run the body again");
                 metrics::not_stored(self.function, "store");
@@ -479,66 +496,78 @@ impl Ctx<'_> {
         }
     }
 
-    /// Finalize, retried a few times: a store blip right after the body ran should not
-    /// throw its result away.
-    async fn finalize(&self, fence: Fence, result: &StoredResult) -> Result<bool, StoreError> {
-        let store = &*self.idem.store;
-        let mut pause = Duration::from_millis(20);
-        for _ in 0..3 {
-            match metrics::timed(
-                store,
-                "finalize",
-                store.finalize(&self.id, fence, result, self.ttl),
-            )
-            .await
-            {
-                Ok(done) => return Ok(done),
-                Err(e) => {
-                    tracing::warn!(function = self.function, error = %e, "idem: finalize failed; retrying");
-                    tokio::time::sleep(pause).await;
-                    pause *= 4;
-                }
-            }
+    /// Stores the result in a task of its own (so it completes even if the caller is
+    /// dropped) and hands the bytes back for the cache and the followers.
+    async fn store_result(&self, fence: Fence, result: StoredResult) -> (Stored, StoredResult) {
+        let job = StoreResult {
+            store: self.idem.store.clone(),
+            id: self.id.clone(),
+            fence,
+            owner: self.idem.settings.executor_id.clone(),
+            fingerprint: self.fingerprint,
+            lease: self.lease,
+            ttl: self.ttl,
+            function: self.function,
+            result,
+        };
+        match tokio::runtime::Handle::try_current() {
+            Ok(rt) => match rt.spawn(job.run()).await {
+                Ok(done) => done,
+                Err(e) => (
+                    Stored::Failed(StoreError::msg(format!(
+                        "storing the result did not finish: {e}"
+                    ))),
+                    StoredResult {
+                        codec: Codec::Json,
+                        bytes: Vec::new(),
+                    },
+                ),
+            },
+            Err(_) => job.run().await,
         }
-        metrics::timed(
-            store,
-            "finalize",
-            store.finalize(&self.id, fence, result, self.ttl),
-        )
-        .await
     }
 
-    /// Reserves the record, or finds out why not: replay, wait (bounded), take over, refuse.
-    async fn acquire(&self) -> Result<Acquired, Error> {
+    /// Reserves the record, or finds out why not: replay, wait (until `deadline`), take over,
+    /// refuse.
+    async fn acquire(&self, deadline: Instant) -> Result<Acquired<'_>, Error> {
         let store = &*self.idem.store;
-        let deadline = Instant::now() + self.wait;
         let mut backoff = Backoff::default();
         let mut waited = false;
         let mut races = 0u32;
         loop {
-            let fence = Fence::random();
+            // Armed before the statement runs: if this call is dropped while `reserve` is in
+            // flight, the row it may have written is released instead of stuck for a lease.
+            let mut guard = OwnedRecord::new(self.idem, &self.id, Fence::random(), self.function);
             let claim = Claim {
                 id: &self.id,
-                fence,
+                fence: guard.fence,
                 owner: &self.idem.settings.executor_id,
                 fingerprint: self.fingerprint.as_ref(),
                 lease: self.lease,
             };
-            let record = match metrics::timed(store, "reserve", store.reserve(&claim))
-                .await
-                .map_err(|e| self.unavailable(e))?
-            {
-                Reservation::Acquired => {
+            let reserved = metrics::timed(store, "reserve", store.reserve(&claim)).await;
+            let record = match reserved {
+                Ok(Reservation::Acquired) => {
                     return Ok(Acquired::Owned {
-                        fence,
+                        guard,
                         took_over: false,
                     });
                 }
-                Reservation::Exists(record) => record,
-                Reservation::Vanished => {
+                Ok(Reservation::Exists(record)) => {
+                    guard.disarm();
+                    record
+                }
+                Ok(Reservation::Vanished) => {
+                    guard.disarm();
                     races += 1;
                     self.pace_race(races, &mut backoff, deadline).await?;
                     continue;
+                }
+                Err(e) => {
+                    // The store is failing; a release would fail too. If the insert did land,
+                    // its lease frees it.
+                    guard.disarm();
+                    return Err(self.unavailable(e));
                 }
             };
             match decide(&record, self.fingerprint.as_ref()) {
@@ -560,15 +589,22 @@ impl Ctx<'_> {
                     });
                 }
                 Decision::TakeOver => {
+                    guard.rearm();
                     let taken =
                         metrics::timed(store, "take_over", store.take_over(&claim, record.fence))
-                            .await
-                            .map_err(|e| self.unavailable(e))?;
-                    if taken {
-                        return Ok(Acquired::Owned {
-                            fence,
-                            took_over: record.state == RecordState::InProgress,
-                        });
+                            .await;
+                    match taken {
+                        Ok(true) => {
+                            return Ok(Acquired::Owned {
+                                guard,
+                                took_over: record.state == RecordState::InProgress,
+                            });
+                        }
+                        Ok(false) => guard.disarm(),
+                        Err(e) => {
+                            guard.disarm();
+                            return Err(self.unavailable(e));
+                        }
                     }
                     races += 1;
                     self.pace_race(races, &mut backoff, deadline).await?;
@@ -665,6 +701,101 @@ impl Ctx<'_> {
     }
 }
 
+/// Whether a result made it into the store.
+enum Stored {
+    Yes,
+    /// Another caller owns the record now.
+    Lost,
+    Failed(StoreError),
+}
+
+/// Everything needed to store a result, owned, so it can run in its own task.
+struct StoreResult {
+    store: Arc<dyn crate::store::Store>,
+    id: RecordId,
+    fence: Fence,
+    owner: Arc<str>,
+    fingerprint: Option<Fingerprint>,
+    lease: Duration,
+    ttl: Duration,
+    function: &'static str,
+    result: StoredResult,
+}
+
+impl StoreResult {
+    /// Finalize, retried a few times so a store blip right after the body ran does not throw
+    /// its result away. A refused finalize is checked before it is called lost: the first
+    /// attempt may have committed with its reply lost, or purge may have deleted an
+    /// abandoned-looking row that nobody took over (then the result is written back).
+    async fn run(self) -> (Stored, StoredResult) {
+        let store = &*self.store;
+        let mut pause = Duration::from_millis(20);
+        let mut last = None;
+        for attempt in 0..4 {
+            if attempt > 0 {
+                tokio::time::sleep(pause).await;
+                pause *= 4;
+            }
+            match metrics::timed(
+                store,
+                "finalize",
+                store.finalize(&self.id, self.fence, &self.result, self.ttl),
+            )
+            .await
+            {
+                Ok(true) => return (Stored::Yes, self.result),
+                Ok(false) => {
+                    let outcome = self.confirm().await;
+                    return (outcome, self.result);
+                }
+                Err(e) => {
+                    tracing::warn!(function = self.function, error = %e, "idem: finalize failed; retrying");
+                    last = Some(e);
+                }
+            }
+        }
+        let e = last.unwrap_or_else(|| StoreError::msg("finalize failed"));
+        (Stored::Failed(e), self.result)
+    }
+
+    async fn confirm(&self) -> Stored {
+        let store = &*self.store;
+        match store.load(&self.id).await {
+            Ok(Some(record))
+                if record.fence == self.fence && record.state == RecordState::Completed =>
+            {
+                Stored::Yes
+            }
+            Ok(Some(_)) => Stored::Lost,
+            Ok(None) => {
+                // Nobody holds the key: this result is the only one. Write it back.
+                let claim = Claim {
+                    id: &self.id,
+                    fence: self.fence,
+                    owner: &self.owner,
+                    fingerprint: self.fingerprint.as_ref(),
+                    lease: self.lease,
+                };
+                match store.reserve(&claim).await {
+                    Ok(Reservation::Acquired) => {
+                        match store
+                            .finalize(&self.id, self.fence, &self.result, self.ttl)
+                            .await
+                        {
+                            Ok(true) => Stored::Yes,
+                            Ok(false) => Stored::Lost,
+                            Err(e) => Stored::Failed(e),
+                        }
+                    }
+                    Ok(_) => Stored::Lost,
+                    Err(e) => Stored::Failed(e),
+                }
+            }
+            Err(e) => Stored::Failed(e),
+        }
+    }
+}
+
 /// Exponential backoff with jitter for polling an in-progress record: 5 ms doubling to
 /// 250 ms, each pause drawn from [50%, 100%] of the step so waiters spread out.
 #[derive(Default)]
@@ -707,13 +838,18 @@ impl<'a> OwnedRecord<'a> {
         self.armed = false;
     }
 
+    fn rearm(&mut self) {
+        self.armed = true;
+    }
+
     async fn release(&mut self) {
-        self.armed = false;
         let store = &*self.idem.store;
+        // Still armed while the statement runs: dropped mid-release, the guard releases again.
         if let Err(e) = metrics::timed(store, "release", store.release(self.id, self.fence)).await {
             tracing::warn!(function = self.function, key = %self.id.hash(), error = %e,
                 "idem: could not release the key; it frees itself when the lease runs out");
         }
+        self.armed = false;
     }
 }
 
@@ -868,7 +1004,12 @@ mod tests {
     #[test]
     fn over_leases_and_expired_results_are_taken_over() {
         let r = record(RecordState::InProgress, 0, 0, Some(1));
-        assert_eq!(decide(&r, Some(&fp(2))), Decision::TakeOver);
+        assert_eq!(decide(&r, Some(&fp(1))), Decision::TakeOver);
+        assert_eq!(
+            decide(&r, Some(&fp(2))),
+            Decision::PayloadMismatch,
+            "an abandoned call is only re-run for its own payload"
+        );
         let r = record(RecordState::Completed, 0, 0, Some(1));
         assert_eq!(decide(&r, Some(&fp(2))), Decision::TakeOver);
     }

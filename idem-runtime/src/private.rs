@@ -3,8 +3,9 @@
 
 use std::any::type_name;
 use std::borrow::Cow;
+use std::collections::HashMap;
 use std::future::Future;
-use std::sync::OnceLock;
+use std::sync::{OnceLock, RwLock};
 use std::time::Duration;
 
 use serde::Serialize;
@@ -29,8 +30,45 @@ pub struct Spec {
 /// A spec's fn path and unscoped namespace, worked out once.
 pub(crate) struct Site {
     pub(crate) path: &'static str,
-    pub(crate) unscoped: Namespace,
+    unscoped: Namespace,
+    version: u32,
+    /// Unscoped namespaces of generic instantiations and `Self` types, by type names.
+    by_types: RwLock<HashMap<Box<[&'static str]>, Namespace>>,
     pub(crate) labels: crate::metrics::CallLabels,
+}
+
+impl Site {
+    /// The unscoped namespace for one instantiation. `types` are the type names of `Self`
+    /// (for methods) and of the fn's type parameters: a trait's default method run for two
+    /// implementers, or a generic fn run for two type arguments, are two fns with two sets of
+    /// records.
+    pub(crate) fn namespace(&self, types: &[&'static str]) -> Namespace {
+        if types.is_empty() {
+            return self.unscoped.clone();
+        }
+        let read = self.by_types.read().unwrap_or_else(|p| p.into_inner());
+        if let Some(ns) = read.get(types) {
+            return ns.clone();
+        }
+        drop(read);
+        let ns = Namespace::new(&self.qualified_path(types), self.version, None);
+        // Bounded by the program's monomorphizations of this fn.
+        self.by_types
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(types.into())
+            .or_insert(ns)
+            .clone()
+    }
+
+    /// The fn path with the instantiation's type names: `path[Self, T]`.
+    pub(crate) fn qualified_path(&self, types: &[&'static str]) -> Cow<'static, str> {
+        if types.is_empty() {
+            Cow::Borrowed(self.path)
+        } else {
+            Cow::Owned(format!("{}[{}]", self.path, types.join(", ")))
+        }
+    }
 }
 
 impl Default for Spec {
@@ -107,6 +145,8 @@ impl Spec {
             Site {
                 path,
                 unscoped: Namespace::new(path, self.version, None),
+                version: self.version,
+                by_types: RwLock::default(),
                 labels: crate::metrics::CallLabels::new(path),
             }
         })
@@ -239,8 +279,14 @@ where
 /// The expansion of `#[idempotent]`: reserve, run `body`, record its `Ok` value.
 ///
 /// `M` is the type of a marker fn declared inside the annotated fn; its type name gives the
-/// fn's path.
-pub async fn run<M, R, F>(spec: &'static Spec, _marker: M, call: Call, body: F) -> R
+/// fn's path. `types` are the type names of `Self` and the fn's type parameters.
+pub async fn run<M, R, F>(
+    spec: &'static Spec,
+    _marker: M,
+    types: &[&'static str],
+    call: Call,
+    body: F,
+) -> R
 where
     R: IdempotentOutput,
     F: Future<Output = R>,
@@ -248,13 +294,20 @@ where
     let site = spec.site::<M>();
     let body = async move { body.await.into_result() };
     R::from_result(
-        crate::engine::run::<_, _, _, crate::engine::ValuesOnly>(spec, site, call, body).await,
+        crate::engine::run::<_, _, _, crate::engine::ValuesOnly>(spec, site, types, call, body)
+            .await,
     )
 }
 
 /// The expansion of `#[idempotent(cache_errors = true)]`: like [`run`], but an `Err` is
 /// stored and replayed too.
-pub async fn run_caching_errors<M, R, F>(spec: &'static Spec, _marker: M, call: Call, body: F) -> R
+pub async fn run_caching_errors<M, R, F>(
+    spec: &'static Spec,
+    _marker: M,
+    types: &[&'static str],
+    call: Call,
+    body: F,
+) -> R
 where
     R: CachedErrorOutput,
     F: Future<Output = R>,
@@ -262,7 +315,10 @@ where
     let site = spec.site::<M>();
     let body = async move { body.await.into_result() };
     R::from_result(
-        crate::engine::run::<_, _, _, crate::engine::ValuesAndErrors>(spec, site, call, body).await,
+        crate::engine::run::<_, _, _, crate::engine::ValuesAndErrors>(
+            spec, site, types, call, body,
+        )
+        .await,
     )
 }
 

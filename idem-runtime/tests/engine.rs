@@ -625,6 +625,167 @@ async fn a_store_that_is_down_fails_closed(b: Backend) {
     assert_eq!(runs.load(SeqCst), 1);
 }
 
+fn instrumented_idem(b: &Backend, lease: &str) -> (Idem, Arc<Instrumented>) {
+    let store = Instrumented::new(b.store.clone());
+    let idem = Idem::builder()
+        .shared_store(store.clone())
+        .default_lease(lease)
+        .build()
+        .expect("idem");
+    (idem, store)
+}
+
+async fn a_call_dropped_after_its_body_still_stores_the_result(b: Backend) {
+    let (idem, store) = instrumented_idem(&b, "PT5S");
+    Instrumented::set(&store.finalize_lag, Duration::from_millis(300));
+    let runs = AtomicUsize::new(0);
+    // The body is quick; the call is dropped while its result is being stored.
+    let dropped = tokio::time::timeout(
+        Duration::from_millis(100),
+        create_order(&idem, &runs, "k", 5),
+    )
+    .await;
+    assert!(dropped.is_err(), "dropped during finalize");
+    Instrumented::set(&store.finalize_lag, Duration::ZERO);
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let replica = other_replica(b.store.clone());
+    let (again, how) = observe(create_order(&replica, &runs, "k", 5)).await;
+    again.expect("the stored result");
+    assert_eq!(how, Some(Outcome::Replayed), "stored, not released");
+    assert_eq!(runs.load(SeqCst), 1, "the payment ran once");
+}
+
+async fn a_call_dropped_during_reserve_does_not_strand_the_key(b: Backend) {
+    let (idem, store) = instrumented_idem(&b, "PT30S");
+    Instrumented::set(&store.reserve_lag, Duration::from_millis(300));
+    let runs = AtomicUsize::new(0);
+    let dropped = tokio::time::timeout(
+        Duration::from_millis(100),
+        create_order(&idem, &runs, "k", 5),
+    )
+    .await;
+    assert!(
+        dropped.is_err(),
+        "dropped while the reservation's reply was on its way"
+    );
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let replica = other_replica(b.store.clone());
+    let start = Instant::now();
+    create_order(&replica, &runs, "k", 5)
+        .await
+        .expect("the key was released, not held for the 30 s lease");
+    assert!(start.elapsed() < Duration::from_secs(5));
+    assert_eq!(runs.load(SeqCst), 1);
+}
+
+async fn a_call_dropped_during_release_does_not_strand_the_key(b: Backend) {
+    let (idem, store) = instrumented_idem(&b, "PT30S");
+    Instrumented::set(&store.release_lag, Duration::from_millis(300));
+    let runs = AtomicUsize::new(0);
+    // flaky's first run fails, so the call releases the key; it is dropped mid-release.
+    let dropped = tokio::time::timeout(Duration::from_millis(100), flaky(&idem, &runs, "k")).await;
+    assert!(dropped.is_err());
+    Instrumented::set(&store.release_lag, Duration::ZERO);
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let replica = other_replica(b.store.clone());
+    assert_eq!(flaky(&replica, &runs, "k").await.expect("runs again"), 2);
+}
+
+async fn a_lost_finalize_reply_is_not_a_lost_lease(b: Backend) {
+    let (idem, store) = instrumented_idem(&b, "PT30S");
+    store.lose_finalize_reply.store(true, SeqCst);
+    let runs = AtomicUsize::new(0);
+    let first = create_order(&idem, &runs, "k", 5)
+        .await
+        .expect("stored despite the lost reply");
+    let replica = other_replica(b.store.clone());
+    assert_eq!(
+        create_order(&replica, &runs, "k", 5).await.expect("replay"),
+        first
+    );
+    assert_eq!(runs.load(SeqCst), 1);
+}
+
+#[idempotent(key = key, runtime = idem, skip(runs, hold), name = "tests::purged")]
+async fn purged_mid_body(
+    idem: &Idem,
+    runs: &AtomicUsize,
+    hold: Duration,
+    key: &str,
+) -> Result<usize, AppError> {
+    let run = runs.fetch_add(1, SeqCst) + 1;
+    tokio::time::sleep(hold).await;
+    Ok(run)
+}
+
+async fn a_result_whose_row_vanished_is_written_back(b: Backend) {
+    let idem = idem_on(b.store.clone());
+    let runs = Arc::new(AtomicUsize::new(0));
+    let (i, r) = (idem.clone(), runs.clone());
+    let call =
+        tokio::spawn(async move { purged_mid_body(&i, &r, Duration::from_millis(300), "k").await });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    // An operator (or an over-eager purge) deletes the in-progress row mid-body.
+    let id = idem_runtime::RecordId::new("tests::purged/v0", "k");
+    let record = b.store.load(&id).await.expect("load").expect("in progress");
+    assert!(b.store.release(&id, record.fence).await.expect("release"));
+    assert_eq!(call.await.expect("no panic").expect("stored"), 1);
+    let replica = other_replica(b.store.clone());
+    let replay = purged_mid_body(&replica, &runs, Duration::ZERO, "k").await;
+    assert_eq!(replay.expect("replayed"), 1);
+    assert_eq!(runs.load(SeqCst), 1);
+}
+
+#[idempotent(key = key, runtime = idem, skip(runs, started), name = "tests::abandoned")]
+async fn abandoned(
+    idem: &Idem,
+    runs: &AtomicUsize,
+    started: &tokio::sync::Notify,
+    key: &str,
+    cents: u64,
+) -> Result<u64, AppError> {
+    runs.fetch_add(1, SeqCst);
+    started.notify_one();
+    std::future::pending::<()>().await;
+    Ok(cents)
+}
+
+#[idempotent(key = key, runtime = idem, skip(runs), name = "tests::abandoned", wait = "PT3S")]
+async fn resumed(idem: &Idem, runs: &AtomicUsize, key: &str, cents: u64) -> Result<u64, AppError> {
+    runs.fetch_add(1, SeqCst);
+    Ok(cents)
+}
+
+async fn only_the_same_payload_takes_over_an_abandoned_call(b: Backend) {
+    let dead = Idem::builder()
+        .shared_store(b.store.clone())
+        .default_lease("200ms")
+        .build()
+        .expect("idem");
+    let started = Arc::new(tokio::sync::Notify::new());
+    let mut fut = Box::pin({
+        let (dead, started) = (dead.clone(), started.clone());
+        async move {
+            let runs = AtomicUsize::new(0);
+            abandoned(&dead, &runs, &started, "k", 10_000).await
+        }
+    });
+    tokio::select! {
+        _ = &mut fut => panic!("never finishes"),
+        () = started.notified() => {}
+    }
+    std::mem::forget(fut);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let idem = idem_on(b.store.clone());
+    let runs = AtomicUsize::new(0);
+    let err = resumed(&idem, &runs, "k", 5).await.unwrap_err().idem();
+    assert!(matches!(err, Error::PayloadMismatch { .. }), "{err}");
+    let (out, how) = observe(resumed(&idem, &runs, "k", 10_000)).await;
+    assert_eq!(out.expect("the same request takes over"), 10_000);
+    assert_eq!(how, Some(Outcome::TookOver));
+    assert_eq!(runs.load(SeqCst), 1);
+}
+
 for_each_store!(
     executes_once_then_replays,
     a_reused_key_with_another_payload_is_refused,
@@ -643,4 +804,98 @@ for_each_store!(
     scopes_keep_tenants_apart,
     concurrent_callers_share_one_reservation,
     a_store_that_is_down_fails_closed,
+    a_call_dropped_after_its_body_still_stores_the_result,
+    a_call_dropped_during_reserve_does_not_strand_the_key,
+    a_call_dropped_during_release_does_not_strand_the_key,
+    a_lost_finalize_reply_is_not_a_lost_lease,
+    a_result_whose_row_vanished_is_written_back,
+    only_the_same_payload_takes_over_an_abandoned_call,
 );
+
+mod instantiations {
+    //! A trait's default method and a generic fn are one fn in the source but several at
+    //! run time; each implementer and each type argument keeps its own records.
+    use super::*;
+
+    trait Notifier {
+        fn idem(&self) -> &Idem;
+        fn sent(&self) -> &AtomicUsize;
+        fn channel(&self) -> &'static str;
+
+        #[idempotent(key = id, runtime = self.idem())]
+        async fn notify(&self, id: u64) -> Result<String, AppError> {
+            self.sent().fetch_add(1, SeqCst);
+            Ok(format!("{} {id}", self.channel()))
+        }
+    }
+
+    struct Email(Idem, AtomicUsize);
+    struct Sms(Idem, AtomicUsize);
+
+    impl Notifier for Email {
+        fn idem(&self) -> &Idem {
+            &self.0
+        }
+        fn sent(&self) -> &AtomicUsize {
+            &self.1
+        }
+        fn channel(&self) -> &'static str {
+            "email"
+        }
+    }
+
+    impl Notifier for Sms {
+        fn idem(&self) -> &Idem {
+            &self.0
+        }
+        fn sent(&self) -> &AtomicUsize {
+            &self.1
+        }
+        fn channel(&self) -> &'static str {
+            "sms"
+        }
+    }
+
+    trait Provider {
+        const NAME: &'static str;
+    }
+    struct Stripe;
+    struct Adyen;
+    impl Provider for Stripe {
+        const NAME: &'static str = "stripe";
+    }
+    impl Provider for Adyen {
+        const NAME: &'static str = "adyen";
+    }
+
+    #[idempotent(key = id, runtime = idem, skip(provider))]
+    async fn charge<P: Provider>(idem: &Idem, provider: &P, id: u64) -> Result<String, AppError> {
+        let _ = provider;
+        Ok(P::NAME.to_string())
+    }
+
+    #[tokio::test]
+    async fn default_methods_and_generic_fns_keep_records_per_instantiation() {
+        let idem = idem_on(Arc::new(idem_runtime::store::MemoryStore::new()));
+        let email = Email(idem.clone(), AtomicUsize::new(0));
+        let sms = Sms(idem.clone(), AtomicUsize::new(0));
+        assert_eq!(email.notify(1).await.unwrap(), "email 1");
+        assert_eq!(sms.notify(1).await.unwrap(), "sms 1", "the sms is sent too");
+        assert_eq!(email.notify(1).await.unwrap(), "email 1");
+        assert_eq!((email.1.load(SeqCst), sms.1.load(SeqCst)), (1, 1));
+
+        assert_eq!(charge(&idem, &Stripe, 9).await.unwrap(), "stripe");
+        assert_eq!(charge(&idem, &Adyen, 9).await.unwrap(), "adyen");
+    }
+}
+
+#[tokio::test]
+async fn an_in_memory_sqlite_url_is_refused() {
+    let err = idem_runtime::store::SqliteStore::open(":memory:")
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("MemoryStore"), "{err}");
+    let cfg: idem_runtime::IdemConfig =
+        serde_json::from_str(r#"{"store": "sqlite::memory:"}"#).unwrap();
+    assert!(Idem::from_config(&cfg).await.is_err());
+}

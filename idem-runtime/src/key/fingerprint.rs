@@ -3,7 +3,10 @@
 //! The arguments are fed through serde into a hashing serializer rather than a text format:
 //! nothing is allocated for plain data, and maps hash the same whatever their iteration
 //! order, so a `HashMap` argument gives the same fingerprint in every process (a JSON
-//! encoding would not). Every value is written with a type tag and lengths, so different
+//! encoding would not). Sets cannot get the same treatment: serde presents a `HashSet` as a
+//! plain sequence, indistinguishable from a `Vec` whose order matters, so a `HashSet`
+//! argument hashes in its (random) iteration order. Use a `BTreeSet`, `skip` it, or give
+//! the attribute a `fingerprint = ..` that sorts it. Every value is written with a type tag and lengths, so different
 //! shapes cannot produce the same byte stream. Integer widths are not part of the hash
 //! (`5u32` and `5i64` agree) so widening a field does not invalidate in-flight keys;
 //! struct and enum *names* are not hashed either, but field and variant names are.

@@ -137,6 +137,15 @@ impl SqliteStore {
         options: SqliteStoreOptions,
     ) -> Result<SqliteStore, Error> {
         check_table_name(&options.table)?;
+        let path = path.as_ref();
+        let name = path.to_string_lossy();
+        if name.is_empty() || name.contains(":memory:") || name.starts_with("file:") {
+            // Every pooled connection would get its own private database: records would
+            // vanish between calls. MemoryStore is the in-memory store.
+            return Err(Error::Config(format!(
+                "SQLite path {name:?} is not a database file; give a file path (use `MemoryStore` for an in-memory store)"
+            )));
+        }
         let connect = SqliteConnectOptions::new()
             .filename(path)
             .create_if_missing(true)

@@ -43,6 +43,12 @@ pub struct Instrumented {
     pub heartbeats: AtomicUsize,
     pub down: AtomicBool,
     pub heartbeats_fail: AtomicBool,
+    /// Extra time each statement of the kind takes after it ran (a slow reply).
+    pub reserve_lag: std::sync::Mutex<Duration>,
+    pub finalize_lag: std::sync::Mutex<Duration>,
+    pub release_lag: std::sync::Mutex<Duration>,
+    /// The next finalize commits, but its reply is lost (the caller sees an error).
+    pub lose_finalize_reply: AtomicBool,
 }
 
 impl Instrumented {
@@ -55,6 +61,10 @@ impl Instrumented {
             heartbeats: AtomicUsize::new(0),
             down: AtomicBool::new(false),
             heartbeats_fail: AtomicBool::new(false),
+            reserve_lag: Default::default(),
+            finalize_lag: Default::default(),
+            release_lag: Default::default(),
+            lose_finalize_reply: AtomicBool::new(false),
         })
     }
 
@@ -69,6 +79,17 @@ impl Instrumented {
     pub fn count(n: &AtomicUsize) -> usize {
         n.load(Ordering::SeqCst)
     }
+
+    pub fn set(lag: &std::sync::Mutex<Duration>, d: Duration) {
+        *lag.lock().unwrap() = d;
+    }
+
+    async fn lag(lag: &std::sync::Mutex<Duration>) {
+        let d = *lag.lock().unwrap();
+        if !d.is_zero() {
+            tokio::time::sleep(d).await;
+        }
+    }
 }
 
 #[async_trait::async_trait]
@@ -76,7 +97,9 @@ impl Store for Instrumented {
     async fn reserve(&self, claim: &Claim<'_>) -> Result<Reservation, StoreError> {
         self.check()?;
         self.reserves.fetch_add(1, Ordering::SeqCst);
-        self.inner.reserve(claim).await
+        let out = self.inner.reserve(claim).await;
+        Self::lag(&self.reserve_lag).await;
+        out
     }
     async fn load(&self, id: &RecordId) -> Result<Option<Record>, StoreError> {
         self.check()?;
@@ -108,11 +131,17 @@ impl Store for Instrumented {
     ) -> Result<bool, StoreError> {
         self.check()?;
         self.finalizes.fetch_add(1, Ordering::SeqCst);
-        self.inner.finalize(id, fence, result, ttl).await
+        let out = self.inner.finalize(id, fence, result, ttl).await;
+        Self::lag(&self.finalize_lag).await;
+        if self.lose_finalize_reply.swap(false, Ordering::SeqCst) {
+            return Err(StoreError::msg("test: connection reset after commit"));
+        }
+        out
     }
     async fn release(&self, id: &RecordId, fence: Fence) -> Result<bool, StoreError> {
         self.check()?;
         self.releases.fetch_add(1, Ordering::SeqCst);
+        Self::lag(&self.release_lag).await;
         self.inner.release(id, fence).await
     }
     async fn purge(&self, limit: u32) -> Result<u64, StoreError> {
