@@ -291,6 +291,12 @@ impl IdemBuilder {
             Some(id) if !id.trim().is_empty() => id,
             _ => default_executor_id(),
         };
+        if executor_id.len() > 200 {
+            return Err(Error::Config(format!(
+                "executor_id is {} bytes; at most 200 are stored with each record",
+                executor_id.len()
+            )));
+        }
         let (stop, stopped) = tokio::sync::watch::channel(false);
         let inner = Arc::new(Inner {
             store,
@@ -365,7 +371,8 @@ fn default_executor_id() -> String {
 /// The runtime's settings as data, for an application's own config file or environment.
 ///
 /// Durations use the attribute's rules (`"PT24H"`, `"30s"`). `store` is a URL:
-/// `sqlite://path/to/idem.db` (feature `sqlite`) or `memory:`.
+/// `sqlite://path/to/idem.db` (feature `sqlite`), `postgres://..` (feature `postgres`),
+/// `mysql://..` or `mariadb://..` (feature `mysql`), or `memory:`.
 ///
 /// ```
 /// # async fn demo() -> Result<(), idem_runtime::Error> {
@@ -455,8 +462,23 @@ impl IdemConfig {
                 crate::store::SqliteStore::open_with(path, options).await?,
             ));
         }
+        #[cfg(feature = "postgres")]
+        if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            let options = crate::store::PgStoreOptions::new().table(self.table.clone());
+            return Ok(Arc::new(
+                crate::store::PgStore::connect_with(url, options).await?,
+            ));
+        }
+        #[cfg(feature = "mysql")]
+        if url.starts_with("mysql://") || url.starts_with("mariadb://") {
+            let url = url.replacen("mariadb://", "mysql://", 1);
+            let options = crate::store::MySqlStoreOptions::new().table(self.table.clone());
+            return Ok(Arc::new(
+                crate::store::MySqlStore::connect_with(&url, options).await?,
+            ));
+        }
         Err(Error::Config(format!(
-            "store {url:?} is not a store URL this build supports (`sqlite://path`, `memory:`); is the backend's cargo feature on?"
+            "store {url:?} is not a store URL this build supports (`sqlite://path`, `postgres://..`, `mysql://..`, `memory:`); is the backend's cargo feature on?"
         )))
     }
 }

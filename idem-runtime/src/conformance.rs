@@ -9,6 +9,8 @@
 //!
 //! The expression is evaluated once per test and must yield something that dereferences to
 //! the store (a store, a `Box`, or a fixture that also owns, say, a temporary directory).
+//! For a store whose server may be missing, write `store_conformance_tests!(optional: ..)`
+//! with an expression yielding an `Option` of that; `None` skips the check.
 //! Every check works in its own random namespace, so the suite may share one table.
 //!
 //! The checks use short leases and TTLs (hundreds of milliseconds) and real sleeps: they test
@@ -24,8 +26,14 @@ use crate::store::{Claim, Fence, RecordState, Reservation, Store, StoredResult};
 /// Generates one `#[tokio::test]` per conformance check for the store `$make` builds.
 #[macro_export]
 macro_rules! store_conformance_tests {
+    (optional: $make:expr) => {
+        $crate::store_conformance_tests!(@checks optional $make);
+    };
     ($make:expr) => {
-        $crate::store_conformance_tests!(@each $make;
+        $crate::store_conformance_tests!(@checks required $make);
+    };
+    (@checks $mode:ident $make:expr) => {
+        $crate::store_conformance_tests!(@each $mode $make;
             reserve_acquires_an_absent_record_once,
             load_of_an_absent_record_is_none,
             finalize_needs_the_owners_fence,
@@ -45,11 +53,20 @@ macro_rules! store_conformance_tests {
             fingerprints_and_results_round_trip
         );
     };
-    (@each $make:expr; $($check:ident),*) => {$(
+    (@each required $make:expr; $($check:ident),*) => {$(
         #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
         async fn $check() {
             let store = $make.await;
             $crate::conformance::$check(&*store).await;
+        }
+    )*};
+    (@each optional $make:expr; $($check:ident),*) => {$(
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn $check() {
+            // `None`: the store's server is not available and the fixture said so.
+            if let Some(store) = $make.await {
+                $crate::conformance::$check(&*store).await;
+            }
         }
     )*};
 }

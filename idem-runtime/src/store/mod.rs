@@ -11,9 +11,14 @@
 //! replicas with skewed clocks agree on who owns a record.
 //!
 //! Backends: [`MemoryStore`] (tests, single process), `SqliteStore` (feature `sqlite`, the
-//! embedded default).
+//! embedded default), `PgStore` (feature `postgres`) and `MySqlStore` (feature `mysql`, for
+//! MySQL and MariaDB), the shared stores for many replicas.
 
 mod memory;
+#[cfg(feature = "mysql")]
+mod mysql;
+#[cfg(feature = "postgres")]
+mod postgres;
 #[cfg(feature = "_sql")]
 mod sql;
 #[cfg(feature = "sqlite")]
@@ -23,6 +28,10 @@ use std::fmt;
 use std::time::Duration;
 
 pub use memory::MemoryStore;
+#[cfg(feature = "mysql")]
+pub use mysql::{MySqlStore, MySqlStoreOptions};
+#[cfg(feature = "postgres")]
+pub use postgres::{PgStore, PgStoreOptions};
 #[cfg(feature = "sqlite")]
 pub use sqlite::{SqliteStore, SqliteStoreOptions};
 

@@ -1,5 +1,5 @@
 //! Fixtures shared by the integration tests.
-#![allow(dead_code, unreachable_pub)]
+#![allow(dead_code, unreachable_pub, clippy::unwrap_used)]
 
 use std::ops::Deref;
 
@@ -156,36 +156,196 @@ impl Store for Instrumented {
 /// A backend for scenario tests: the store, and whatever must live as long as it.
 pub struct Backend {
     pub store: Arc<dyn Store>,
-    _guard: Option<tempfile::TempDir>,
+    _guard: Option<Box<dyn std::any::Any + Send>>,
 }
 
-pub async fn memory_backend() -> Backend {
-    Backend {
+pub async fn memory_backend() -> Option<Backend> {
+    Some(Backend {
         store: Arc::new(idem_runtime::store::MemoryStore::new()),
         _guard: None,
-    }
+    })
 }
 
-pub async fn sqlite_backend() -> Backend {
+pub async fn sqlite_backend() -> Option<Backend> {
     let fixture = sqlite_store().await;
-    Backend {
+    Some(Backend {
         store: Arc::new(fixture.store),
-        _guard: Some(fixture._dir),
+        _guard: Some(Box::new(fixture._dir)),
+    })
+}
+
+pub async fn postgres_backend() -> Option<Backend> {
+    let fixture = postgres_store().await?;
+    Some(Backend {
+        store: Arc::new(fixture.store.clone()),
+        _guard: Some(Box::new(fixture)),
+    })
+}
+
+pub async fn mysql_backend() -> Option<Backend> {
+    let fixture = mysql_store().await?;
+    Some(Backend {
+        store: Arc::new(fixture.store.clone()),
+        _guard: Some(Box::new(fixture)),
+    })
+}
+
+/// The URL of a test server: the environment variable, or this machine's default.
+pub fn server_url(var: &str, default: &str) -> String {
+    std::env::var(var).unwrap_or_else(|_| default.to_string())
+}
+
+pub fn postgres_url() -> String {
+    server_url(
+        "IDEM_TEST_POSTGRES_URL",
+        "postgres://postgres@127.0.0.1:5432/test",
+    )
+}
+
+pub fn mysql_url() -> String {
+    server_url("IDEM_TEST_MYSQL_URL", "mysql://root@127.0.0.1:3306/test")
+}
+
+/// A server the test needs is not reachable: fail in CI, skip (loudly) elsewhere.
+pub fn server_missing(what: &str, var: &str, url: &str, err: &dyn std::fmt::Display) {
+    if std::env::var("CI").as_deref() == Ok("true") {
+        panic!(
+            "{what} is not reachable at {url} ({err}); CI=true requires it (scripts/services.sh starts it)"
+        );
+    }
+    eprintln!(
+        "SKIPPED: {what} is not reachable at {url} ({err}). Start it (scripts/services.sh) or set {var}; with CI=true this is a failure."
+    );
+}
+
+/// A fresh, unique table name, so tests can share one database and run in parallel.
+pub fn unique_table() -> String {
+    format!("idem_test_{:016x}", fastrand::u64(..))
+}
+
+/// A Postgres store on its own table, dropped when the fixture drops.
+pub struct PgFixture {
+    pub store: idem_runtime::store::PgStore,
+}
+
+impl Deref for PgFixture {
+    type Target = idem_runtime::store::PgStore;
+    fn deref(&self) -> &Self::Target {
+        &self.store
     }
 }
 
-/// Generates `mod $scenario { memory, sqlite }` tests running `$scenario(backend)`.
+impl Drop for PgFixture {
+    fn drop(&mut self) {
+        let sql = format!("DROP TABLE IF EXISTS {}", self.store.table());
+        drop_table(postgres_url(), sql, |url, sql| async move {
+            use sqlx::Connection;
+            let mut conn = sqlx::PgConnection::connect(&url).await?;
+            sqlx::raw_sql(sqlx::AssertSqlSafe(sql))
+                .execute(&mut conn)
+                .await?;
+            Ok(())
+        });
+    }
+}
+
+pub async fn postgres_store() -> Option<PgFixture> {
+    let url = postgres_url();
+    let options = idem_runtime::store::PgStoreOptions::new().table(unique_table());
+    match idem_runtime::store::PgStore::connect_with(&url, options).await {
+        Ok(store) => Some(PgFixture { store }),
+        Err(e) => {
+            server_missing("PostgreSQL", "IDEM_TEST_POSTGRES_URL", &url, &e);
+            None
+        }
+    }
+}
+
+/// A MySQL/MariaDB store on its own table, dropped when the fixture drops.
+pub struct MySqlFixture {
+    pub store: idem_runtime::store::MySqlStore,
+}
+
+impl Deref for MySqlFixture {
+    type Target = idem_runtime::store::MySqlStore;
+    fn deref(&self) -> &Self::Target {
+        &self.store
+    }
+}
+
+impl Drop for MySqlFixture {
+    fn drop(&mut self) {
+        let sql = format!("DROP TABLE IF EXISTS {}", self.store.table());
+        drop_table(mysql_url(), sql, |url, sql| async move {
+            use sqlx::Connection;
+            let mut conn = sqlx::MySqlConnection::connect(&url).await?;
+            sqlx::raw_sql(sqlx::AssertSqlSafe(sql))
+                .execute(&mut conn)
+                .await?;
+            Ok(())
+        });
+    }
+}
+
+pub async fn mysql_store() -> Option<MySqlFixture> {
+    let url = mysql_url();
+    let options = idem_runtime::store::MySqlStoreOptions::new().table(unique_table());
+    match idem_runtime::store::MySqlStore::connect_with(&url, options).await {
+        Ok(store) => Some(MySqlFixture { store }),
+        Err(e) => {
+            server_missing("MySQL/MariaDB", "IDEM_TEST_MYSQL_URL", &url, &e);
+            None
+        }
+    }
+}
+
+/// Runs an async cleanup from `Drop`, on a thread of its own (the test's runtime may be
+/// shutting down). Best effort: a leftover test table is harmless.
+fn drop_table<F, Fut>(url: String, sql: String, f: F)
+where
+    F: FnOnce(String, String) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = Result<(), sqlx::Error>>,
+{
+    let _ = std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let _ = rt.block_on(f(url, sql));
+    })
+    .join();
+}
+
+/// Generates `mod $scenario { memory, sqlite, postgres, mysql }` tests running
+/// `$scenario(backend)`. The server-backed ones skip (loudly) when their server is missing,
+/// except under `CI=true`, where they fail.
 #[macro_export]
 macro_rules! for_each_store {
     ($($scenario:ident),* $(,)?) => {$(
         mod $scenario {
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn memory() {
-                super::$scenario(super::support::memory_backend().await).await;
+                if let Some(b) = super::support::memory_backend().await {
+                    super::$scenario(b).await;
+                }
             }
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn sqlite() {
-                super::$scenario(super::support::sqlite_backend().await).await;
+                if let Some(b) = super::support::sqlite_backend().await {
+                    super::$scenario(b).await;
+                }
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn postgres() {
+                if let Some(b) = super::support::postgres_backend().await {
+                    super::$scenario(b).await;
+                }
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn mysql() {
+                if let Some(b) = super::support::mysql_backend().await {
+                    super::$scenario(b).await;
+                }
             }
         }
     )*};

@@ -1,0 +1,424 @@
+//! The shared store for many replicas: PostgreSQL.
+//!
+//! Every time comparison and every `now + lease` uses the database server's clock (`now()`),
+//! so replicas with skewed clocks agree on who owns a record. `reserve` is one statement that
+//! inserts if absent and otherwise returns the existing row (one round trip for a replay);
+//! `take_over` is one compare-and-set `UPDATE`. Concurrent writers to one row are serialised
+//! by the row lock, and PostgreSQL re-checks the `WHERE` clause against the row a winner left
+//! behind, so of many concurrent takeovers exactly one matches.
+
+use std::time::Duration;
+
+use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions, PgRow};
+use sqlx::{Row, SqlStr};
+
+use super::sql::{RawRecord, check_table_name, millis, statement};
+use super::{Claim, DEFAULT_TABLE, Fence, Record, Reservation, Store, StoredResult};
+use crate::Error;
+use crate::error::StoreError;
+use crate::key::RecordId;
+
+/// How [`PgStore::connect_with`] connects.
+#[derive(Clone, Debug)]
+pub struct PgStoreOptions {
+    table: String,
+    max_connections: u32,
+    acquire_timeout: Duration,
+}
+
+impl Default for PgStoreOptions {
+    fn default() -> Self {
+        PgStoreOptions {
+            table: DEFAULT_TABLE.to_string(),
+            max_connections: 16,
+            acquire_timeout: Duration::from_secs(3),
+        }
+    }
+}
+
+impl PgStoreOptions {
+    /// Default options: table `idem_records`, 16 connections, 3 s to get a connection.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The table to keep records in (a plain identifier; created if missing).
+    pub fn table(mut self, table: impl Into<String>) -> Self {
+        self.table = table.into();
+        self
+    }
+
+    /// The size of the connection pool.
+    pub fn max_connections(mut self, n: u32) -> Self {
+        self.max_connections = n.max(1);
+        self
+    }
+
+    /// How long a call waits for a connection before failing with `StoreUnavailable`. Keep it
+    /// short: while the database is away, callers should hear so quickly.
+    pub fn acquire_timeout(mut self, timeout: Duration) -> Self {
+        self.acquire_timeout = timeout;
+        self
+    }
+}
+
+/// A [`Store`] in a PostgreSQL table, shared by every replica that points at it.
+///
+/// ```no_run
+/// # async fn demo() -> Result<(), idem_runtime::Error> {
+/// use idem_runtime::{Idem, store::PgStore};
+/// let idem = Idem::builder()
+///     .store(PgStore::connect("postgres://app@db/app").await?)
+///     .executor_id(std::env::var("POD_NAME").ok())
+///     .install()?;
+/// # Ok(()) }
+/// ```
+#[derive(Clone, Debug)]
+pub struct PgStore {
+    pool: PgPool,
+    table: String,
+    lock_key: i64,
+    sql: Statements,
+}
+
+#[derive(Clone, Debug)]
+struct Statements {
+    reserve: SqlStr,
+    load: SqlStr,
+    take_over: SqlStr,
+    heartbeat: SqlStr,
+    finalize: SqlStr,
+    release: SqlStr,
+    purge: SqlStr,
+}
+
+const MIGRATIONS: &[&str] = &[
+    // 1: the records table and its expiry index.
+    "CREATE TABLE IF NOT EXISTS {t} (
+        namespace BYTEA NOT NULL,
+        key BYTEA NOT NULL,
+        state TEXT NOT NULL,
+        fingerprint BYTEA,
+        fence BIGINT NOT NULL,
+        owner TEXT NOT NULL,
+        lease_expires_at TIMESTAMPTZ,
+        heartbeat_at TIMESTAMPTZ,
+        attempts INTEGER NOT NULL,
+        result BYTEA,
+        codec TEXT,
+        created_at TIMESTAMPTZ NOT NULL,
+        completed_at TIMESTAMPTZ,
+        expires_at TIMESTAMPTZ NOT NULL,
+        PRIMARY KEY (namespace, key)
+    );
+    CREATE INDEX IF NOT EXISTS {t}_expires_at ON {t} (expires_at);",
+];
+
+/// The columns `load` and `reserve` read, with the times as milliseconds left on the
+/// server's clock.
+const RECORD_COLUMNS: &str = "state, fingerprint, fence, owner, attempts,
+    (EXTRACT(EPOCH FROM (lease_expires_at - now())) * 1000)::BIGINT AS lease_remaining_ms,
+    (EXTRACT(EPOCH FROM (expires_at - now())) * 1000)::BIGINT AS expires_in_ms,
+    result, codec";
+
+impl PgStore {
+    /// Connects to `url` with default options and creates the records table if missing.
+    pub async fn connect(url: &str) -> Result<PgStore, Error> {
+        Self::connect_with(url, PgStoreOptions::default()).await
+    }
+
+    /// Connects to `url` with `options`.
+    pub async fn connect_with(url: &str, options: PgStoreOptions) -> Result<PgStore, Error> {
+        check_table_name(&options.table)?;
+        let connect: PgConnectOptions = url
+            .parse()
+            .map_err(|e| Error::Config(format!("invalid PostgreSQL URL: {e}")))?;
+        let pool = PgPoolOptions::new()
+            .max_connections(options.max_connections)
+            .acquire_timeout(options.acquire_timeout)
+            .connect_with(connect)
+            .await
+            .map_err(unavailable)?;
+        Self::from_pool(pool, &options.table).await
+    }
+
+    /// Uses an existing pool (for example the application's own), keeping records in
+    /// `table`, which is created if missing.
+    pub async fn from_pool(pool: PgPool, table: &str) -> Result<PgStore, Error> {
+        check_table_name(table)?;
+        let lock_key = lock_key(table);
+        migrate(&pool, table, lock_key).await.map_err(unavailable)?;
+        Ok(PgStore {
+            sql: Statements::new(table),
+            pool,
+            table: table.to_string(),
+            lock_key,
+        })
+    }
+
+    /// The connection pool.
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    /// The records table.
+    pub fn table(&self) -> &str {
+        &self.table
+    }
+}
+
+/// The advisory lock that serialises migrations and purges of one table across replicas.
+fn lock_key(table: &str) -> i64 {
+    let digest = blake3::hash(format!("idem:{table}").as_bytes());
+    let mut bytes = [0u8; 8];
+    bytes.copy_from_slice(&digest.as_bytes()[..8]);
+    i64::from_le_bytes(bytes)
+}
+
+fn unavailable(err: sqlx::Error) -> Error {
+    Error::StoreUnavailable {
+        function: "idem",
+        source: StoreError::new(err),
+    }
+}
+
+async fn migrate(pool: &PgPool, table: &str, lock_key: i64) -> Result<(), sqlx::Error> {
+    let mut tx = pool.begin().await?;
+    // Replicas starting together would race on CREATE TABLE; one migrates at a time.
+    sqlx::query("SELECT pg_advisory_xact_lock($1)")
+        .bind(lock_key)
+        .execute(&mut *tx)
+        .await?;
+    sqlx::query(
+        "CREATE TABLE IF NOT EXISTS idem_schema (table_name TEXT PRIMARY KEY, version INTEGER NOT NULL)",
+    )
+    .execute(&mut *tx)
+    .await?;
+    let current: i32 = sqlx::query_scalar("SELECT version FROM idem_schema WHERE table_name = $1")
+        .bind(table)
+        .fetch_optional(&mut *tx)
+        .await?
+        .unwrap_or(0);
+    for (i, step) in MIGRATIONS.iter().enumerate() {
+        let version = i as i32 + 1;
+        if version <= current {
+            continue;
+        }
+        sqlx::raw_sql(statement(step, table))
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query(
+            "INSERT INTO idem_schema (table_name, version) VALUES ($1, $2)
+             ON CONFLICT (table_name) DO UPDATE SET version = excluded.version",
+        )
+        .bind(table)
+        .bind(version)
+        .execute(&mut *tx)
+        .await?;
+    }
+    tx.commit().await
+}
+
+impl Statements {
+    fn new(t: &str) -> Statements {
+        // `reserve` binds the lease as $6, `take_over` as $7 (after the observed fence).
+        let lease6 = "now() + $6 * interval '1 millisecond'";
+        let lease = "now() + $7 * interval '1 millisecond'";
+        Statements {
+            // Insert if absent; otherwise return the row that is there, in the same round trip.
+            // (The SELECT sees the snapshot from before the statement: a row committed by a
+            // racing insert in the meantime is not visible, and nothing comes back; the
+            // engine calls that `Vanished` and reserves again.)
+            reserve: statement(
+                &format!(
+                    "WITH ins AS (
+                        INSERT INTO {{t}} (namespace, key, state, fingerprint, fence, owner,
+                            lease_expires_at, heartbeat_at, attempts, created_at, expires_at)
+                        VALUES ($1, $2, 'in_progress', $3, $4, $5, {lease6}, now(), 1, now(), {lease6})
+                        ON CONFLICT (namespace, key) DO NOTHING
+                        RETURNING 1
+                    )
+                    SELECT TRUE AS inserted, NULL::TEXT AS state, NULL::BYTEA AS fingerprint,
+                           NULL::BIGINT AS fence, NULL::TEXT AS owner, NULL::INTEGER AS attempts,
+                           NULL::BIGINT AS lease_remaining_ms, NULL::BIGINT AS expires_in_ms,
+                           NULL::BYTEA AS result, NULL::TEXT AS codec
+                    FROM ins
+                    UNION ALL
+                    SELECT FALSE, {RECORD_COLUMNS} FROM {{t}}
+                    WHERE namespace = $1 AND key = $2 AND NOT EXISTS (SELECT 1 FROM ins)"
+                ),
+                t,
+            ),
+            load: statement(
+                &format!("SELECT {RECORD_COLUMNS} FROM {{t}} WHERE namespace = $1 AND key = $2"),
+                t,
+            ),
+            take_over: statement(
+                &format!(
+                    "UPDATE {{t}} SET state = 'in_progress', fingerprint = $3, fence = $4, owner = $5,
+                        lease_expires_at = {lease}, heartbeat_at = now(), expires_at = {lease},
+                        attempts = CASE WHEN state = 'completed' THEN 1 ELSE attempts + 1 END,
+                        created_at = CASE WHEN state = 'completed' THEN now() ELSE created_at END,
+                        result = NULL, codec = NULL, completed_at = NULL
+                     WHERE namespace = $1 AND key = $2 AND fence = $6
+                       AND ((state = 'in_progress' AND lease_expires_at <= now())
+                         OR (state = 'completed' AND expires_at <= now()))"
+                ),
+                t,
+            ),
+            heartbeat: statement(
+                "UPDATE {t} SET lease_expires_at = now() + $4 * interval '1 millisecond',
+                    expires_at = now() + $4 * interval '1 millisecond', heartbeat_at = now()
+                 WHERE namespace = $1 AND key = $2 AND fence = $3 AND state = 'in_progress'",
+                t,
+            ),
+            finalize: statement(
+                "UPDATE {t} SET state = 'completed', result = $3, codec = $4, completed_at = now(),
+                    expires_at = now() + $5 * interval '1 millisecond', lease_expires_at = NULL
+                 WHERE namespace = $1 AND key = $2 AND fence = $6 AND state = 'in_progress'",
+                t,
+            ),
+            release: statement(
+                "DELETE FROM {t} WHERE namespace = $1 AND key = $2 AND fence = $3 AND state = 'in_progress'",
+                t,
+            ),
+            purge: statement(
+                "DELETE FROM {t} WHERE ctid IN
+                    (SELECT ctid FROM {t} WHERE expires_at <= now() LIMIT $1)",
+                t,
+            ),
+        }
+    }
+}
+
+fn record(row: &PgRow) -> Result<Record, StoreError> {
+    RawRecord {
+        state: row.try_get("state")?,
+        fingerprint: row.try_get("fingerprint")?,
+        fence: row.try_get("fence")?,
+        owner: row.try_get("owner")?,
+        attempts: i64::from(row.try_get::<i32, _>("attempts")?),
+        lease_remaining_ms: row.try_get("lease_remaining_ms")?,
+        expires_in_ms: row.try_get::<Option<i64>, _>("expires_in_ms")?.unwrap_or(0),
+        result: row.try_get("result")?,
+        codec: row.try_get("codec")?,
+    }
+    .into_record()
+}
+
+fn fingerprint_bytes(claim: &Claim<'_>) -> Option<Vec<u8>> {
+    claim.fingerprint.map(|fp| fp.as_bytes().to_vec())
+}
+
+#[async_trait::async_trait]
+impl Store for PgStore {
+    async fn reserve(&self, claim: &Claim<'_>) -> Result<Reservation, StoreError> {
+        let row = sqlx::query(self.sql.reserve.clone())
+            .bind(claim.id.namespace().as_bytes())
+            .bind(claim.id.key().as_bytes())
+            .bind(fingerprint_bytes(claim))
+            .bind(claim.fence.get())
+            .bind(claim.owner)
+            .bind(millis(claim.lease))
+            .fetch_optional(&self.pool)
+            .await?;
+        let Some(row) = row else {
+            return Ok(Reservation::Vanished);
+        };
+        if row.try_get::<bool, _>("inserted")? {
+            Ok(Reservation::Acquired)
+        } else {
+            Ok(Reservation::Exists(record(&row)?))
+        }
+    }
+
+    async fn load(&self, id: &RecordId) -> Result<Option<Record>, StoreError> {
+        let row = sqlx::query(self.sql.load.clone())
+            .bind(id.namespace().as_bytes())
+            .bind(id.key().as_bytes())
+            .fetch_optional(&self.pool)
+            .await?;
+        row.as_ref().map(record).transpose()
+    }
+
+    async fn take_over(&self, claim: &Claim<'_>, observed: Fence) -> Result<bool, StoreError> {
+        let done = sqlx::query(self.sql.take_over.clone())
+            .bind(claim.id.namespace().as_bytes())
+            .bind(claim.id.key().as_bytes())
+            .bind(fingerprint_bytes(claim))
+            .bind(claim.fence.get())
+            .bind(claim.owner)
+            .bind(observed.get())
+            .bind(millis(claim.lease))
+            .execute(&self.pool)
+            .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    async fn heartbeat(
+        &self,
+        id: &RecordId,
+        fence: Fence,
+        lease: Duration,
+    ) -> Result<bool, StoreError> {
+        let done = sqlx::query(self.sql.heartbeat.clone())
+            .bind(id.namespace().as_bytes())
+            .bind(id.key().as_bytes())
+            .bind(fence.get())
+            .bind(millis(lease))
+            .execute(&self.pool)
+            .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    async fn finalize(
+        &self,
+        id: &RecordId,
+        fence: Fence,
+        result: &StoredResult,
+        ttl: Duration,
+    ) -> Result<bool, StoreError> {
+        let done = sqlx::query(self.sql.finalize.clone())
+            .bind(id.namespace().as_bytes())
+            .bind(id.key().as_bytes())
+            .bind(result.bytes.as_slice())
+            .bind(result.codec.as_str())
+            .bind(millis(ttl))
+            .bind(fence.get())
+            .execute(&self.pool)
+            .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    async fn release(&self, id: &RecordId, fence: Fence) -> Result<bool, StoreError> {
+        let done = sqlx::query(self.sql.release.clone())
+            .bind(id.namespace().as_bytes())
+            .bind(id.key().as_bytes())
+            .bind(fence.get())
+            .execute(&self.pool)
+            .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    async fn purge(&self, limit: u32) -> Result<u64, StoreError> {
+        // One replica purges a table at a time: the others find the lock taken and skip.
+        let mut tx = self.pool.begin().await?;
+        let got: bool = sqlx::query_scalar("SELECT pg_try_advisory_xact_lock($1)")
+            .bind(self.lock_key)
+            .fetch_one(&mut *tx)
+            .await?;
+        if !got {
+            return Ok(0);
+        }
+        let done = sqlx::query(self.sql.purge.clone())
+            .bind(i64::from(limit))
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(done.rows_affected())
+    }
+
+    fn backend(&self) -> &'static str {
+        "postgres"
+    }
+}
