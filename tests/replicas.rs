@@ -1,0 +1,389 @@
+//! Three real replica processes on one shared store; one is killed with SIGKILL mid-body.
+//!
+//! Each replica (the `replicas` example in `worker` mode) calls every key twice, in its own
+//! shuffled order, from many tasks; the body records an "effect" row and sleeps. While the
+//! victim is inside bodies it is killed. Afterwards:
+//! - every key has exactly one completed record and none is left in progress;
+//! - every caller that got a value for a key got the same value;
+//! - executions = keys + the bodies the victim had in flight, each taken over exactly once.
+//!
+//! Runs against PostgreSQL and MariaDB (skipped, loudly, without them unless `CI=true`) and
+//! against a SQLite file shared by the processes.
+
+#![allow(clippy::unwrap_used)] // tests: a panic is the failure report
+
+use std::collections::{BTreeMap, HashMap};
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+const KEYS: u64 = 60;
+const LEASE_MS: u64 = 1_500;
+
+fn example_binary() -> PathBuf {
+    // target/<profile>/deps/replicas-<hash> -> target/<profile>/examples/replicas
+    let exe = std::env::current_exe().unwrap();
+    let dir = exe.parent().and_then(|d| d.parent()).unwrap();
+    let bin = dir.join("examples").join("replicas");
+    assert!(
+        bin.exists(),
+        "{} is missing: `cargo test` builds examples; with `--test replicas` alone run `cargo build --example replicas` first",
+        bin.display()
+    );
+    bin
+}
+
+struct Worker {
+    name: String,
+    child: Child,
+    lines: Arc<Mutex<Vec<String>>>,
+}
+
+impl Worker {
+    fn spawn(store: &str, table: &str, name: &str) -> Worker {
+        let mut child = Command::new(example_binary())
+            .args(["worker", "--store", store, "--table", table, "--name", name])
+            .args([
+                "--keys",
+                &KEYS.to_string(),
+                "--copies",
+                "2",
+                "--tasks",
+                "12",
+            ])
+            .args(["--body-ms", "300", "--lease-ms", &LEASE_MS.to_string()])
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("start {:?}: {e}", example_binary()));
+        let stdout = child.stdout.take().unwrap();
+        let lines = Arc::new(Mutex::new(Vec::new()));
+        let sink = lines.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                sink.lock().unwrap().push(line);
+            }
+        });
+        Worker {
+            name: name.to_string(),
+            child,
+            lines,
+        }
+    }
+
+    fn results(&self) -> Vec<(u64, String)> {
+        self.lines
+            .lock()
+            .unwrap()
+            .iter()
+            .filter_map(|l| {
+                let mut p = l.split_whitespace();
+                (p.next() == Some("RESULT")).then(|| {
+                    let key = p.next().unwrap().parse().unwrap();
+                    (key, p.next().unwrap().to_string())
+                })
+            })
+            .collect()
+    }
+
+    fn done(&self) -> bool {
+        self.lines
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|l| l.starts_with("DONE"))
+    }
+}
+
+/// What the database holds afterwards.
+struct Tally {
+    /// key -> (state, owner) of its record.
+    records: BTreeMap<u64, (String, String)>,
+    /// key -> replicas that ran its body, one entry per execution.
+    effects: BTreeMap<u64, Vec<String>>,
+}
+
+fn run(store: &str, table: &str, read: impl FnOnce(&str) -> Tally) {
+    let start = Instant::now();
+    let workers: Vec<Worker> = ["replica-1", "replica-2", "replica-3"]
+        .iter()
+        .map(|n| Worker::spawn(store, table, n))
+        .collect();
+    let mut workers = workers;
+    // Kill the victim once it is well into its work (so bodies are in flight).
+    let victim = 1;
+    while workers[victim].results().len() < 10 {
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "the victim made no progress"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    workers[victim].child.kill().unwrap(); // SIGKILL
+    workers[victim].child.wait().unwrap();
+    let killed_after = workers[victim].results().len();
+    for (i, w) in workers.iter_mut().enumerate() {
+        if i == victim {
+            continue;
+        }
+        while !w.done() {
+            assert!(
+                start.elapsed() < Duration::from_secs(180),
+                "{} did not finish",
+                w.name
+            );
+            if let Some(status) = w.child.try_wait().unwrap() {
+                assert!(w.done(), "{} exited early: {status}", w.name);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        w.child.wait().unwrap();
+    }
+
+    let tally = read(table);
+    let mut values: HashMap<u64, Vec<String>> = HashMap::new();
+    let mut calls = 0;
+    for w in &workers {
+        for (key, value) in w.results() {
+            values.entry(key).or_default().push(value);
+            calls += 1;
+        }
+    }
+    let executions: usize = tally.effects.values().map(Vec::len).sum();
+    let in_flight = tally
+        .effects
+        .iter()
+        .filter(|(key, runs)| {
+            runs.iter().any(|r| r == "replica-2") && tally.records[key].1 != "replica-2"
+        })
+        .count();
+    let taken_over = tally
+        .effects
+        .values()
+        .filter(|runs| runs.len() == 2)
+        .count();
+    println!(
+        "{store}: {KEYS} keys, {calls} calls answered, {executions} body executions, \
+         victim killed after {killed_after} answers with {in_flight} bodies in flight, \
+         {taken_over} keys taken over, {:.1} s",
+        start.elapsed().as_secs_f64()
+    );
+
+    assert_eq!(tally.records.len() as u64, KEYS, "one record per key");
+    for (key, (state, _)) in &tally.records {
+        assert_eq!(state, "completed", "key {key} was left {state}");
+    }
+    for (key, vs) in &values {
+        assert!(
+            vs.iter().all(|v| v == &vs[0]),
+            "key {key} answered differently: {vs:?}"
+        );
+    }
+    assert_eq!(values.len() as u64, KEYS, "every key was answered");
+    assert!(
+        in_flight >= 1,
+        "the victim was killed inside at least one body"
+    );
+    assert_eq!(
+        executions,
+        KEYS as usize + in_flight,
+        "executions = keys + bodies the victim had in flight"
+    );
+    for (key, runs) in &tally.effects {
+        assert!(
+            runs.len() <= 2,
+            "key {key} ran {} times: {runs:?}",
+            runs.len()
+        );
+        if runs.len() == 2 {
+            assert_eq!(
+                runs[0], "replica-2",
+                "key {key}: only the victim's body is re-run"
+            );
+        }
+    }
+}
+
+fn url(var: &str, default: &str) -> String {
+    std::env::var(var).unwrap_or_else(|_| default.to_string())
+}
+
+fn server_missing(what: &str, var: &str, url: &str, err: &dyn std::fmt::Display) {
+    if std::env::var("CI").as_deref() == Ok("true") {
+        panic!("{what} is not reachable at {url} ({err}); CI=true requires it");
+    }
+    eprintln!(
+        "SKIPPED: {what} is not reachable at {url} ({err}); start it (scripts/services.sh) or set {var}"
+    );
+}
+
+fn table() -> String {
+    format!("idem_replicas_{:08x}", fastrand::u32(..))
+}
+
+/// One runtime per test thread: a connection opened in one runtime dies with it.
+fn block_on<F: std::future::Future>(f: F) -> F::Output {
+    thread_local! {
+        static RT: tokio::runtime::Runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+    }
+    RT.with(|rt| rt.block_on(f))
+}
+
+fn key_of(bytes: &[u8]) -> u64 {
+    std::str::from_utf8(bytes).unwrap().parse().unwrap()
+}
+
+#[test]
+fn three_postgres_replicas_survive_a_sigkill() {
+    use sqlx::{Connection, Row};
+    let url = url(
+        "IDEM_TEST_POSTGRES_URL",
+        "postgres://postgres@127.0.0.1:5432/test",
+    );
+    let mut conn = match block_on(sqlx::PgConnection::connect(&url)) {
+        Ok(c) => c,
+        Err(e) => return server_missing("PostgreSQL", "IDEM_TEST_POSTGRES_URL", &url, &e),
+    };
+    let t = table();
+    run(&url, &t, |t| {
+        block_on(async {
+            let mut tally = Tally {
+                records: BTreeMap::new(),
+                effects: BTreeMap::new(),
+            };
+            let q = format!("SELECT key, state, owner FROM {t}");
+            for row in sqlx::query(sqlx::AssertSqlSafe(q))
+                .fetch_all(&mut conn)
+                .await
+                .unwrap()
+            {
+                let key = key_of(&row.get::<Vec<u8>, _>(0));
+                tally.records.insert(key, (row.get(1), row.get(2)));
+            }
+            let q = format!("SELECT k, replica FROM {t}_effects ORDER BY run");
+            for row in sqlx::query(sqlx::AssertSqlSafe(q))
+                .fetch_all(&mut conn)
+                .await
+                .unwrap()
+            {
+                let key: i64 = row.get(0);
+                tally
+                    .effects
+                    .entry(key as u64)
+                    .or_default()
+                    .push(row.get(1));
+            }
+            for drop in [format!("DROP TABLE {t}"), format!("DROP TABLE {t}_effects")] {
+                sqlx::raw_sql(sqlx::AssertSqlSafe(drop))
+                    .execute(&mut conn)
+                    .await
+                    .unwrap();
+            }
+            sort_victim_first(&mut tally);
+            tally
+        })
+    });
+}
+
+#[test]
+fn three_mariadb_replicas_survive_a_sigkill() {
+    use sqlx::{Connection, Row};
+    let url = url("IDEM_TEST_MYSQL_URL", "mysql://root@127.0.0.1:3306/test");
+    let mut conn = match block_on(sqlx::MySqlConnection::connect(&url)) {
+        Ok(c) => c,
+        Err(e) => return server_missing("MySQL/MariaDB", "IDEM_TEST_MYSQL_URL", &url, &e),
+    };
+    let t = table();
+    run(&url, &t, |t| {
+        block_on(async {
+            let mut tally = Tally {
+                records: BTreeMap::new(),
+                effects: BTreeMap::new(),
+            };
+            let q = format!("SELECT `key`, state, owner FROM {t}");
+            for row in sqlx::query(sqlx::AssertSqlSafe(q))
+                .fetch_all(&mut conn)
+                .await
+                .unwrap()
+            {
+                let key = key_of(&row.get::<Vec<u8>, _>(0));
+                tally.records.insert(key, (row.get(1), row.get(2)));
+            }
+            let q = format!("SELECT k, replica FROM {t}_effects");
+            for row in sqlx::query(sqlx::AssertSqlSafe(q))
+                .fetch_all(&mut conn)
+                .await
+                .unwrap()
+            {
+                let key: i64 = row.get(0);
+                tally
+                    .effects
+                    .entry(key as u64)
+                    .or_default()
+                    .push(row.get(1));
+            }
+            for drop in [format!("DROP TABLE {t}"), format!("DROP TABLE {t}_effects")] {
+                sqlx::raw_sql(sqlx::AssertSqlSafe(drop))
+                    .execute(&mut conn)
+                    .await
+                    .unwrap();
+            }
+            sort_victim_first(&mut tally);
+            tally
+        })
+    });
+}
+
+#[test]
+fn three_sqlite_processes_on_one_file_survive_a_sigkill() {
+    use sqlx::{Connection, Row};
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("shared.db");
+    let url = format!("sqlite://{}", path.display());
+    let t = table();
+    run(&url, &t, |t| {
+        block_on(async {
+            let mut conn = sqlx::SqliteConnection::connect(&url).await.unwrap();
+            let mut tally = Tally {
+                records: BTreeMap::new(),
+                effects: BTreeMap::new(),
+            };
+            let q = format!("SELECT key, state, owner FROM {t}");
+            for row in sqlx::query(sqlx::AssertSqlSafe(q))
+                .fetch_all(&mut conn)
+                .await
+                .unwrap()
+            {
+                let key = key_of(&row.get::<Vec<u8>, _>(0));
+                tally.records.insert(key, (row.get(1), row.get(2)));
+            }
+            let q = format!("SELECT k, replica FROM {t}_effects");
+            for row in sqlx::query(sqlx::AssertSqlSafe(q))
+                .fetch_all(&mut conn)
+                .await
+                .unwrap()
+            {
+                let key: i64 = row.get(0);
+                tally
+                    .effects
+                    .entry(key as u64)
+                    .or_default()
+                    .push(row.get(1));
+            }
+            sort_victim_first(&mut tally);
+            tally
+        })
+    });
+}
+
+/// A key run twice was run first by the victim (it died) and then by a survivor; list the
+/// victim's run first so the check can say which is which regardless of row order.
+fn sort_victim_first(tally: &mut Tally) {
+    for runs in tally.effects.values_mut() {
+        runs.sort_by_key(|r| r != "replica-2");
+    }
+}
