@@ -444,13 +444,19 @@ impl Ctx<'_> {
         // must lead to the result being stored, never to the key being released. The store
         // writes run in their own task, which finishes even if this future is dropped.
         guard.disarm();
-        let (stored, result) = self
-            .store_result(fence, StoredResult { codec, bytes })
+        let bytes: Arc<[u8]> = bytes.into();
+        let stored = self
+            .store_result(
+                fence,
+                StoredResult {
+                    codec,
+                    bytes: bytes.to_vec(),
+                },
+            )
             .await;
         match stored {
             Stored::Yes => {
-                metrics::stored_bytes(self.function, result.bytes.len());
-                let bytes: Arc<[u8]> = result.bytes.into();
+                metrics::stored_bytes(self.function, bytes.len());
                 if let Some(cache) = &self.idem.cache {
                     cache.insert(
                         self.id.clone(),
@@ -479,15 +485,14 @@ impl Ctx<'_> {
                     },
                 ))
             }
-            Stored::Failed(e) => {
-                // The body's value is in hand. The record stays in progress until its lease
-                // runs out; a retry after that runs the body again.
-                tracing::error!(function = self.function, key = %self.id.hash(), error = %e,
-                    "idem: could not record the result; returned it, but a retry after the lease will run the body again");
-                metrics::not_stored(self.function, "store");
+            Stored::Pending => {
+                // The store is not answering. The body's value is in hand, so the caller gets
+                // it; the task keeps trying to record it (see `StoreResult::run`).
+                tracing::warn!(function = self.function, key = %self.id.hash(),
+                    "idem: the result is not recorded yet; returned it and still trying in the background");
                 slot.finish(Shared::Completed {
                     codec,
-                    bytes: result.bytes.into(),
+                    bytes,
                     fingerprint: self.fingerprint,
                 });
                 self.finished(how);
@@ -496,9 +501,10 @@ impl Ctx<'_> {
         }
     }
 
-    /// Stores the result in a task of its own (so it completes even if the caller is
-    /// dropped) and hands the bytes back for the cache and the followers.
-    async fn store_result(&self, fence: Fence, result: StoredResult) -> (Stored, StoredResult) {
+    /// Stores the result in a task of its own, so it completes even if the caller is
+    /// dropped. Waits for it a little; past that the caller goes on and the task keeps
+    /// trying.
+    async fn store_result(&self, fence: Fence, result: StoredResult) -> Stored {
         let job = StoreResult {
             store: self.idem.store.clone(),
             id: self.id.clone(),
@@ -510,20 +516,15 @@ impl Ctx<'_> {
             function: self.function,
             result,
         };
-        match tokio::runtime::Handle::try_current() {
-            Ok(rt) => match rt.spawn(job.run()).await {
-                Ok(done) => done,
-                Err(e) => (
-                    Stored::Failed(StoreError::msg(format!(
-                        "storing the result did not finish: {e}"
-                    ))),
-                    StoredResult {
-                        codec: Codec::Json,
-                        bytes: Vec::new(),
-                    },
-                ),
-            },
-            Err(_) => job.run().await,
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            return job.run().await;
+        };
+        let mut task = rt.spawn(job.run());
+        match tokio::time::timeout(STORE_RESULT_PATIENCE, &mut task).await {
+            Ok(Ok(stored)) => stored,
+            // The task panicked or its runtime is shutting down.
+            Ok(Err(_)) => Stored::Pending,
+            Err(_elapsed) => Stored::Pending,
         }
     }
 
@@ -701,12 +702,20 @@ impl Ctx<'_> {
     }
 }
 
+/// How long a caller waits for its result to be recorded before it returns anyway.
+const STORE_RESULT_PATIENCE: Duration = Duration::from_millis(800);
+
+/// How long a result whose recording keeps failing is retried in the background. A late
+/// finalize is still safe: it is fenced, and refused if someone took the key over.
+const STORE_RESULT_RETRY_WINDOW: Duration = Duration::from_secs(60);
+
 /// Whether a result made it into the store.
 enum Stored {
     Yes,
     /// Another caller owns the record now.
     Lost,
-    Failed(StoreError),
+    /// Not yet: the store is failing and a task keeps trying.
+    Pending,
 }
 
 /// Everything needed to store a result, owned, so it can run in its own task.
@@ -723,51 +732,65 @@ struct StoreResult {
 }
 
 impl StoreResult {
-    /// Finalize, retried a few times so a store blip right after the body ran does not throw
-    /// its result away. A refused finalize is checked before it is called lost: the first
-    /// attempt may have committed with its reply lost, or purge may have deleted an
-    /// abandoned-looking row that nobody took over (then the result is written back).
-    async fn run(self) -> (Stored, StoredResult) {
+    /// Finalize, retried with backoff for up to `STORE_RESULT_RETRY_WINDOW` so a store
+    /// outage right after the body ran does not throw its result away. A refused finalize is
+    /// checked before it is called lost: the first attempt may have committed with its reply
+    /// lost, or purge may have deleted an abandoned-looking row that nobody took over (then
+    /// the result is written back).
+    async fn run(self) -> Stored {
         let store = &*self.store;
+        let give_up = Instant::now() + STORE_RESULT_RETRY_WINDOW;
         let mut pause = Duration::from_millis(20);
-        let mut last = None;
-        for attempt in 0..4 {
-            if attempt > 0 {
-                tokio::time::sleep(pause).await;
-                pause *= 4;
-            }
-            match metrics::timed(
+        let mut failures = 0u32;
+        loop {
+            let attempt = metrics::timed(
                 store,
                 "finalize",
                 store.finalize(&self.id, self.fence, &self.result, self.ttl),
             )
-            .await
-            {
-                Ok(true) => return (Stored::Yes, self.result),
-                Ok(false) => {
-                    let outcome = self.confirm().await;
-                    return (outcome, self.result);
+            .await;
+            let error = match attempt {
+                Ok(true) => Ok(Stored::Yes),
+                Ok(false) => self.confirm().await,
+                Err(e) => Err(e),
+            };
+            match error {
+                Ok(stored) => {
+                    if failures > 0 {
+                        tracing::info!(function = self.function, key = %self.id.hash(), failures,
+                            "idem: result recorded after the store came back");
+                    }
+                    return stored;
                 }
                 Err(e) => {
-                    tracing::warn!(function = self.function, error = %e, "idem: finalize failed; retrying");
-                    last = Some(e);
+                    failures += 1;
+                    if failures == 1 {
+                        tracing::warn!(function = self.function, key = %self.id.hash(), error = %e,
+                            "idem: recording the result failed; retrying");
+                    }
+                    if Instant::now() + pause >= give_up {
+                        tracing::error!(function = self.function, key = %self.id.hash(), error = %e,
+                            "idem: gave up recording the result; after its lease a retry runs the body again");
+                        metrics::not_stored(self.function, "store");
+                        return Stored::Pending;
+                    }
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(Duration::from_secs(2));
                 }
             }
         }
-        let e = last.unwrap_or_else(|| StoreError::msg("finalize failed"));
-        (Stored::Failed(e), self.result)
     }
 
-    async fn confirm(&self) -> Stored {
+    async fn confirm(&self) -> Result<Stored, StoreError> {
         let store = &*self.store;
-        match store.load(&self.id).await {
-            Ok(Some(record))
+        Ok(match store.load(&self.id).await? {
+            Some(record)
                 if record.fence == self.fence && record.state == RecordState::Completed =>
             {
                 Stored::Yes
             }
-            Ok(Some(_)) => Stored::Lost,
-            Ok(None) => {
+            Some(_) => Stored::Lost,
+            None => {
                 // Nobody holds the key: this result is the only one. Write it back.
                 let claim = Claim {
                     id: &self.id,
@@ -776,23 +799,21 @@ impl StoreResult {
                     fingerprint: self.fingerprint.as_ref(),
                     lease: self.lease,
                 };
-                match store.reserve(&claim).await {
-                    Ok(Reservation::Acquired) => {
-                        match store
+                match store.reserve(&claim).await? {
+                    Reservation::Acquired => {
+                        if store
                             .finalize(&self.id, self.fence, &self.result, self.ttl)
-                            .await
+                            .await?
                         {
-                            Ok(true) => Stored::Yes,
-                            Ok(false) => Stored::Lost,
-                            Err(e) => Stored::Failed(e),
+                            Stored::Yes
+                        } else {
+                            Stored::Lost
                         }
                     }
-                    Ok(_) => Stored::Lost,
-                    Err(e) => Stored::Failed(e),
+                    Reservation::Exists(_) | Reservation::Vanished => Stored::Lost,
                 }
             }
-            Err(e) => Stored::Failed(e),
-        }
+        })
     }
 }
 
