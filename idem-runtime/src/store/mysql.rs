@@ -188,11 +188,20 @@ async fn migrate(pool: &MySqlPool, table: &str, lock_name: &str) -> Result<(), s
         )
         .execute(&mut *conn)
         .await?;
-        let current: i32 = sqlx::query_scalar("SELECT version FROM idem_schema WHERE table_name = ?")
-            .bind(table)
-            .fetch_optional(&mut *conn)
-            .await?
-            .unwrap_or(0);
+        let recorded: i32 =
+            sqlx::query_scalar("SELECT version FROM idem_schema WHERE table_name = ?")
+                .bind(table)
+                .fetch_optional(&mut *conn)
+                .await?
+                .unwrap_or(0);
+        // A table dropped by hand starts again from the first migration.
+        let exists: i64 = sqlx::query_scalar(
+            "SELECT COUNT(*) FROM information_schema.tables WHERE table_schema = DATABASE() AND table_name = ?",
+        )
+        .bind(table)
+        .fetch_one(&mut *conn)
+        .await?;
+        let current = if exists > 0 { recorded } else { 0 };
         for (i, step) in MIGRATIONS.iter().enumerate() {
             let version = i as i32 + 1;
             if version <= current {

@@ -194,11 +194,17 @@ async fn migrate(pool: &PgPool, table: &str, lock_key: i64) -> Result<(), sqlx::
     )
     .execute(&mut *tx)
     .await?;
-    let current: i32 = sqlx::query_scalar("SELECT version FROM idem_schema WHERE table_name = $1")
+    let recorded: i32 = sqlx::query_scalar("SELECT version FROM idem_schema WHERE table_name = $1")
         .bind(table)
         .fetch_optional(&mut *tx)
         .await?
         .unwrap_or(0);
+    // A table dropped by hand starts again from the first migration.
+    let exists: bool = sqlx::query_scalar("SELECT to_regclass($1) IS NOT NULL")
+        .bind(table)
+        .fetch_one(&mut *tx)
+        .await?;
+    let current = if exists { recorded } else { 0 };
     for (i, step) in MIGRATIONS.iter().enumerate() {
         let version = i as i32 + 1;
         if version <= current {
@@ -222,19 +228,25 @@ async fn migrate(pool: &PgPool, table: &str, lock_key: i64) -> Result<(), sqlx::
 impl Statements {
     fn new(t: &str) -> Statements {
         // `reserve` binds the lease as $6, `take_over` as $7 (after the observed fence).
-        let lease6 = "now() + $6 * interval '1 millisecond'";
+        let lease6 = "now() + $6::BIGINT * interval '1 millisecond'";
         let lease = "now() + $7 * interval '1 millisecond'";
         Statements {
-            // Insert if absent; otherwise return the row that is there, in the same round trip.
-            // (The SELECT sees the snapshot from before the statement: a row committed by a
-            // racing insert in the meantime is not visible, and nothing comes back; the
-            // engine calls that `Vanished` and reserves again.)
+            // Insert if absent; otherwise return the row that is there, in the same round
+            // trip. The existing row is read first, so a replay costs a primary-key lookup
+            // and no insert attempt. (Both parts see the snapshot from before the statement:
+            // a row committed by a racing insert in the meantime makes the insert do nothing
+            // and is not visible to the read, so nothing comes back; the engine calls that
+            // `Vanished` and reserves again.)
             reserve: statement(
                 &format!(
-                    "WITH ins AS (
+                    "WITH existing AS (
+                        SELECT {RECORD_COLUMNS} FROM {{t}} WHERE namespace = $1 AND key = $2
+                    ), ins AS (
                         INSERT INTO {{t}} (namespace, key, state, fingerprint, fence, owner,
                             lease_expires_at, heartbeat_at, attempts, created_at, expires_at)
-                        VALUES ($1, $2, 'in_progress', $3, $4, $5, {lease6}, now(), 1, now(), {lease6})
+                        SELECT $1::BYTEA, $2::BYTEA, 'in_progress', $3::BYTEA, $4::BIGINT, $5::TEXT,
+                            {lease6}, now(), 1, now(), {lease6}
+                        WHERE NOT EXISTS (SELECT 1 FROM existing)
                         ON CONFLICT (namespace, key) DO NOTHING
                         RETURNING 1
                     )
@@ -244,8 +256,7 @@ impl Statements {
                            NULL::BYTEA AS result, NULL::TEXT AS codec
                     FROM ins
                     UNION ALL
-                    SELECT FALSE, {RECORD_COLUMNS} FROM {{t}}
-                    WHERE namespace = $1 AND key = $2 AND NOT EXISTS (SELECT 1 FROM ins)"
+                    SELECT FALSE, existing.* FROM existing"
                 ),
                 t,
             ),

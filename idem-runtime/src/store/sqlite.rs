@@ -201,11 +201,18 @@ async fn migrate(pool: &SqlitePool, table: &str) -> Result<(), sqlx::Error> {
     )
     .execute(&mut *tx)
     .await?;
-    let current: i64 = sqlx::query_scalar("SELECT version FROM idem_schema WHERE table_name = ?1")
+    let recorded: i64 = sqlx::query_scalar("SELECT version FROM idem_schema WHERE table_name = ?1")
         .bind(table)
         .fetch_optional(&mut *tx)
         .await?
         .unwrap_or(0);
+    // A table dropped by hand starts again from the first migration.
+    let exists: i64 =
+        sqlx::query_scalar("SELECT COUNT(*) FROM sqlite_master WHERE type = 'table' AND name = ?1")
+            .bind(table)
+            .fetch_one(&mut *tx)
+            .await?;
+    let current = if exists > 0 { recorded } else { 0 };
     for (i, step) in MIGRATIONS.iter().enumerate() {
         let version = i as i64 + 1;
         if version <= current {
