@@ -22,6 +22,9 @@ async fn charge(idem: &Idem, runs: &AtomicUsize, key: &str, cents: u64) -> Resul
     Ok(cents)
 }
 
+/// A metric's name, labels and value, as the test reads them.
+type Metric = (String, Vec<(String, String)>, DebugValue);
+
 /// Records every field value of `idempotent` spans, by span.
 #[derive(Clone, Default)]
 struct Spans(Arc<Mutex<Vec<HashMap<String, String>>>>);
@@ -63,11 +66,7 @@ impl<S: tracing::Subscriber + for<'a> LookupSpan<'a>> tracing_subscriber::Layer<
     }
 }
 
-fn counter(
-    snapshot: &[(String, Vec<(String, String)>, DebugValue)],
-    name: &str,
-    labels: &[(&str, &str)],
-) -> u64 {
+fn counter(snapshot: &[Metric], name: &str, labels: &[(&str, &str)]) -> u64 {
     snapshot
         .iter()
         .filter(|(n, l, _)| {
@@ -83,11 +82,7 @@ fn counter(
         .sum()
 }
 
-fn histogram_samples(
-    snapshot: &[(String, Vec<(String, String)>, DebugValue)],
-    name: &str,
-    labels: &[(&str, &str)],
-) -> usize {
+fn histogram_samples(snapshot: &[Metric], name: &str, labels: &[(&str, &str)]) -> usize {
     snapshot
         .iter()
         .filter(|(n, l, _)| {
@@ -146,7 +141,7 @@ async fn metrics_and_spans_report_every_outcome() {
     tokio::time::sleep(Duration::from_millis(100)).await;
     assert_eq!(idem.purge_expired(100).await.unwrap(), 1);
 
-    let snapshot: Vec<(String, Vec<(String, String)>, DebugValue)> = snapshotter
+    let snapshot: Vec<Metric> = snapshotter
         .snapshot()
         .into_vec()
         .into_iter()
