@@ -212,4 +212,53 @@ pub trait Store: Send + Sync + 'static {
 
     /// A short name for logs and metrics (`"memory"`, `"sqlite"`, ...).
     fn backend(&self) -> &'static str;
+
+    /// The store as `Any`, for transactional calls, which need the concrete SQL store of
+    /// the caller's database. Stores that cannot join a caller's transaction keep the
+    /// default (`None`).
+    #[doc(hidden)]
+    fn as_any(&self) -> Option<&dyn std::any::Any> {
+        None
+    }
+}
+
+/// The statements of a transactional call (`#[idempotent(tx = ..)]`), issued on the
+/// caller's own connection inside the caller's transaction, so the record commits or rolls
+/// back with the caller's writes. Implemented by the SQL stores for their database.
+#[cfg(feature = "_sql")]
+#[async_trait::async_trait]
+pub trait TxStatements<DB: sqlx::Database>: Send + Sync {
+    /// `Store::reserve` on `conn`. Reading an existing row is a locking read where the
+    /// database's isolation would otherwise hide a row committed after the transaction began.
+    async fn reserve_in(
+        &self,
+        conn: &mut DB::Connection,
+        claim: &Claim<'_>,
+    ) -> Result<Reservation, StoreError>;
+
+    /// `Store::take_over` on `conn`.
+    async fn take_over_in(
+        &self,
+        conn: &mut DB::Connection,
+        claim: &Claim<'_>,
+        observed: Fence,
+    ) -> Result<bool, StoreError>;
+
+    /// `Store::finalize` on `conn`.
+    async fn finalize_in(
+        &self,
+        conn: &mut DB::Connection,
+        id: &RecordId,
+        fence: Fence,
+        result: &StoredResult,
+        ttl: Duration,
+    ) -> Result<bool, StoreError>;
+
+    /// `Store::release` on `conn`.
+    async fn release_in(
+        &self,
+        conn: &mut DB::Connection,
+        id: &RecordId,
+        fence: Fence,
+    ) -> Result<bool, StoreError>;
 }

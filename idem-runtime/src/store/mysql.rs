@@ -9,11 +9,12 @@
 
 use std::time::Duration;
 
-use sqlx::mysql::{MySqlConnectOptions, MySqlPool, MySqlPoolOptions, MySqlRow};
+use sqlx::MySql;
+use sqlx::mysql::{MySqlConnectOptions, MySqlConnection, MySqlPool, MySqlPoolOptions, MySqlRow};
 use sqlx::{Row, SqlStr};
 
 use super::sql::{RawRecord, check_table_name, millis, statement};
-use super::{Claim, DEFAULT_TABLE, Fence, Record, Reservation, Store, StoredResult};
+use super::{Claim, DEFAULT_TABLE, Fence, Record, Reservation, Store, StoredResult, TxStatements};
 use crate::Error;
 use crate::error::StoreError;
 use crate::key::RecordId;
@@ -83,6 +84,7 @@ pub struct MySqlStore {
 struct Statements {
     reserve: SqlStr,
     load: SqlStr,
+    load_locking: SqlStr,
     take_over: SqlStr,
     heartbeat: SqlStr,
     finalize: SqlStr,
@@ -230,6 +232,13 @@ async fn migrate(pool: &MySqlPool, table: &str, lock_name: &str) -> Result<(), s
 impl Statements {
     fn new(t: &str) -> Statements {
         let plus = |param: &str| format!("DATE_ADD({NOW}, INTERVAL {param} * 1000 MICROSECOND)");
+        let load = format!(
+            "SELECT state, fingerprint, fence, owner, attempts,
+                TIMESTAMPDIFF(MICROSECOND, {NOW}, lease_expires_at) DIV 1000 AS lease_remaining_ms,
+                TIMESTAMPDIFF(MICROSECOND, {NOW}, expires_at) DIV 1000 AS expires_in_ms,
+                result, codec
+             FROM {{t}} WHERE namespace = ? AND `key` = ?"
+        );
         Statements {
             reserve: statement(
                 &format!(
@@ -240,16 +249,8 @@ impl Statements {
                 ),
                 t,
             ),
-            load: statement(
-                &format!(
-                    "SELECT state, fingerprint, fence, owner, attempts,
-                        TIMESTAMPDIFF(MICROSECOND, {NOW}, lease_expires_at) DIV 1000 AS lease_remaining_ms,
-                        TIMESTAMPDIFF(MICROSECOND, {NOW}, expires_at) DIV 1000 AS expires_in_ms,
-                        result, codec
-                     FROM {{t}} WHERE namespace = ? AND `key` = ?"
-                ),
-                t,
-            ),
+            load: statement(&load, t),
+            load_locking: statement(&format!("{load} LOCK IN SHARE MODE"), t),
             // MySQL evaluates SET assignments left to right, each seeing the ones before:
             // everything that reads the old `state` comes before `state` is changed.
             take_over: statement(
@@ -317,8 +318,12 @@ fn fingerprint_bytes(claim: &Claim<'_>) -> Option<Vec<u8>> {
 }
 
 #[async_trait::async_trait]
-impl Store for MySqlStore {
-    async fn reserve(&self, claim: &Claim<'_>) -> Result<Reservation, StoreError> {
+impl TxStatements<MySql> for MySqlStore {
+    async fn reserve_in(
+        &self,
+        conn: &mut MySqlConnection,
+        claim: &Claim<'_>,
+    ) -> Result<Reservation, StoreError> {
         let inserted = sqlx::query(self.sql.reserve.clone())
             .bind(claim.id.namespace().as_bytes())
             .bind(claim.id.key().as_bytes())
@@ -327,18 +332,87 @@ impl Store for MySqlStore {
             .bind(claim.owner)
             .bind(millis(claim.lease))
             .bind(millis(claim.lease))
-            .execute(&self.pool)
+            .execute(&mut *conn)
             .await;
         match inserted {
             Ok(_) => Ok(Reservation::Acquired),
             Err(sqlx::Error::Database(e)) if e.is_unique_violation() => {
-                Ok(match self.load(claim.id).await? {
+                // A locking read: inside a REPEATABLE READ transaction a plain read would
+                // use a snapshot older than the row that just made the insert fail.
+                let row = sqlx::query(self.sql.load_locking.clone())
+                    .bind(claim.id.namespace().as_bytes())
+                    .bind(claim.id.key().as_bytes())
+                    .fetch_optional(&mut *conn)
+                    .await?;
+                Ok(match row.as_ref().map(record).transpose()? {
                     Some(record) => Reservation::Exists(record),
                     None => Reservation::Vanished,
                 })
             }
             Err(e) => Err(e.into()),
         }
+    }
+
+    async fn take_over_in(
+        &self,
+        conn: &mut MySqlConnection,
+        claim: &Claim<'_>,
+        observed: Fence,
+    ) -> Result<bool, StoreError> {
+        let done = sqlx::query(self.sql.take_over.clone())
+            .bind(fingerprint_bytes(claim))
+            .bind(claim.fence.get())
+            .bind(claim.owner)
+            .bind(millis(claim.lease))
+            .bind(claim.id.namespace().as_bytes())
+            .bind(claim.id.key().as_bytes())
+            .bind(observed.get())
+            .execute(&mut *conn)
+            .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    async fn finalize_in(
+        &self,
+        conn: &mut MySqlConnection,
+        id: &RecordId,
+        fence: Fence,
+        result: &StoredResult,
+        ttl: Duration,
+    ) -> Result<bool, StoreError> {
+        let done = sqlx::query(self.sql.finalize.clone())
+            .bind(result.bytes.as_slice())
+            .bind(result.codec.as_str())
+            .bind(millis(ttl))
+            .bind(id.namespace().as_bytes())
+            .bind(id.key().as_bytes())
+            .bind(fence.get())
+            .execute(&mut *conn)
+            .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    async fn release_in(
+        &self,
+        conn: &mut MySqlConnection,
+        id: &RecordId,
+        fence: Fence,
+    ) -> Result<bool, StoreError> {
+        let done = sqlx::query(self.sql.release.clone())
+            .bind(id.namespace().as_bytes())
+            .bind(id.key().as_bytes())
+            .bind(fence.get())
+            .execute(&mut *conn)
+            .await?;
+        Ok(done.rows_affected() == 1)
+    }
+}
+
+#[async_trait::async_trait]
+impl Store for MySqlStore {
+    async fn reserve(&self, claim: &Claim<'_>) -> Result<Reservation, StoreError> {
+        let mut conn = self.pool.acquire().await?;
+        self.reserve_in(&mut conn, claim).await
     }
 
     async fn load(&self, id: &RecordId) -> Result<Option<Record>, StoreError> {
@@ -351,17 +425,8 @@ impl Store for MySqlStore {
     }
 
     async fn take_over(&self, claim: &Claim<'_>, observed: Fence) -> Result<bool, StoreError> {
-        let done = sqlx::query(self.sql.take_over.clone())
-            .bind(fingerprint_bytes(claim))
-            .bind(claim.fence.get())
-            .bind(claim.owner)
-            .bind(millis(claim.lease))
-            .bind(claim.id.namespace().as_bytes())
-            .bind(claim.id.key().as_bytes())
-            .bind(observed.get())
-            .execute(&self.pool)
-            .await?;
-        Ok(done.rows_affected() == 1)
+        let mut conn = self.pool.acquire().await?;
+        self.take_over_in(&mut conn, claim, observed).await
     }
 
     async fn heartbeat(
@@ -387,26 +452,13 @@ impl Store for MySqlStore {
         result: &StoredResult,
         ttl: Duration,
     ) -> Result<bool, StoreError> {
-        let done = sqlx::query(self.sql.finalize.clone())
-            .bind(result.bytes.as_slice())
-            .bind(result.codec.as_str())
-            .bind(millis(ttl))
-            .bind(id.namespace().as_bytes())
-            .bind(id.key().as_bytes())
-            .bind(fence.get())
-            .execute(&self.pool)
-            .await?;
-        Ok(done.rows_affected() == 1)
+        let mut conn = self.pool.acquire().await?;
+        self.finalize_in(&mut conn, id, fence, result, ttl).await
     }
 
     async fn release(&self, id: &RecordId, fence: Fence) -> Result<bool, StoreError> {
-        let done = sqlx::query(self.sql.release.clone())
-            .bind(id.namespace().as_bytes())
-            .bind(id.key().as_bytes())
-            .bind(fence.get())
-            .execute(&self.pool)
-            .await?;
-        Ok(done.rows_affected() == 1)
+        let mut conn = self.pool.acquire().await?;
+        self.release_in(&mut conn, id, fence).await
     }
 
     async fn purge(&self, limit: u32) -> Result<u64, StoreError> {
@@ -432,5 +484,9 @@ impl Store for MySqlStore {
 
     fn backend(&self) -> &'static str {
         "mysql"
+    }
+
+    fn as_any(&self) -> Option<&dyn std::any::Any> {
+        Some(self)
     }
 }

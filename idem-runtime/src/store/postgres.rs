@@ -9,11 +9,12 @@
 
 use std::time::Duration;
 
-use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions, PgRow};
+use sqlx::Postgres;
+use sqlx::postgres::{PgConnectOptions, PgConnection, PgPool, PgPoolOptions, PgRow};
 use sqlx::{Row, SqlStr};
 
 use super::sql::{RawRecord, check_table_name, millis, statement};
-use super::{Claim, DEFAULT_TABLE, Fence, Record, Reservation, Store, StoredResult};
+use super::{Claim, DEFAULT_TABLE, Fence, Record, Reservation, Store, StoredResult, TxStatements};
 use crate::Error;
 use crate::error::StoreError;
 use crate::key::RecordId;
@@ -322,8 +323,12 @@ fn fingerprint_bytes(claim: &Claim<'_>) -> Option<Vec<u8>> {
 }
 
 #[async_trait::async_trait]
-impl Store for PgStore {
-    async fn reserve(&self, claim: &Claim<'_>) -> Result<Reservation, StoreError> {
+impl TxStatements<Postgres> for PgStore {
+    async fn reserve_in(
+        &self,
+        conn: &mut PgConnection,
+        claim: &Claim<'_>,
+    ) -> Result<Reservation, StoreError> {
         let row = sqlx::query(self.sql.reserve.clone())
             .bind(claim.id.namespace().as_bytes())
             .bind(claim.id.key().as_bytes())
@@ -331,7 +336,7 @@ impl Store for PgStore {
             .bind(claim.fence.get())
             .bind(claim.owner)
             .bind(millis(claim.lease))
-            .fetch_optional(&self.pool)
+            .fetch_optional(&mut *conn)
             .await?;
         let Some(row) = row else {
             return Ok(Reservation::Vanished);
@@ -341,6 +346,68 @@ impl Store for PgStore {
         } else {
             Ok(Reservation::Exists(record(&row)?))
         }
+    }
+
+    async fn take_over_in(
+        &self,
+        conn: &mut PgConnection,
+        claim: &Claim<'_>,
+        observed: Fence,
+    ) -> Result<bool, StoreError> {
+        let done = sqlx::query(self.sql.take_over.clone())
+            .bind(claim.id.namespace().as_bytes())
+            .bind(claim.id.key().as_bytes())
+            .bind(fingerprint_bytes(claim))
+            .bind(claim.fence.get())
+            .bind(claim.owner)
+            .bind(observed.get())
+            .bind(millis(claim.lease))
+            .execute(&mut *conn)
+            .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    async fn finalize_in(
+        &self,
+        conn: &mut PgConnection,
+        id: &RecordId,
+        fence: Fence,
+        result: &StoredResult,
+        ttl: Duration,
+    ) -> Result<bool, StoreError> {
+        let done = sqlx::query(self.sql.finalize.clone())
+            .bind(id.namespace().as_bytes())
+            .bind(id.key().as_bytes())
+            .bind(result.bytes.as_slice())
+            .bind(result.codec.as_str())
+            .bind(millis(ttl))
+            .bind(fence.get())
+            .execute(&mut *conn)
+            .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    async fn release_in(
+        &self,
+        conn: &mut PgConnection,
+        id: &RecordId,
+        fence: Fence,
+    ) -> Result<bool, StoreError> {
+        let done = sqlx::query(self.sql.release.clone())
+            .bind(id.namespace().as_bytes())
+            .bind(id.key().as_bytes())
+            .bind(fence.get())
+            .execute(&mut *conn)
+            .await?;
+        Ok(done.rows_affected() == 1)
+    }
+}
+
+#[async_trait::async_trait]
+impl Store for PgStore {
+    async fn reserve(&self, claim: &Claim<'_>) -> Result<Reservation, StoreError> {
+        let mut conn = self.pool.acquire().await?;
+        self.reserve_in(&mut conn, claim).await
     }
 
     async fn load(&self, id: &RecordId) -> Result<Option<Record>, StoreError> {
@@ -353,17 +420,8 @@ impl Store for PgStore {
     }
 
     async fn take_over(&self, claim: &Claim<'_>, observed: Fence) -> Result<bool, StoreError> {
-        let done = sqlx::query(self.sql.take_over.clone())
-            .bind(claim.id.namespace().as_bytes())
-            .bind(claim.id.key().as_bytes())
-            .bind(fingerprint_bytes(claim))
-            .bind(claim.fence.get())
-            .bind(claim.owner)
-            .bind(observed.get())
-            .bind(millis(claim.lease))
-            .execute(&self.pool)
-            .await?;
-        Ok(done.rows_affected() == 1)
+        let mut conn = self.pool.acquire().await?;
+        self.take_over_in(&mut conn, claim, observed).await
     }
 
     async fn heartbeat(
@@ -389,26 +447,13 @@ impl Store for PgStore {
         result: &StoredResult,
         ttl: Duration,
     ) -> Result<bool, StoreError> {
-        let done = sqlx::query(self.sql.finalize.clone())
-            .bind(id.namespace().as_bytes())
-            .bind(id.key().as_bytes())
-            .bind(result.bytes.as_slice())
-            .bind(result.codec.as_str())
-            .bind(millis(ttl))
-            .bind(fence.get())
-            .execute(&self.pool)
-            .await?;
-        Ok(done.rows_affected() == 1)
+        let mut conn = self.pool.acquire().await?;
+        self.finalize_in(&mut conn, id, fence, result, ttl).await
     }
 
     async fn release(&self, id: &RecordId, fence: Fence) -> Result<bool, StoreError> {
-        let done = sqlx::query(self.sql.release.clone())
-            .bind(id.namespace().as_bytes())
-            .bind(id.key().as_bytes())
-            .bind(fence.get())
-            .execute(&self.pool)
-            .await?;
-        Ok(done.rows_affected() == 1)
+        let mut conn = self.pool.acquire().await?;
+        self.release_in(&mut conn, id, fence).await
     }
 
     async fn purge(&self, limit: u32) -> Result<u64, StoreError> {
@@ -431,5 +476,9 @@ impl Store for PgStore {
 
     fn backend(&self) -> &'static str {
         "postgres"
+    }
+
+    fn as_any(&self) -> Option<&dyn std::any::Any> {
+        Some(self)
     }
 }

@@ -9,14 +9,15 @@
 use std::path::Path;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use sqlx::Sqlite;
 use sqlx::sqlite::{
-    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow,
-    SqliteSynchronous,
+    SqliteConnectOptions, SqliteConnection, SqliteJournalMode, SqlitePool, SqlitePoolOptions,
+    SqliteRow, SqliteSynchronous,
 };
 use sqlx::{Row, SqlStr};
 
 use super::sql::{RawRecord, check_table_name, millis, statement};
-use super::{Claim, DEFAULT_TABLE, Fence, Record, Reservation, Store, StoredResult};
+use super::{Claim, DEFAULT_TABLE, Fence, Record, Reservation, Store, StoredResult, TxStatements};
 use crate::Error;
 use crate::error::StoreError;
 use crate::key::RecordId;
@@ -313,8 +314,12 @@ fn fingerprint_bytes(claim: &Claim<'_>) -> Option<Vec<u8>> {
 }
 
 #[async_trait::async_trait]
-impl Store for SqliteStore {
-    async fn reserve(&self, claim: &Claim<'_>) -> Result<Reservation, StoreError> {
+impl TxStatements<Sqlite> for SqliteStore {
+    async fn reserve_in(
+        &self,
+        conn: &mut SqliteConnection,
+        claim: &Claim<'_>,
+    ) -> Result<Reservation, StoreError> {
         let done = sqlx::query(self.sql.reserve.clone())
             .bind(claim.id.namespace().as_bytes())
             .bind(claim.id.key().as_bytes())
@@ -323,15 +328,85 @@ impl Store for SqliteStore {
             .bind(claim.owner)
             .bind(now_ms())
             .bind(millis(claim.lease))
-            .execute(&self.pool)
+            .execute(&mut *conn)
             .await?;
         if done.rows_affected() == 1 {
             return Ok(Reservation::Acquired);
         }
-        Ok(match self.load(claim.id).await? {
+        let row = sqlx::query(self.sql.load.clone())
+            .bind(claim.id.namespace().as_bytes())
+            .bind(claim.id.key().as_bytes())
+            .bind(now_ms())
+            .fetch_optional(&mut *conn)
+            .await?;
+        Ok(match row.as_ref().map(raw_record).transpose()? {
             Some(record) => Reservation::Exists(record),
             None => Reservation::Vanished,
         })
+    }
+
+    async fn take_over_in(
+        &self,
+        conn: &mut SqliteConnection,
+        claim: &Claim<'_>,
+        observed: Fence,
+    ) -> Result<bool, StoreError> {
+        let done = sqlx::query(self.sql.take_over.clone())
+            .bind(claim.id.namespace().as_bytes())
+            .bind(claim.id.key().as_bytes())
+            .bind(fingerprint_bytes(claim))
+            .bind(claim.fence.get())
+            .bind(claim.owner)
+            .bind(now_ms())
+            .bind(millis(claim.lease))
+            .bind(observed.get())
+            .execute(&mut *conn)
+            .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    async fn finalize_in(
+        &self,
+        conn: &mut SqliteConnection,
+        id: &RecordId,
+        fence: Fence,
+        result: &StoredResult,
+        ttl: Duration,
+    ) -> Result<bool, StoreError> {
+        let done = sqlx::query(self.sql.finalize.clone())
+            .bind(id.namespace().as_bytes())
+            .bind(id.key().as_bytes())
+            .bind(result.bytes.as_slice())
+            .bind(result.codec.as_str())
+            .bind(now_ms())
+            .bind(millis(ttl))
+            .bind(fence.get())
+            .execute(&mut *conn)
+            .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    async fn release_in(
+        &self,
+        conn: &mut SqliteConnection,
+        id: &RecordId,
+        fence: Fence,
+    ) -> Result<bool, StoreError> {
+        let done = sqlx::query(self.sql.release.clone())
+            .bind(id.namespace().as_bytes())
+            .bind(id.key().as_bytes())
+            .bind(fence.get())
+            .execute(&mut *conn)
+            .await?;
+        Ok(done.rows_affected() == 1)
+    }
+}
+
+#[async_trait::async_trait]
+impl Store for SqliteStore {
+    async fn reserve(&self, claim: &Claim<'_>) -> Result<Reservation, StoreError> {
+        let mut conn = self.pool.acquire().await?;
+        self.reserve_in(&mut conn, claim).await
     }
 
     async fn load(&self, id: &RecordId) -> Result<Option<Record>, StoreError> {
@@ -345,18 +420,8 @@ impl Store for SqliteStore {
     }
 
     async fn take_over(&self, claim: &Claim<'_>, observed: Fence) -> Result<bool, StoreError> {
-        let done = sqlx::query(self.sql.take_over.clone())
-            .bind(claim.id.namespace().as_bytes())
-            .bind(claim.id.key().as_bytes())
-            .bind(fingerprint_bytes(claim))
-            .bind(claim.fence.get())
-            .bind(claim.owner)
-            .bind(now_ms())
-            .bind(millis(claim.lease))
-            .bind(observed.get())
-            .execute(&self.pool)
-            .await?;
-        Ok(done.rows_affected() == 1)
+        let mut conn = self.pool.acquire().await?;
+        self.take_over_in(&mut conn, claim, observed).await
     }
 
     async fn heartbeat(
@@ -383,27 +448,13 @@ impl Store for SqliteStore {
         result: &StoredResult,
         ttl: Duration,
     ) -> Result<bool, StoreError> {
-        let done = sqlx::query(self.sql.finalize.clone())
-            .bind(id.namespace().as_bytes())
-            .bind(id.key().as_bytes())
-            .bind(result.bytes.as_slice())
-            .bind(result.codec.as_str())
-            .bind(now_ms())
-            .bind(millis(ttl))
-            .bind(fence.get())
-            .execute(&self.pool)
-            .await?;
-        Ok(done.rows_affected() == 1)
+        let mut conn = self.pool.acquire().await?;
+        self.finalize_in(&mut conn, id, fence, result, ttl).await
     }
 
     async fn release(&self, id: &RecordId, fence: Fence) -> Result<bool, StoreError> {
-        let done = sqlx::query(self.sql.release.clone())
-            .bind(id.namespace().as_bytes())
-            .bind(id.key().as_bytes())
-            .bind(fence.get())
-            .execute(&self.pool)
-            .await?;
-        Ok(done.rows_affected() == 1)
+        let mut conn = self.pool.acquire().await?;
+        self.release_in(&mut conn, id, fence).await
     }
 
     async fn purge(&self, limit: u32) -> Result<u64, StoreError> {
@@ -417,5 +468,9 @@ impl Store for SqliteStore {
 
     fn backend(&self) -> &'static str {
         "sqlite"
+    }
+
+    fn as_any(&self) -> Option<&dyn std::any::Any> {
+        Some(self)
     }
 }
