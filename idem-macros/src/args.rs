@@ -23,9 +23,10 @@ mod kw {
     syn::custom_keyword!(version);
     syn::custom_keyword!(runtime);
     syn::custom_keyword!(name);
+    syn::custom_keyword!(tx);
 }
 
-const VALID: &str = "`key`, `optional`, `ttl`, `scope`, `skip`, `skip_all`, `fingerprint`, `lease`, `on_conflict`, `wait`, `cache_errors`, `version`, `runtime`, `name`, `crate`";
+const VALID: &str = "`key`, `optional`, `ttl`, `scope`, `skip`, `skip_all`, `fingerprint`, `lease`, `on_conflict`, `wait`, `cache_errors`, `version`, `runtime`, `name`, `tx`, `crate`";
 
 /// A duration literal, already checked.
 pub(crate) struct DurationArg {
@@ -49,6 +50,7 @@ pub(crate) struct Args {
     pub(crate) version: Option<u32>,
     pub(crate) runtime: Option<Expr>,
     pub(crate) name: Option<LitStr>,
+    pub(crate) tx: Option<Ident>,
     pub(crate) krate: Option<Path>,
     seen: Vec<String>,
 }
@@ -90,6 +92,23 @@ impl Args {
                 fp,
                 "`#[idempotent]`: `fingerprint = ..` replaces the argument fingerprint, so `skip`/`skip_all` have no effect; remove them",
             ));
+        }
+        if let Some(tx) = &self.tx {
+            let leased = [
+                ("lease", self.lease.is_some()),
+                ("on_conflict", self.reject.is_some()),
+                ("wait", self.wait.is_some()),
+            ];
+            for (arg, given) in leased {
+                if given {
+                    push(syn::Error::new_spanned(
+                        tx,
+                        format!(
+                            "`#[idempotent]`: `{arg}` has no effect with `tx = ..`: a transactional call holds no lease, and a duplicate waits on the database's row lock; remove `{arg}`"
+                        ),
+                    ));
+                }
+            }
         }
         if let (Some(true), Some(_)) = (self.reject, &self.wait) {
             push(syn::Error::new(
@@ -212,6 +231,16 @@ impl Args {
                 ));
             }
             self.name = Some(lit);
+        } else if lookahead.peek(kw::tx) {
+            let k = input.parse::<kw::tx>()?;
+            self.set_once("tx", k.span)?;
+            input.parse::<Token![=]>()?;
+            self.tx = Some(input.parse().map_err(|e| {
+                syn::Error::new(
+                    e.span(),
+                    "`#[idempotent]`: `tx` names the fn's `&mut sqlx::Transaction` argument, e.g. `tx = tx`",
+                )
+            })?);
         } else if lookahead.peek(Token![crate]) {
             let k = input.parse::<Token![crate]>()?;
             self.set_once("crate", k.span)?;

@@ -186,6 +186,20 @@ impl Params {
                 }
             }
         }
+        if let Some(tx) = &args.tx
+            && !all.iter().any(|a| a == tx)
+        {
+            let e = syn::Error::new_spanned(
+                tx,
+                format!(
+                    "`#[idempotent]`: `tx = {tx}` names no argument of this fn; it must name the `&mut sqlx::Transaction` argument"
+                ),
+            );
+            match &mut errors {
+                Some(all) => all.combine(e),
+                None => errors = Some(e),
+            }
+        }
         if let Some(e) = errors {
             return Err(e);
         }
@@ -198,7 +212,11 @@ impl Params {
             Vec::new()
         } else {
             all.into_iter()
-                .filter(|a| !skipped.contains(&a) && Some(a) != runtime_arg.as_ref())
+                .filter(|a| {
+                    !skipped.contains(&a)
+                        && Some(a) != runtime_arg.as_ref()
+                        && Some(a) != args.tx.as_ref()
+                })
                 .collect()
         };
         Ok(Params {
@@ -325,8 +343,37 @@ fn wrap(args: &Args, params: &Params, ret: &Type, inner: TokenStream) -> TokenSt
             types.push(quote!(::core::any::type_name::<#t>()));
         }
     }
-    let run =
-        quote_spanned!(ret_span=> #entry(&#spec, #marker, &[#(#types),*], #call, #inner).await);
+    let run = match &args.tx {
+        None => {
+            quote_spanned!(ret_span=> #entry(&#spec, #marker, &[#(#types),*], #call, #inner).await)
+        }
+        Some(tx) => {
+            // The transaction is used before the body (reserve), by the body, and after it
+            // (record the result): the body gets a reborrow under the argument's own name.
+            let conn = Ident::new("__idem_tx", Span::mixed_site());
+            let token = Ident::new("__idem_token", Span::mixed_site());
+            let out = Ident::new("__idem_out", Span::mixed_site());
+            let at = private_at(ret_span);
+            let codec = if args.cache_errors {
+                quote!(#private::ValuesAndErrors)
+            } else {
+                quote!(#private::ValuesOnly)
+            };
+            quote_spanned! {ret_span=>
+                let #conn = #tx;
+                match #at::tx_begin(&#spec, #marker, &[#(#types),*], #call, &mut *#conn, #codec).await {
+                    #private::TxBegin::Done(#out) => #out,
+                    #private::TxBegin::Run(#token) => {
+                        let #out = {
+                            let #tx = &mut *#conn;
+                            (#inner).await
+                        };
+                        #at::tx_finish(#token, &mut *#conn, #out).await
+                    }
+                }
+            }
+        }
+    };
     quote! {
         static #spec: #private::Spec = #spec_init;
         fn #marker() {}

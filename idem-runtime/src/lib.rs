@@ -25,6 +25,9 @@ pub use key::{
 };
 pub use outcome::{Outcome, observe};
 
+#[cfg(feature = "_sql")]
+pub use engine::tx::TxDatabase;
+
 /// Makes an async fn safe to retry. See the [crate docs](crate) for the arguments.
 #[cfg(feature = "macros")]
 pub use idem_macros::idempotent;

@@ -11,6 +11,9 @@ use std::time::Duration;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
+#[cfg(feature = "_sql")]
+pub use crate::engine::tx::{TxDatabase, TxToken};
+pub use crate::engine::{ResultCodec, ValuesAndErrors, ValuesOnly};
 use crate::key::{Fingerprint, IntoKey, Namespace};
 pub use crate::key::{FingerprintArg, Fingerprinter};
 use crate::{Error, Idem};
@@ -319,6 +322,54 @@ where
             spec, site, types, call, body,
         )
         .await,
+    )
+}
+
+/// What `tx_begin` decided.
+#[cfg(feature = "_sql")]
+pub enum TxBegin<R, C> {
+    /// Answered without running the body (a replay, or an error).
+    Done(R),
+    /// The reservation is in the caller's transaction: run the body, then `tx_finish`.
+    Run(TxToken<C>),
+}
+
+/// The expansion of `#[idempotent(tx = ..)]`, before the body: reserve in the caller's
+/// transaction, or answer without the body.
+#[cfg(feature = "_sql")]
+pub async fn tx_begin<M, R, C, DB>(
+    spec: &'static Spec,
+    _marker: M,
+    types: &[&'static str],
+    call: Call,
+    tx: &mut sqlx::Transaction<'_, DB>,
+    _codec: C,
+) -> TxBegin<R, C>
+where
+    R: IdempotentOutput,
+    C: ResultCodec<R::Value, R::Error>,
+    DB: TxDatabase,
+{
+    let site = spec.site::<M>();
+    let prepared = crate::engine::prepare(spec, site, types, call);
+    match crate::engine::tx::begin::<R::Value, R::Error, C, DB>(site, prepared, &mut **tx).await {
+        Ok(token) => TxBegin::Run(token),
+        Err(done) => TxBegin::Done(R::from_result(done)),
+    }
+}
+
+/// The expansion of `#[idempotent(tx = ..)]`, after the body: record its result (or drop the
+/// reservation) in the caller's transaction.
+#[cfg(feature = "_sql")]
+pub async fn tx_finish<R, C, DB>(token: TxToken<C>, tx: &mut sqlx::Transaction<'_, DB>, out: R) -> R
+where
+    R: IdempotentOutput,
+    C: ResultCodec<R::Value, R::Error>,
+    DB: TxDatabase,
+{
+    R::from_result(
+        crate::engine::tx::finish::<R::Value, R::Error, C, DB>(token, &mut **tx, out.into_result())
+            .await,
     )
 }
 

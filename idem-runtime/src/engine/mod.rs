@@ -35,8 +35,11 @@ use crate::outcome::{self, Outcome};
 use crate::store::{Claim, Fence, Record, RecordState, Reservation, StoredResult};
 use crate::{Error, Idem, metrics};
 
+#[cfg(feature = "_sql")]
+pub(crate) mod tx;
+
 /// How a fn's results are stored: its `Ok` values only, or its `Err` values too.
-pub(crate) trait ResultCodec<T, E> {
+pub trait ResultCodec<T, E> {
     /// What to store for `out`; `None` when it is not stored (an `Err` of a fn that does not
     /// cache errors).
     fn encode(out: &Result<T, E>) -> Option<(Codec, Result<Vec<u8>, String>)>;
@@ -45,7 +48,7 @@ pub(crate) trait ResultCodec<T, E> {
 }
 
 /// Stores `Ok` values; an `Err` releases the key so a retry runs again.
-pub(crate) struct ValuesOnly;
+pub struct ValuesOnly;
 
 impl<T: Serialize + DeserializeOwned, E> ResultCodec<T, E> for ValuesOnly {
     fn encode(out: &Result<T, E>) -> Option<(Codec, Result<Vec<u8>, String>)> {
@@ -66,7 +69,7 @@ impl<T: Serialize + DeserializeOwned, E> ResultCodec<T, E> for ValuesOnly {
 }
 
 /// Stores `Ok` and `Err` values (`cache_errors = true`).
-pub(crate) struct ValuesAndErrors;
+pub struct ValuesAndErrors;
 
 impl<T, E> ResultCodec<T, E> for ValuesAndErrors
 where
@@ -102,6 +105,90 @@ struct Ctx<'a> {
     reject: bool,
 }
 
+/// A call's inputs checked and resolved: which runtime, which record, which settings.
+pub(crate) struct Prepared {
+    pub(crate) idem: Idem,
+    /// The fn's site (its path, namespaces and metric labels).
+    pub(crate) site: &'static Site,
+    pub(crate) id: RecordId,
+    pub(crate) fingerprint: Option<Fingerprint>,
+    pub(crate) version: u32,
+    pub(crate) ttl: Duration,
+    pub(crate) lease: Duration,
+    pub(crate) wait: Duration,
+    pub(crate) reject: bool,
+}
+
+/// Checks a call's key, scope and payload and resolves its record. `Ok(None)`: the fn is
+/// `optional` and there is no key (or scope), so the body runs unprotected.
+pub(crate) fn prepare(
+    spec: &'static Spec,
+    site: &'static Site,
+    types: &[&'static str],
+    call: Call,
+) -> Result<Option<Prepared>, Error> {
+    let function = site.path;
+    let idem = call
+        .runtime
+        .or_else(|| Idem::installed().cloned())
+        .ok_or(Error::NotInstalled { function })?;
+    let missing = |part: &'static str| {
+        if spec.optional {
+            Ok(None)
+        } else {
+            Err(Error::MissingKey { function, part })
+        }
+    };
+    let invalid = |reason: String| Error::InvalidKey { function, reason };
+    let Some(key) = call.key else {
+        return missing("key");
+    };
+    let namespace = match call.scope {
+        Scope::Unscoped => site.namespace(types),
+        Scope::Value(scope) if scope.is_empty() => {
+            return Err(invalid("the scope is empty".into()));
+        }
+        Scope::Value(scope) => {
+            crate::key::Namespace::new(&site.qualified_path(types), spec.version, Some(&scope))
+        }
+        Scope::Missing => return missing("scope"),
+    };
+    if key.is_empty() {
+        return Err(invalid("the key is empty".into()));
+    }
+    let fingerprint = match call.payload {
+        Payload::Unchecked => None,
+        Payload::Checked(fp) => Some(fp),
+        Payload::Failed(e) => {
+            return Err(invalid(format!(
+                "the payload could not be fingerprinted: {e}"
+            )));
+        }
+    };
+    let settings = &idem.inner.settings;
+    Ok(Some(Prepared {
+        site,
+        id: namespace.record(key),
+        fingerprint,
+        version: spec.version,
+        ttl: spec.ttl.unwrap_or(settings.default_ttl),
+        lease: spec.lease.unwrap_or(settings.default_lease),
+        wait: spec.wait.unwrap_or(settings.default_wait),
+        reject: spec.reject,
+        idem,
+    }))
+}
+
+/// The span of one call. Its `outcome` is recorded when the call ends.
+pub(crate) fn span(function: &'static str, id: &RecordId) -> tracing::Span {
+    tracing::info_span!(
+        "idempotent",
+        function,
+        key = %id.lazy_hash(),
+        outcome = tracing::field::Empty,
+    )
+}
+
 /// Runs one idempotent call. The entry point behind `__private::run`.
 pub(crate) async fn run<T, E, F, C>(
     spec: &'static Spec,
@@ -115,72 +202,28 @@ where
     E: From<Error>,
     C: ResultCodec<T, E>,
 {
-    let function = site.path;
-    let idem: Idem = match call.runtime.or_else(|| Idem::installed().cloned()) {
-        Some(idem) => idem,
-        None => return Err(fail(function, Error::NotInstalled { function })),
+    let p = match prepare(spec, site, types, call) {
+        Ok(Some(p)) => p,
+        Ok(None) => return run_unprotected(site, body).await,
+        Err(e) => return Err(fail(site.path, e)),
     };
-    let unprotected = |part: &'static str| {
-        if spec.optional {
-            Ok(())
-        } else {
-            Err(fail(function, Error::MissingKey { function, part }))
-        }
-    };
-    let Some(key) = call.key else {
-        unprotected("key")?;
-        return run_unprotected(site, body).await;
-    };
-    let namespace = match call.scope {
-        Scope::Unscoped => site.namespace(types),
-        Scope::Value(scope) if scope.is_empty() => {
-            return Err(invalid(function, "the scope is empty"));
-        }
-        Scope::Value(scope) => {
-            crate::key::Namespace::new(&site.qualified_path(types), spec.version, Some(&scope))
-        }
-        Scope::Missing => {
-            unprotected("scope")?;
-            return run_unprotected(site, body).await;
-        }
-    };
-    if key.is_empty() {
-        return Err(invalid(function, "the key is empty"));
-    }
-    let fingerprint = match call.payload {
-        Payload::Unchecked => None,
-        Payload::Checked(fp) => Some(fp),
-        Payload::Failed(e) => {
-            return Err(invalid(
-                function,
-                &format!("the payload could not be fingerprinted: {e}"),
-            ));
-        }
-    };
-    let id = namespace.record(key);
-    let settings = &idem.inner.settings;
     let ctx = Ctx {
-        idem: &idem.inner,
+        idem: &p.idem.inner,
         site,
-        function,
-        version: spec.version,
-        fingerprint,
-        ttl: spec.ttl.unwrap_or(settings.default_ttl),
-        lease: spec.lease.unwrap_or(settings.default_lease),
-        wait: spec.wait.unwrap_or(settings.default_wait),
-        reject: spec.reject,
-        id,
+        function: site.path,
+        version: p.version,
+        fingerprint: p.fingerprint,
+        ttl: p.ttl,
+        lease: p.lease,
+        wait: p.wait,
+        reject: p.reject,
+        id: p.id.clone(),
     };
-    let span = tracing::info_span!(
-        "idempotent",
-        function,
-        key = %ctx.id.lazy_hash(),
-        outcome = tracing::field::Empty,
-    );
+    let span = span(site.path, &ctx.id);
     ctx.call::<T, E, F, C>(body).instrument(span).await
 }
 
-async fn run_unprotected<T, E>(
+pub(crate) async fn run_unprotected<T, E>(
     site: &'static Site,
     body: impl Future<Output = Result<T, E>>,
 ) -> Result<T, E> {
@@ -193,20 +236,10 @@ async fn run_unprotected<T, E>(
     body.await
 }
 
-fn fail<E: From<Error>>(function: &'static str, err: Error) -> E {
+pub(crate) fn fail<E: From<Error>>(function: &'static str, err: Error) -> E {
     metrics::error(function, err.kind());
     tracing::Span::current().record("outcome", err.kind());
     E::from(err)
-}
-
-fn invalid<E: From<Error>>(function: &'static str, reason: &str) -> E {
-    fail(
-        function,
-        Error::InvalidKey {
-            function,
-            reason: reason.to_string(),
-        },
-    )
 }
 
 /// What the leader got from the store before running anything.
