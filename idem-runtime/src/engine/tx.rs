@@ -133,7 +133,9 @@ where
             fence,
             owner: &p.idem.inner.settings.executor_id,
             fingerprint: p.fingerprint.as_ref(),
-            lease: p.lease,
+            // No lease in a transaction: the row becomes visible to others only committed,
+            // as completed. Its expiry is the TTL from the start.
+            lease: p.ttl,
         };
         let record = match store.reserve_in(conn, &claim).await {
             Ok(Reservation::Acquired) => return run(p, fence, false),

@@ -85,6 +85,8 @@ pub struct PgStore {
 #[derive(Clone, Debug)]
 struct Statements {
     reserve: SqlStr,
+    reserve_tx: SqlStr,
+    finalize_tx: SqlStr,
     load: SqlStr,
     take_over: SqlStr,
     heartbeat: SqlStr,
@@ -261,6 +263,24 @@ impl Statements {
                 ),
                 t,
             ),
+            // Inside a caller's transaction the common case is a first execution, and every
+            // statement is a round trip the caller's transaction pays for: a plain insert,
+            // with `expires_at` final from the start so that finalize does not touch the
+            // indexed column (a heap-only update). The row is only ever seen committed, as
+            // completed, so its lease columns are not needed.
+            reserve_tx: statement(
+                "INSERT INTO {t} (namespace, key, state, fingerprint, fence, owner,
+                    lease_expires_at, heartbeat_at, attempts, created_at, expires_at)
+                 VALUES ($1, $2, 'in_progress', $3, $4, $5, NULL, NULL, 1, now(),
+                    now() + $6 * interval '1 millisecond')
+                 ON CONFLICT (namespace, key) DO NOTHING",
+                t,
+            ),
+            finalize_tx: statement(
+                "UPDATE {t} SET state = 'completed', result = $3, codec = $4, completed_at = now()
+                 WHERE namespace = $1 AND key = $2 AND fence = $5 AND state = 'in_progress'",
+                t,
+            ),
             load: statement(
                 &format!("SELECT {RECORD_COLUMNS} FROM {{t}} WHERE namespace = $1 AND key = $2"),
                 t,
@@ -329,23 +349,29 @@ impl TxStatements<Postgres> for PgStore {
         conn: &mut PgConnection,
         claim: &Claim<'_>,
     ) -> Result<Reservation, StoreError> {
-        let row = sqlx::query(self.sql.reserve.clone())
+        let done = sqlx::query(self.sql.reserve_tx.clone())
             .bind(claim.id.namespace().as_bytes())
             .bind(claim.id.key().as_bytes())
             .bind(fingerprint_bytes(claim))
             .bind(claim.fence.get())
             .bind(claim.owner)
             .bind(millis(claim.lease))
+            .execute(&mut *conn)
+            .await?;
+        if done.rows_affected() == 1 {
+            return Ok(Reservation::Acquired);
+        }
+        // The insert waited for any transaction holding the key and found a row; under READ
+        // COMMITTED this next statement sees it.
+        let row = sqlx::query(self.sql.load.clone())
+            .bind(claim.id.namespace().as_bytes())
+            .bind(claim.id.key().as_bytes())
             .fetch_optional(&mut *conn)
             .await?;
-        let Some(row) = row else {
-            return Ok(Reservation::Vanished);
-        };
-        if row.try_get::<bool, _>("inserted")? {
-            Ok(Reservation::Acquired)
-        } else {
-            Ok(Reservation::Exists(record(&row)?))
-        }
+        Ok(match row.as_ref().map(record).transpose()? {
+            Some(record) => Reservation::Exists(record),
+            None => Reservation::Vanished,
+        })
     }
 
     async fn take_over_in(
@@ -373,14 +399,14 @@ impl TxStatements<Postgres> for PgStore {
         id: &RecordId,
         fence: Fence,
         result: &StoredResult,
-        ttl: Duration,
+        _ttl: Duration,
     ) -> Result<bool, StoreError> {
-        let done = sqlx::query(self.sql.finalize.clone())
+        // `expires_at` was set by `reserve_in`, from the same TTL.
+        let done = sqlx::query(self.sql.finalize_tx.clone())
             .bind(id.namespace().as_bytes())
             .bind(id.key().as_bytes())
             .bind(result.bytes.as_slice())
             .bind(result.codec.as_str())
-            .bind(millis(ttl))
             .bind(fence.get())
             .execute(&mut *conn)
             .await?;
@@ -406,8 +432,23 @@ impl TxStatements<Postgres> for PgStore {
 #[async_trait::async_trait]
 impl Store for PgStore {
     async fn reserve(&self, claim: &Claim<'_>) -> Result<Reservation, StoreError> {
-        let mut conn = self.pool.acquire().await?;
-        self.reserve_in(&mut conn, claim).await
+        let row = sqlx::query(self.sql.reserve.clone())
+            .bind(claim.id.namespace().as_bytes())
+            .bind(claim.id.key().as_bytes())
+            .bind(fingerprint_bytes(claim))
+            .bind(claim.fence.get())
+            .bind(claim.owner)
+            .bind(millis(claim.lease))
+            .fetch_optional(&self.pool)
+            .await?;
+        let Some(row) = row else {
+            return Ok(Reservation::Vanished);
+        };
+        if row.try_get::<bool, _>("inserted")? {
+            Ok(Reservation::Acquired)
+        } else {
+            Ok(Reservation::Exists(record(&row)?))
+        }
     }
 
     async fn load(&self, id: &RecordId) -> Result<Option<Record>, StoreError> {
@@ -447,8 +488,16 @@ impl Store for PgStore {
         result: &StoredResult,
         ttl: Duration,
     ) -> Result<bool, StoreError> {
-        let mut conn = self.pool.acquire().await?;
-        self.finalize_in(&mut conn, id, fence, result, ttl).await
+        let done = sqlx::query(self.sql.finalize.clone())
+            .bind(id.namespace().as_bytes())
+            .bind(id.key().as_bytes())
+            .bind(result.bytes.as_slice())
+            .bind(result.codec.as_str())
+            .bind(millis(ttl))
+            .bind(fence.get())
+            .execute(&self.pool)
+            .await?;
+        Ok(done.rows_affected() == 1)
     }
 
     async fn release(&self, id: &RecordId, fence: Fence) -> Result<bool, StoreError> {
