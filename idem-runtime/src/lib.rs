@@ -7,6 +7,8 @@ mod config;
 pub mod conformance;
 mod engine;
 mod error;
+#[cfg(feature = "axum")]
+pub mod http;
 mod key;
 mod lease;
 pub mod metrics;

@@ -1,0 +1,664 @@
+//! The `Idempotency-Key` header for axum services (feature `axum`).
+//!
+//! [`IdempotencyLayer`] follows the IETF httpapi draft "The Idempotency-Key HTTP Header
+//! Field" and what payment APIs do: the first request with a key runs the route and its
+//! whole response (status, allowlisted headers, body) is stored; a retry with the same key
+//! gets that response back with `Idempotent-Replayed: true`. The key is scoped by a principal
+//! the application supplies, by method and by route; the request is fingerprinted (method,
+//! path and query, body), so a key reused for a different request is refused.
+//!
+//! | situation | answer |
+//! | --- | --- |
+//! | no key on a route that requires one | 400 |
+//! | key reused with a different request | 422 |
+//! | same key still in progress | 409 with `Retry-After` (after a bounded wait, if configured) |
+//! | the store is unavailable | 503 |
+//! | request body over the limit | 413 |
+//!
+//! Error bodies are `application/problem+json` (RFC 9457). Responses with status 5xx, 401,
+//! 403, 408 or 429 are not stored (the key is released, so a retry runs the route again);
+//! every other status is, unless [`IdempotencyLayer::store_status`] says otherwise.
+//!
+//! ```no_run
+//! # async fn demo(idem: idem_runtime::Idem) {
+//! use axum::{Router, routing::post};
+//! use idem_runtime::http::IdempotencyLayer;
+//!
+//! async fn create_order() -> &'static str { "created" }
+//!
+//! let orders = IdempotencyLayer::new(idem)
+//!     .principal(|req| req.headers.get("x-api-key")?.to_str().ok().map(str::to_owned))
+//!     .ttl("PT24H");
+//! let app: Router = Router::new().route("/orders", post(create_order).layer(orders));
+//! # }
+//! ```
+//!
+//! The layer is the right tool when the response is what should be replayed, and for routes
+//! you do not want to touch. `#[idempotent]` on a handler (or on the service fn it calls)
+//! fits when the handler's result is a serializable value, the key is not a header, or the
+//! effect should share a database transaction with its record (`tx = ..`); see [`Json`].
+
+use std::borrow::Cow;
+use std::convert::Infallible;
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+
+use axum::body::Body;
+use axum::extract::MatchedPath;
+use axum::http::header::{HeaderName, HeaderValue, RETRY_AFTER};
+use axum::http::request::Parts;
+use axum::http::{Request, Response, StatusCode};
+use axum::response::IntoResponse;
+use bytes::Bytes;
+use http_body_util::BodyExt;
+use serde::{Deserialize, Serialize};
+use tower::{Layer, Service, ServiceExt};
+
+use crate::__private::{Call, Payload, Scope, Spec};
+use crate::config::IntoDuration;
+use crate::key::Fingerprinter;
+use crate::outcome::{Outcome, observe};
+use crate::{Error, Idem};
+
+/// The header a replayed response carries.
+pub const REPLAYED: &str = "idempotent-replayed";
+
+/// The response headers replayed by default; others are sent on the first response only.
+const DEFAULT_REPLAY_HEADERS: &[&str] = &[
+    "content-type",
+    "content-language",
+    "content-location",
+    "location",
+    "etag",
+    "last-modified",
+    "cache-control",
+    "link",
+];
+
+type Principal = dyn Fn(&Parts) -> Option<String> + Send + Sync;
+type BodyView = dyn Fn(&[u8]) -> Cow<'_, [u8]> + Send + Sync;
+type StorePolicy = dyn Fn(StatusCode) -> bool + Send + Sync;
+
+/// A tower layer that makes the routes it wraps honour the `Idempotency-Key` header.
+///
+/// Build one at startup with the same [`Idem`] the rest of the application uses, configure
+/// it, and add it to the routes (and methods) it should protect with axum's `.layer(..)` or
+/// `.route_layer(..)`.
+#[derive(Clone)]
+pub struct IdempotencyLayer {
+    config: Arc<Config>,
+}
+
+#[derive(Clone)]
+struct Config {
+    idem: Idem,
+    spec: &'static Spec,
+    header: HeaderName,
+    required: bool,
+    principal: Arc<Principal>,
+    body_view: Option<Arc<BodyView>>,
+    store_status: Arc<StorePolicy>,
+    max_request_bytes: usize,
+    max_response_bytes: usize,
+    replay_headers: Vec<HeaderName>,
+    error: Option<String>,
+}
+
+impl fmt::Debug for IdempotencyLayer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("IdempotencyLayer")
+            .field("header", &self.config.header)
+            .field("required", &self.config.required)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The default: 2xx and the client errors that are final, never 5xx, 401, 403, 408 or 429.
+fn default_store_status(status: StatusCode) -> bool {
+    !(status.is_server_error()
+        || status.is_informational()
+        || matches!(status.as_u16(), 401 | 403 | 408 | 429))
+}
+
+impl IdempotencyLayer {
+    /// A layer on `idem`'s store: header `Idempotency-Key`, required, records kept for the
+    /// runtime's default TTL, request and response bodies up to 1 MiB.
+    pub fn new(idem: Idem) -> IdempotencyLayer {
+        IdempotencyLayer {
+            config: Arc::new(Config {
+                idem,
+                spec: leak_spec(Spec::new().name("http")),
+                header: HeaderName::from_static("idempotency-key"),
+                required: true,
+                principal: Arc::new(|_| None),
+                body_view: None,
+                store_status: Arc::new(default_store_status),
+                max_request_bytes: 1 << 20,
+                max_response_bytes: 1 << 20,
+                replay_headers: DEFAULT_REPLAY_HEADERS
+                    .iter()
+                    .map(|h| HeaderName::from_static(h))
+                    .collect(),
+                error: None,
+            }),
+        }
+    }
+
+    fn with(mut self, f: impl FnOnce(&mut Config)) -> Self {
+        // Layers are configured once, before they are cloned into routes.
+        f(Arc::make_mut(&mut self.config));
+        self
+    }
+
+    /// The header carrying the key (default `Idempotency-Key`).
+    pub fn header(self, name: &str) -> Self {
+        match HeaderName::try_from(name) {
+            Ok(h) => self.with(|c| c.header = h),
+            Err(_) => self.with(|c| c.error = Some(format!("{name:?} is not a header name"))),
+        }
+    }
+
+    /// Whether a request without the header is refused with 400 (`true`, the default) or
+    /// passed to the route unprotected.
+    pub fn required(self, required: bool) -> Self {
+        self.with(|c| c.required = required)
+    }
+
+    /// Who the request is from (the authenticated user, the API key): keys are scoped by it,
+    /// so two tenants using the same key never see each other's responses. `None` (the
+    /// default for every request) puts the request in a shared anonymous scope.
+    pub fn principal<F>(self, principal: F) -> Self
+    where
+        F: Fn(&Parts) -> Option<String> + Send + Sync + 'static,
+    {
+        self.with(|c| c.principal = Arc::new(principal))
+    }
+
+    /// What of the request body is fingerprinted: for example the JSON body without a
+    /// client timestamp that legitimately differs between retries.
+    pub fn fingerprint_body<F>(self, view: F) -> Self
+    where
+        F: Fn(&[u8]) -> Cow<'_, [u8]> + Send + Sync + 'static,
+    {
+        self.with(|c| c.body_view = Some(Arc::new(view)))
+    }
+
+    /// Which responses are stored and replayed; the others release the key.
+    pub fn store_status<F>(self, policy: F) -> Self
+    where
+        F: Fn(StatusCode) -> bool + Send + Sync + 'static,
+    {
+        self.with(|c| c.store_status = Arc::new(policy))
+    }
+
+    /// The largest request body accepted (it is read to be fingerprinted); larger: 413.
+    pub fn max_request_bytes(self, bytes: usize) -> Self {
+        self.with(|c| c.max_request_bytes = bytes)
+    }
+
+    /// The largest response body stored. A larger one is sent to its client but not stored,
+    /// and the key is released.
+    pub fn max_response_bytes(self, bytes: usize) -> Self {
+        self.with(|c| c.max_response_bytes = bytes)
+    }
+
+    /// Also replay this response header (by default: content type and language, location,
+    /// content location, etag, last modified, cache control, link).
+    pub fn replay_header(self, name: &str) -> Self {
+        match HeaderName::try_from(name) {
+            Ok(h) => self.with(|c| c.replay_headers.push(h)),
+            Err(_) => self.with(|c| c.error = Some(format!("{name:?} is not a header name"))),
+        }
+    }
+
+    /// How long a response is replayed (default: the runtime's TTL).
+    pub fn ttl(self, ttl: impl IntoDuration) -> Self {
+        self.duration("ttl", ttl, |spec, ms| spec.ttl_ms(ms))
+    }
+
+    /// How long a request in progress keeps its key without a heartbeat.
+    pub fn lease(self, lease: impl IntoDuration) -> Self {
+        self.duration("lease", lease, |spec, ms| spec.lease_ms(ms))
+    }
+
+    /// How long a duplicate waits for the first request before it gets 409.
+    pub fn wait(self, wait: impl IntoDuration) -> Self {
+        self.duration("wait", wait, |spec, ms| spec.wait_ms(ms))
+    }
+
+    /// Answer a duplicate of a request still in progress with 409 at once, without waiting.
+    pub fn reject_conflicts(self) -> Self {
+        self.with(|c| c.spec = leak_spec(c.spec.copy().reject()))
+    }
+
+    fn duration(self, what: &str, d: impl IntoDuration, set: fn(Spec, u64) -> Spec) -> Self {
+        match d.into_duration() {
+            Ok(d) => {
+                let ms = u64::try_from(d.as_millis()).unwrap_or(u64::MAX).max(1);
+                self.with(|c| c.spec = leak_spec(set(c.spec.copy(), ms)))
+            }
+            Err(e) => self.with(|c| c.error = Some(format!("{what}: {e}"))),
+        }
+    }
+}
+
+/// Specs outlive every call that uses them, so a layer's is leaked: once per configuration
+/// step at startup, a few dozen bytes each.
+fn leak_spec(spec: Spec) -> &'static Spec {
+    Box::leak(Box::new(spec))
+}
+
+impl<S> Layer<S> for IdempotencyLayer {
+    type Service = IdempotencyService<S>;
+
+    fn layer(&self, inner: S) -> IdempotencyService<S> {
+        IdempotencyService {
+            inner,
+            config: self.config.clone(),
+        }
+    }
+}
+
+/// The service [`IdempotencyLayer`] wraps a route in.
+#[derive(Clone)]
+pub struct IdempotencyService<S> {
+    inner: S,
+    config: Arc<Config>,
+}
+
+impl<S> Service<Request<Body>> for IdempotencyService<S>
+where
+    S: Service<Request<Body>, Error = Infallible> + Clone + Send + 'static,
+    S::Response: IntoResponse,
+    S::Future: Send + 'static,
+{
+    type Response = Response<Body>;
+    type Error = Infallible;
+    type Future = Pin<Box<dyn Future<Output = Result<Response<Body>, Infallible>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Request<Body>) -> Self::Future {
+        // The clone is the one that is ready; this one takes its place for the next call.
+        let clone = self.inner.clone();
+        let inner = std::mem::replace(&mut self.inner, clone);
+        let config = self.config.clone();
+        Box::pin(async move { Ok(handle(config, inner, req).await) })
+    }
+}
+
+/// A response as it is stored: status, the allowlisted headers, and the body.
+#[derive(Serialize, Deserialize)]
+struct StoredResponse {
+    status: u16,
+    headers: Vec<(String, Vec<u8>)>,
+    body: StoredBody,
+}
+
+/// Text bodies (most API responses) stay readable in the store; others are kept as bytes.
+#[derive(Serialize, Deserialize)]
+enum StoredBody {
+    Text(String),
+    Bytes(Vec<u8>),
+}
+
+/// Why the route's response is not stored.
+enum NotStored {
+    /// idem itself refused or failed.
+    Idem(Error),
+    /// The route's own response, sent as it is: not stored, the key released.
+    Pass(Response<Body>),
+}
+
+impl From<Error> for NotStored {
+    fn from(e: Error) -> Self {
+        NotStored::Idem(e)
+    }
+}
+
+async fn handle<S>(config: Arc<Config>, inner: S, req: Request<Body>) -> Response<Body>
+where
+    S: Service<Request<Body>, Error = Infallible> + Send + 'static,
+    S::Response: IntoResponse,
+    S::Future: Send + 'static,
+{
+    if let Some(e) = &config.error {
+        return problem(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "misconfigured",
+            "The idempotency layer is misconfigured",
+            e,
+        );
+    }
+    let (parts, body) = req.into_parts();
+    let key = match parts.headers.get(&config.header).map(key_of) {
+        Some(Ok(key)) => key,
+        Some(Err(why)) => {
+            return problem(
+                StatusCode::BAD_REQUEST,
+                "invalid-key",
+                "Invalid idempotency key",
+                why,
+            );
+        }
+        None if config.required => {
+            return problem(
+                StatusCode::BAD_REQUEST,
+                "missing-key",
+                "Idempotency key required",
+                &format!("this request needs an `{}` header", config.header),
+            );
+        }
+        None => {
+            let resp = inner.oneshot(Request::from_parts(parts, body)).await;
+            return into_response(resp);
+        }
+    };
+    let bytes = match http_body_util::Limited::new(body, config.max_request_bytes)
+        .collect()
+        .await
+    {
+        Ok(collected) => collected.to_bytes(),
+        Err(_) => {
+            return problem(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "request-too-large",
+                "Request body too large",
+                &format!(
+                    "requests with an idempotency key may carry at most {} bytes",
+                    config.max_request_bytes
+                ),
+            );
+        }
+    };
+    let route = parts
+        .extensions
+        .get::<MatchedPath>()
+        .map(|m| m.as_str().to_owned())
+        .unwrap_or_else(|| parts.uri.path().to_owned());
+    let principal = (config.principal)(&parts).unwrap_or_else(|| "-".to_owned());
+    let scope = format!("{principal} {} {route}", parts.method);
+    let mut fp = Fingerprinter::new();
+    fp.arg(parts.method.as_str());
+    fp.arg(parts.uri.path_and_query().map_or("/", |p| p.as_str()));
+    match &config.body_view {
+        Some(view) => fp.arg(&serde_bytes_view(&view(&bytes))),
+        None => fp.arg(&serde_bytes_view(&bytes)),
+    }
+    let call = Call {
+        key: Some(key),
+        scope: Scope::Value(scope),
+        payload: Payload::from(fp.finish()),
+        runtime: Some(config.idem.clone()),
+    };
+
+    let first: Arc<Mutex<Option<Response<Body>>>> = Arc::default();
+    let body = run_route(config.clone(), inner, parts, bytes, first.clone());
+    let spec = config.spec;
+    let site = spec.site::<()>();
+    let (out, how) = observe(crate::engine::run::<
+        StoredResponse,
+        NotStored,
+        _,
+        crate::engine::ValuesOnly,
+    >(spec, site, &[], call, body))
+    .await;
+    match out {
+        Ok(stored) => {
+            if matches!(how, Some(Outcome::Executed | Outcome::TookOver))
+                && let Some(original) = first.lock().unwrap_or_else(|p| p.into_inner()).take()
+            {
+                return original;
+            }
+            replayed(stored)
+        }
+        Err(NotStored::Pass(resp)) => resp,
+        Err(NotStored::Idem(e)) => error_response(&e),
+    }
+}
+
+/// The route, run once for a key: its response, stored if the policy and size allow.
+async fn run_route<S>(
+    config: Arc<Config>,
+    inner: S,
+    parts: Parts,
+    bytes: Bytes,
+    first: Arc<Mutex<Option<Response<Body>>>>,
+) -> Result<StoredResponse, NotStored>
+where
+    S: Service<Request<Body>, Error = Infallible> + Send + 'static,
+    S::Response: IntoResponse,
+    S::Future: Send + 'static,
+{
+    let resp = into_response(
+        inner
+            .oneshot(Request::from_parts(parts, Body::from(bytes)))
+            .await,
+    );
+    if !(config.store_status)(resp.status()) {
+        return Err(NotStored::Pass(resp));
+    }
+    let (parts, body) = resp.into_parts();
+    let body = match read_up_to(body, config.max_response_bytes).await {
+        Ok(bytes) => bytes,
+        Err(Too::Large(prefix, rest)) => {
+            tracing::warn!(
+                limit = config.max_response_bytes,
+                "idem: response body too large to store; sent but not stored"
+            );
+            crate::metrics::not_stored("http", "too_large");
+            let chained = Body::new(Prefixed {
+                prefix: Some(prefix),
+                rest,
+            });
+            return Err(NotStored::Pass(Response::from_parts(parts, chained)));
+        }
+        Err(Too::Broken(e)) => {
+            tracing::warn!(error = %e, "idem: the response body failed; not stored");
+            return Err(NotStored::Pass(StatusCode::BAD_GATEWAY.into_response()));
+        }
+    };
+    let stored = StoredResponse {
+        status: parts.status.as_u16(),
+        headers: config
+            .replay_headers
+            .iter()
+            .flat_map(|name| {
+                parts
+                    .headers
+                    .get_all(name)
+                    .iter()
+                    .map(move |v| (name.as_str().to_owned(), v.as_bytes().to_vec()))
+            })
+            .collect(),
+        body: match std::str::from_utf8(&body) {
+            Ok(text) => StoredBody::Text(text.to_owned()),
+            Err(_) => StoredBody::Bytes(body.to_vec()),
+        },
+    };
+    *first.lock().unwrap_or_else(|p| p.into_inner()) =
+        Some(Response::from_parts(parts, Body::from(body)));
+    Ok(stored)
+}
+
+enum Too {
+    /// Over the limit: what was read, and the rest of the body.
+    Large(Bytes, Body),
+    Broken(axum::Error),
+}
+
+/// Reads a body if it fits in `limit` bytes; otherwise hands back what it read and the rest,
+/// so the response can still be sent in full.
+async fn read_up_to(mut body: Body, limit: usize) -> Result<Bytes, Too> {
+    let mut buf = bytes::BytesMut::new();
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(Too::Broken)?;
+        if let Ok(data) = frame.into_data() {
+            buf.extend_from_slice(&data);
+            if buf.len() > limit {
+                return Err(Too::Large(buf.freeze(), body));
+            }
+        }
+    }
+    Ok(buf.freeze())
+}
+
+/// A body that yields `prefix` first, then the rest of another body.
+struct Prefixed {
+    prefix: Option<Bytes>,
+    rest: Body,
+}
+
+impl http_body::Body for Prefixed {
+    type Data = Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Bytes>, axum::Error>>> {
+        if let Some(prefix) = self.prefix.take() {
+            return Poll::Ready(Some(Ok(http_body::Frame::data(prefix))));
+        }
+        Pin::new(&mut self.rest).poll_frame(cx)
+    }
+}
+
+fn into_response<R: IntoResponse>(resp: Result<R, Infallible>) -> Response<Body> {
+    match resp {
+        Ok(r) => r.into_response(),
+        Err(never) => match never {},
+    }
+}
+
+fn replayed(stored: StoredResponse) -> Response<Body> {
+    let body = match stored.body {
+        StoredBody::Text(t) => Body::from(t),
+        StoredBody::Bytes(b) => Body::from(b),
+    };
+    let mut resp = Response::new(body);
+    *resp.status_mut() = StatusCode::from_u16(stored.status).unwrap_or(StatusCode::OK);
+    for (name, value) in stored.headers {
+        if let (Ok(name), Ok(value)) = (HeaderName::try_from(name), HeaderValue::from_bytes(&value))
+        {
+            resp.headers_mut().append(name, value);
+        }
+    }
+    resp.headers_mut()
+        .insert(REPLAYED, HeaderValue::from_static("true"));
+    resp
+}
+
+/// The header value as a key: printable ASCII, 1 to 255 characters, surrounding double
+/// quotes (the draft's structured-field form) removed.
+fn key_of(value: &HeaderValue) -> Result<String, &'static str> {
+    let s = value
+        .to_str()
+        .map_err(|_| "the key must be printable ASCII")?
+        .trim();
+    let s = s
+        .strip_prefix('"')
+        .and_then(|s| s.strip_suffix('"'))
+        .unwrap_or(s);
+    if s.is_empty() {
+        return Err("the key is empty");
+    }
+    if s.len() > 255 {
+        return Err("the key is longer than 255 characters");
+    }
+    Ok(s.to_owned())
+}
+
+/// Bytes serialized as bytes (not as a sequence of numbers) for the fingerprint.
+fn serde_bytes_view(bytes: &[u8]) -> impl Serialize + '_ {
+    struct View<'a>(&'a [u8]);
+    impl Serialize for View<'_> {
+        fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+            s.serialize_bytes(self.0)
+        }
+    }
+    View(bytes)
+}
+
+fn error_response(e: &Error) -> Response<Body> {
+    let status = StatusCode::from_u16(e.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    let title = match e {
+        Error::InProgress { .. } => "A request with this idempotency key is in progress",
+        Error::PayloadMismatch { .. } => "Idempotency key reused with a different request",
+        Error::StoreUnavailable { .. } => "Idempotency store unavailable",
+        Error::MissingKey { .. } | Error::InvalidKey { .. } => "Invalid idempotency key",
+        _ => "Idempotency error",
+    };
+    let mut resp = problem(status, &e.kind().replace('_', "-"), title, &e.to_string());
+    if let Some(after) = e.retry_after() {
+        let secs = after.as_secs() + u64::from(after.subsec_nanos() > 0);
+        if let Ok(v) = HeaderValue::from_str(&secs.max(1).to_string()) {
+            resp.headers_mut().insert(RETRY_AFTER, v);
+        }
+    }
+    if matches!(e, Error::StoreUnavailable { .. }) {
+        resp.headers_mut()
+            .insert(RETRY_AFTER, HeaderValue::from_static("1"));
+    }
+    resp
+}
+
+/// An RFC 9457 problem document.
+fn problem(status: StatusCode, kind: &str, title: &str, detail: &str) -> Response<Body> {
+    let body = serde_json::json!({
+        "type": format!("urn:idem:problem:{kind}"),
+        "title": title,
+        "status": status.as_u16(),
+        "detail": detail,
+    });
+    let mut resp = Response::new(Body::from(body.to_string()));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        axum::http::header::CONTENT_TYPE,
+        HeaderValue::from_static("application/problem+json"),
+    );
+    resp
+}
+
+/// A JSON response body that `#[idempotent]` can store: `axum::Json` with `Serialize` and
+/// `Deserialize`, for handlers annotated directly.
+///
+/// ```no_run
+/// use axum::extract::State;
+/// use axum::http::HeaderMap;
+/// use idem_runtime::{Error, Idem, idempotent, http::Json};
+///
+/// #[derive(serde::Serialize, serde::Deserialize)]
+/// struct Order { id: u64 }
+///
+/// #[idempotent(key = headers.get("idempotency-key").and_then(|v| v.to_str().ok()), skip(idem, headers), runtime = &idem)]
+/// async fn create(State(idem): State<Idem>, headers: HeaderMap) -> Result<Json<Order>, ApiError> {
+///     Ok(Json(Order { id: 1 }))
+/// }
+/// # struct ApiError;
+/// # impl From<Error> for ApiError { fn from(_: Error) -> Self { ApiError } }
+/// # impl axum::response::IntoResponse for ApiError {
+/// #     fn into_response(self) -> axum::response::Response { axum::http::StatusCode::CONFLICT.into_response() }
+/// # }
+/// ```
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Json<T>(pub T);
+
+impl<T: Serialize> IntoResponse for Json<T> {
+    fn into_response(self) -> axum::response::Response {
+        axum::Json(self.0).into_response()
+    }
+}
+
+impl IntoResponse for Error {
+    /// The error as a problem document with its status (409 with `Retry-After`, 422, 400, 503).
+    fn into_response(self) -> axum::response::Response {
+        error_response(&self)
+    }
+}

@@ -1,0 +1,514 @@
+//! The Idempotency-Key layer on a real axum server on 127.0.0.1, driven by a real HTTP
+//! client: status codes, byte-for-byte replay, tenant isolation, concurrency, disconnects,
+//! streaming and oversized bodies, and a handler annotated with `#[idempotent]` directly.
+
+#![allow(clippy::unwrap_used)] // tests: a panic is the failure report
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::{Query, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+use idem_runtime::http::{IdempotencyLayer, Json};
+use idem_runtime::store::{MemoryStore, Store};
+use idem_runtime::{Error, Idem, idempotent};
+use serde::Deserialize;
+
+#[derive(Clone)]
+struct App {
+    idem: Idem,
+    orders: Arc<AtomicUsize>,
+    calls: Arc<AtomicUsize>,
+}
+
+#[derive(Deserialize, Default)]
+struct Opts {
+    #[serde(default)]
+    sleep_ms: u64,
+    #[serde(default)]
+    size: usize,
+}
+
+async fn create_order(State(app): State<App>, Query(opts): Query<Opts>, body: String) -> Response {
+    app.calls.fetch_add(1, SeqCst);
+    tokio::time::sleep(Duration::from_millis(opts.sleep_ms)).await;
+    let n = app.orders.fetch_add(1, SeqCst) + 1;
+    let json = format!(r#"{{"order_id":{n},"request":{body:?}}}"#);
+    (
+        StatusCode::CREATED,
+        [
+            ("content-type", "application/json".to_string()),
+            ("location", format!("/orders/{n}")),
+            ("x-request-id", format!("req-{}", fastrand::u64(..))),
+        ],
+        json,
+    )
+        .into_response()
+}
+
+/// Fails with 503 on odd calls: a failure that must not be stored.
+async fn flaky(State(app): State<App>) -> Response {
+    if app.calls.fetch_add(1, SeqCst) % 2 == 0 {
+        return (StatusCode::SERVICE_UNAVAILABLE, "try again").into_response();
+    }
+    let n = app.orders.fetch_add(1, SeqCst) + 1;
+    (StatusCode::CREATED, format!("order {n}")).into_response()
+}
+
+async fn big(State(app): State<App>, Query(opts): Query<Opts>) -> Response {
+    app.orders.fetch_add(1, SeqCst);
+    (StatusCode::OK, "x".repeat(opts.size)).into_response()
+}
+
+async fn stream(State(app): State<App>) -> Response {
+    let n = app.orders.fetch_add(1, SeqCst) + 1;
+    let chunks: Vec<Result<Vec<u8>, std::io::Error>> = (0..50)
+        .map(|i| Ok(format!("chunk {i} of order {n}\n").into_bytes()))
+        .collect();
+    Response::builder()
+        .status(StatusCode::OK)
+        .header("content-type", "text/plain")
+        .body(Body::from_stream(futures_util::stream::iter(chunks)))
+        .unwrap()
+}
+
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Receipt {
+    order_id: usize,
+}
+
+#[derive(Debug)]
+struct ApiError(Error);
+
+impl From<Error> for ApiError {
+    fn from(e: Error) -> Self {
+        ApiError(e)
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        self.0.into_response()
+    }
+}
+
+/// A handler made idempotent with the attribute instead of the layer.
+#[idempotent(
+    key = headers.get("idempotency-key").and_then(|v| v.to_str().ok()),
+    runtime = &app.idem,
+    skip(app, headers)
+)]
+async fn attributed(
+    State(app): State<App>,
+    headers: HeaderMap,
+    body: String,
+) -> Result<Json<Receipt>, ApiError> {
+    let _ = body;
+    Ok(Json(Receipt {
+        order_id: app.orders.fetch_add(1, SeqCst) + 1,
+    }))
+}
+
+struct Server {
+    url: String,
+    app: App,
+    client: reqwest::Client,
+}
+
+async fn serve(store: Arc<dyn Store>) -> Server {
+    let idem = Idem::builder()
+        .shared_store(store)
+        .default_wait("PT2S")
+        .build()
+        .unwrap();
+    let app = App {
+        idem: idem.clone(),
+        orders: Arc::default(),
+        calls: Arc::default(),
+    };
+    let layer = IdempotencyLayer::new(idem.clone())
+        .principal(|req| {
+            req.headers
+                .get("x-tenant")?
+                .to_str()
+                .ok()
+                .map(str::to_owned)
+        })
+        .replay_header("x-order-source")
+        .max_response_bytes(64 * 1024)
+        .max_request_bytes(16 * 1024);
+    let router = Router::new()
+        .route("/orders", post(create_order).layer(layer.clone()))
+        .route(
+            "/optional",
+            post(create_order).layer(layer.clone().required(false)),
+        )
+        .route(
+            "/reject",
+            post(create_order).layer(layer.clone().reject_conflicts()),
+        )
+        .route("/flaky", post(flaky).layer(layer.clone()))
+        .route("/big", post(big).layer(layer.clone()))
+        .route("/stream", post(stream).layer(layer))
+        .route("/attributed", post(attributed))
+        .with_state(app.clone());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, router).await });
+    Server {
+        url: format!("http://{addr}"),
+        app,
+        client: reqwest::Client::new(),
+    }
+}
+
+async fn memory_server() -> Server {
+    serve(Arc::new(MemoryStore::new())).await
+}
+
+impl Server {
+    async fn post(&self, path: &str, key: Option<&str>, body: &str) -> reqwest::Response {
+        let mut req = self
+            .client
+            .post(format!("{}{path}", self.url))
+            .body(body.to_string());
+        if let Some(key) = key {
+            req = req.header("Idempotency-Key", key);
+        }
+        req.send().await.unwrap()
+    }
+}
+
+async fn problem(resp: reqwest::Response, status: u16) -> serde_json::Value {
+    assert_eq!(resp.status().as_u16(), status);
+    assert_eq!(
+        resp.headers()["content-type"],
+        "application/problem+json",
+        "errors are problem documents"
+    );
+    let json: serde_json::Value = serde_json::from_slice(&resp.bytes().await.unwrap()).unwrap();
+    assert_eq!(json["status"], status);
+    assert!(
+        json["type"]
+            .as_str()
+            .unwrap()
+            .starts_with("urn:idem:problem:")
+    );
+    json
+}
+
+#[tokio::test]
+async fn a_retry_gets_the_first_response_byte_for_byte() {
+    let s = memory_server().await;
+    let first = s.post("/orders", Some("key-1"), r#"{"sku":"tea"}"#).await;
+    assert_eq!(first.status(), 201);
+    assert!(first.headers().get("idempotent-replayed").is_none());
+    let first_headers = first.headers().clone();
+    let first_body = first.bytes().await.unwrap();
+
+    let retry = s.post("/orders", Some("key-1"), r#"{"sku":"tea"}"#).await;
+    assert_eq!(retry.status(), 201);
+    assert_eq!(retry.headers()["idempotent-replayed"], "true");
+    assert_eq!(retry.headers()["location"], first_headers["location"]);
+    assert_eq!(
+        retry.headers()["content-type"],
+        first_headers["content-type"]
+    );
+    assert!(
+        retry.headers().get("x-request-id").is_none(),
+        "headers outside the allowlist are not replayed"
+    );
+    assert_eq!(retry.bytes().await.unwrap(), first_body);
+    assert_eq!(s.app.orders.load(SeqCst), 1);
+}
+
+#[tokio::test]
+async fn the_standard_status_codes() {
+    let s = memory_server().await;
+    // Missing key on a route that requires one.
+    let json = problem(s.post("/orders", None, "{}").await, 400).await;
+    assert_eq!(json["type"], "urn:idem:problem:missing-key");
+    // ...and on a route where it is optional, the request just runs.
+    assert_eq!(s.post("/optional", None, "{}").await.status(), 201);
+    // An empty key.
+    problem(s.post("/orders", Some(""), "{}").await, 400).await;
+    // Same key, different request.
+    assert_eq!(
+        s.post("/orders", Some("k"), r#"{"sku":"tea"}"#)
+            .await
+            .status(),
+        201
+    );
+    let json = problem(
+        s.post("/orders", Some("k"), r#"{"sku":"coffee"}"#).await,
+        422,
+    )
+    .await;
+    assert_eq!(json["type"], "urn:idem:problem:payload-mismatch");
+    // Still in progress, on a route that rejects rather than waits.
+    let slow = {
+        let (client, url) = (s.client.clone(), s.url.clone());
+        tokio::spawn(async move {
+            client
+                .post(format!("{url}/reject?sleep_ms=800"))
+                .header("Idempotency-Key", "slow")
+                .body("{}")
+                .send()
+                .await
+                .unwrap()
+                .status()
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let resp = s.post("/reject?sleep_ms=800", Some("slow"), "{}").await;
+    let retry_after: u64 = resp.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(retry_after >= 1);
+    problem(resp, 409).await;
+    assert_eq!(slow.await.unwrap(), 201);
+    // Too large a request to fingerprint.
+    problem(
+        s.post("/orders", Some("huge"), &"y".repeat(20_000)).await,
+        413,
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn the_store_being_down_is_503() {
+    struct Down;
+    #[async_trait::async_trait]
+    impl Store for Down {
+        async fn reserve(
+            &self,
+            _: &idem_runtime::store::Claim<'_>,
+        ) -> Result<idem_runtime::store::Reservation, idem_runtime::StoreError> {
+            Err(idem_runtime::StoreError::msg("connection refused"))
+        }
+        async fn load(
+            &self,
+            _: &idem_runtime::RecordId,
+        ) -> Result<Option<idem_runtime::store::Record>, idem_runtime::StoreError> {
+            Err(idem_runtime::StoreError::msg("connection refused"))
+        }
+        async fn take_over(
+            &self,
+            _: &idem_runtime::store::Claim<'_>,
+            _: idem_runtime::store::Fence,
+        ) -> Result<bool, idem_runtime::StoreError> {
+            Err(idem_runtime::StoreError::msg("connection refused"))
+        }
+        async fn heartbeat(
+            &self,
+            _: &idem_runtime::RecordId,
+            _: idem_runtime::store::Fence,
+            _: Duration,
+        ) -> Result<bool, idem_runtime::StoreError> {
+            Err(idem_runtime::StoreError::msg("connection refused"))
+        }
+        async fn finalize(
+            &self,
+            _: &idem_runtime::RecordId,
+            _: idem_runtime::store::Fence,
+            _: &idem_runtime::store::StoredResult,
+            _: Duration,
+        ) -> Result<bool, idem_runtime::StoreError> {
+            Err(idem_runtime::StoreError::msg("connection refused"))
+        }
+        async fn release(
+            &self,
+            _: &idem_runtime::RecordId,
+            _: idem_runtime::store::Fence,
+        ) -> Result<bool, idem_runtime::StoreError> {
+            Err(idem_runtime::StoreError::msg("connection refused"))
+        }
+        async fn purge(&self, _: u32) -> Result<u64, idem_runtime::StoreError> {
+            Ok(0)
+        }
+        fn backend(&self) -> &'static str {
+            "down"
+        }
+    }
+    let s = serve(Arc::new(Down)).await;
+    let resp = s.post("/orders", Some("k"), "{}").await;
+    assert!(resp.headers().contains_key("retry-after"));
+    let json = problem(resp, 503).await;
+    assert_eq!(json["type"], "urn:idem:problem:store-unavailable");
+    assert_eq!(
+        s.app.calls.load(SeqCst),
+        0,
+        "fails closed: the route did not run"
+    );
+}
+
+#[tokio::test]
+async fn tenants_never_see_each_others_responses() {
+    let s = memory_server().await;
+    let send = |tenant: &'static str| {
+        s.client
+            .post(format!("{}/orders", s.url))
+            .header("Idempotency-Key", "shared-key")
+            .header("X-Tenant", tenant)
+            .body("{}")
+            .send()
+    };
+    let a = send("tenant-a").await.unwrap().text().await.unwrap();
+    let b = send("tenant-b").await.unwrap();
+    assert!(
+        b.headers().get("idempotent-replayed").is_none(),
+        "B ran fresh"
+    );
+    assert_ne!(b.text().await.unwrap(), a);
+    let a_again = send("tenant-a").await.unwrap();
+    assert_eq!(a_again.headers()["idempotent-replayed"], "true");
+    assert_eq!(a_again.text().await.unwrap(), a);
+    assert_eq!(s.app.orders.load(SeqCst), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_duplicates_create_one_order() {
+    let s = memory_server().await;
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..40 {
+        let (client, url) = (s.client.clone(), s.url.clone());
+        tasks.spawn(async move {
+            let resp = client
+                .post(format!("{url}/orders?sleep_ms=200"))
+                .header("Idempotency-Key", "storm")
+                .body(r#"{"sku":"tea"}"#)
+                .send()
+                .await
+                .unwrap();
+            (resp.status().as_u16(), resp.text().await.unwrap())
+        });
+    }
+    let mut bodies = Vec::new();
+    while let Some(r) = tasks.join_next().await {
+        let (status, body) = r.unwrap();
+        assert_eq!(status, 201, "{body}");
+        bodies.push(body);
+    }
+    assert!(
+        bodies.iter().all(|b| b == &bodies[0]),
+        "every client got the same order"
+    );
+    assert_eq!(s.app.orders.load(SeqCst), 1, "one order for 40 requests");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_disconnects_leaves_no_stuck_key() {
+    let s = memory_server().await;
+    let impatient = reqwest::Client::builder()
+        .timeout(Duration::from_millis(100))
+        .build()
+        .unwrap();
+    let gone = impatient
+        .post(format!("{}/orders?sleep_ms=400", s.url))
+        .header("Idempotency-Key", "hung-up")
+        .body("{}")
+        .send()
+        .await;
+    assert!(
+        gone.is_err(),
+        "the client gave up and closed the connection"
+    );
+    // The key is either released (the request was dropped with the connection) or completed;
+    // a retry after the handler's time succeeds either way.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let retry = s.post("/orders?sleep_ms=400", Some("hung-up"), "{}").await;
+    assert_eq!(retry.status(), 201);
+    let again = s.post("/orders?sleep_ms=400", Some("hung-up"), "{}").await;
+    assert_eq!(again.headers()["idempotent-replayed"], "true");
+    assert!(s.app.orders.load(SeqCst) <= 2);
+}
+
+#[tokio::test]
+async fn failures_are_not_stored() {
+    let s = memory_server().await;
+    assert_eq!(s.post("/flaky", Some("f"), "{}").await.status(), 503);
+    let retry = s.post("/flaky", Some("f"), "{}").await;
+    assert_eq!(retry.status(), 201, "the retry ran the route again");
+    assert!(retry.headers().get("idempotent-replayed").is_none());
+    let again = s.post("/flaky", Some("f"), "{}").await;
+    assert_eq!(again.headers()["idempotent-replayed"], "true");
+}
+
+#[tokio::test]
+async fn streamed_bodies_are_replayed_and_oversized_ones_pass_through() {
+    let s = memory_server().await;
+    let first = s
+        .post("/stream", Some("s"), "")
+        .await
+        .bytes()
+        .await
+        .unwrap();
+    assert_eq!(
+        first
+            .split(|b| *b == b'\n')
+            .filter(|l| !l.is_empty())
+            .count(),
+        50
+    );
+    let again = s.post("/stream", Some("s"), "").await;
+    assert_eq!(again.headers()["idempotent-replayed"], "true");
+    assert_eq!(again.bytes().await.unwrap(), first);
+
+    // 100 KiB is over the 64 KiB limit: sent in full, not stored, key released.
+    let big = s.post("/big?size=102400", Some("b"), "").await;
+    assert_eq!(big.status(), 200);
+    assert_eq!(big.bytes().await.unwrap().len(), 102_400);
+    let big_again = s.post("/big?size=102400", Some("b"), "").await;
+    assert!(big_again.headers().get("idempotent-replayed").is_none());
+    assert_eq!(big_again.bytes().await.unwrap().len(), 102_400);
+    assert_eq!(
+        s.app.orders.load(SeqCst),
+        3,
+        "the stream once, the big body twice"
+    );
+}
+
+#[tokio::test]
+async fn a_handler_with_the_attribute_works_too() {
+    let s = memory_server().await;
+    let first = s.post("/attributed", Some("a1"), "hello").await;
+    assert_eq!(first.status(), 200);
+    let body = first.text().await.unwrap();
+    assert_eq!(body, r#"{"order_id":1}"#);
+    let again = s.post("/attributed", Some("a1"), "hello").await;
+    assert_eq!(again.text().await.unwrap(), body);
+    let other = s.post("/attributed", Some("a1"), "bye").await;
+    assert_eq!(
+        other.status(),
+        422,
+        "the attribute fingerprints the body too"
+    );
+    assert_eq!(s.app.orders.load(SeqCst), 1);
+}
+
+#[tokio::test]
+async fn responses_survive_in_a_sqlite_store() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = idem_runtime::store::SqliteStore::open(dir.path().join("http.db"))
+        .await
+        .unwrap();
+    let s = serve(Arc::new(store.clone())).await;
+    let first = s
+        .post("/orders", Some("persist"), "{}")
+        .await
+        .text()
+        .await
+        .unwrap();
+    // Another server process on the same database (its own empty cache).
+    let s2 = serve(Arc::new(store)).await;
+    let again = s2.post("/orders", Some("persist"), "{}").await;
+    assert_eq!(again.headers()["idempotent-replayed"], "true");
+    assert_eq!(again.text().await.unwrap(), first);
+}
