@@ -1,0 +1,181 @@
+//! Requests per second through a route with and without `IdempotencyLayer`, on loopback, in
+//! alternating rounds of one run: SQLite and PostgreSQL stores, a fresh key per request
+//! (every request is a first execution: reserve, route, finalize).
+//!
+//! `cargo bench -p idem-runtime --features axum,postgres --bench http`
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use axum::routing::post;
+use idem_runtime::Idem;
+use idem_runtime::http::IdempotencyLayer;
+use idem_runtime::store::Store;
+
+const ROUND: Duration = Duration::from_secs(2);
+const ROUNDS: usize = 3;
+const CLIENTS: usize = 16;
+
+async fn create_order(body: String) -> (axum::http::StatusCode, String) {
+    (
+        axum::http::StatusCode::CREATED,
+        format!(r#"{{"order":{},"ok":true}}"#, body.len()),
+    )
+}
+
+/// A route with real work: one order row in the same database as the idem records.
+#[derive(Clone)]
+enum Db {
+    Sqlite(sqlx::SqlitePool),
+    Postgres(sqlx::PgPool),
+}
+
+async fn insert_order(
+    axum::extract::State(db): axum::extract::State<Db>,
+    body: String,
+) -> (axum::http::StatusCode, String) {
+    let len = body.len() as i64;
+    match &db {
+        Db::Sqlite(p) => sqlx::query("INSERT INTO bench_http_orders (len) VALUES (?1)")
+            .bind(len)
+            .execute(p)
+            .await
+            .map(drop),
+        Db::Postgres(p) => sqlx::query("INSERT INTO bench_http_orders (len) VALUES ($1)")
+            .bind(len)
+            .execute(p)
+            .await
+            .map(drop),
+    }
+    .expect("insert");
+    (
+        axum::http::StatusCode::CREATED,
+        format!(r#"{{"order":{len}}}"#),
+    )
+}
+
+async fn serve(store: Arc<dyn Store>, db: Db) -> String {
+    let create = "CREATE TABLE IF NOT EXISTS bench_http_orders (len BIGINT NOT NULL)";
+    match &db {
+        Db::Sqlite(p) => sqlx::query(create).execute(p).await.map(drop),
+        Db::Postgres(p) => sqlx::query(create).execute(p).await.map(drop),
+    }
+    .expect("orders table");
+    let idem = Idem::builder().shared_store(store).build().expect("idem");
+    let layer = IdempotencyLayer::new(idem);
+    let app = Router::new()
+        .route("/plain", post(create_order))
+        .route("/idem", post(create_order).layer(layer.clone()))
+        .route("/plain-db", post(insert_order))
+        .route("/idem-db", post(insert_order).layer(layer))
+        .with_state(db);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    format!("http://{addr}")
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum Keys {
+    None,
+    Fresh,
+    Same,
+}
+
+async fn rate(client: &reqwest::Client, url: &str, keys: Keys) -> f64 {
+    let next = Arc::new(AtomicU64::new(0));
+    let start = Instant::now();
+    let mut set = tokio::task::JoinSet::new();
+    for _ in 0..CLIENTS {
+        let (client, url, next) = (client.clone(), url.to_string(), next.clone());
+        set.spawn(async move {
+            let mut n = 0u64;
+            while start.elapsed() < ROUND {
+                let mut req = client.post(&url).body(r#"{"sku":"tea","quantity":1}"#);
+                match keys {
+                    Keys::None => {}
+                    Keys::Fresh => {
+                        let key = format!("k-{}-{}", fastrand::u64(..), next.fetch_add(1, Relaxed));
+                        req = req.header("Idempotency-Key", key);
+                    }
+                    Keys::Same => req = req.header("Idempotency-Key", "the-same-key"),
+                }
+                let resp = req.send().await.expect("request");
+                assert_eq!(resp.status(), 201);
+                resp.bytes().await.expect("body");
+                n += 1;
+            }
+            n
+        });
+    }
+    let mut total = 0;
+    while let Some(n) = set.join_next().await {
+        total += n.expect("client");
+    }
+    total as f64 / start.elapsed().as_secs_f64()
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+async fn compare(name: &str, store: Arc<dyn Store>, db: Db) {
+    let base = serve(store, db).await;
+    let client = reqwest::Client::new();
+    for (what, plain_path, idem_path, keys) in [
+        ("empty route, fresh keys", "/plain", "/idem", Keys::Fresh),
+        ("empty route, replays", "/plain", "/idem", Keys::Same),
+        (
+            "route inserting a row, fresh keys",
+            "/plain-db",
+            "/idem-db",
+            Keys::Fresh,
+        ),
+    ] {
+        let (mut plain, mut idem) = (Vec::new(), Vec::new());
+        for _ in 0..ROUNDS {
+            plain.push(rate(&client, &format!("{base}{plain_path}"), Keys::None).await);
+            idem.push(rate(&client, &format!("{base}{idem_path}"), keys).await);
+        }
+        let (plain, idem) = (median(plain), median(idem));
+        println!(
+            "{name:<28} {what:<34} with the layer {idem:>7.0} req/s, without {plain:>7.0} req/s = {:.2}",
+            idem / plain
+        );
+    }
+}
+
+fn main() {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    rt.block_on(async {
+        println!("== HTTP on loopback, {CLIENTS} clients, fresh key per request ({ROUNDS} alternating rounds of {ROUND:?})");
+        let dir = tempfile::tempdir().expect("dir");
+        let sqlite = idem_runtime::store::SqliteStore::open(dir.path().join("http.db")).await.expect("sqlite");
+        let db = Db::Sqlite(sqlite.pool().clone());
+        compare("SQLite", Arc::new(sqlite), db).await;
+        let url = std::env::var("IDEM_TEST_POSTGRES_URL")
+            .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into());
+        let table = format!("bench_http_{:08x}", fastrand::u32(..));
+        let options = idem_runtime::store::PgStoreOptions::new().table(&table);
+        match idem_runtime::store::PgStore::connect_with(&url, options).await {
+            Ok(pg) => {
+                let pool = pg.pool().clone();
+                compare("PostgreSQL", Arc::new(pg), Db::Postgres(pool.clone())).await;
+                for t in [table.as_str(), "bench_http_orders"] {
+                    let sql = sqlx::AssertSqlSafe(format!("DROP TABLE IF EXISTS {t}"));
+                    let _ = sqlx::raw_sql(sql).execute(&pool).await;
+                }
+            }
+            Err(e) => println!("PostgreSQL: skipped ({e})"),
+        }
+    });
+}
