@@ -172,35 +172,40 @@ macro_rules! count_and_drop {
     }};
 }
 
-#[test]
-fn postgres_effects_happen_once_across_sigkills() {
-    use sqlx::Connection;
-    let url = std::env::var("IDEM_TEST_POSTGRES_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into());
-    let mut conn = match block_on(sqlx::PgConnection::connect(&url)) {
-        Ok(c) => c,
-        Err(e) => return server_missing("PostgreSQL", "IDEM_TEST_POSTGRES_URL", &url, &e),
+/// Connects with `$Conn` to `$url`; a missing server skips the test (fails under CI).
+macro_rules! crash_test {
+    ($name:ident, $Conn:ty, $var:literal, $default:literal, $what:literal) => {
+        #[test]
+        fn $name() {
+            use sqlx::Connection;
+            let url = std::env::var($var).unwrap_or_else(|_| $default.into());
+            let mut conn = match block_on(<$Conn>::connect(&url)) {
+                Ok(c) => c,
+                Err(e) => return server_missing($what, $var, &url, &e),
+            };
+            let t = table();
+            let answers = crash_many_times(&url, &t);
+            let (rows, distinct) = block_on(async { count_and_drop!(conn, t) });
+            check(&url, &answers, rows, distinct);
+        }
     };
-    let t = table();
-    let answers = crash_many_times(&url, &t);
-    let (rows, distinct) = block_on(async { count_and_drop!(conn, t) });
-    check(&url, &answers, rows, distinct);
 }
 
-#[test]
-fn mariadb_effects_happen_once_across_sigkills() {
-    use sqlx::Connection;
-    let url = std::env::var("IDEM_TEST_MYSQL_URL")
-        .unwrap_or_else(|_| "mysql://root@127.0.0.1:3306/test".into());
-    let mut conn = match block_on(sqlx::MySqlConnection::connect(&url)) {
-        Ok(c) => c,
-        Err(e) => return server_missing("MySQL/MariaDB", "IDEM_TEST_MYSQL_URL", &url, &e),
-    };
-    let t = table();
-    let answers = crash_many_times(&url, &t);
-    let (rows, distinct) = block_on(async { count_and_drop!(conn, t) });
-    check(&url, &answers, rows, distinct);
-}
+crash_test!(
+    postgres_effects_happen_once_across_sigkills,
+    sqlx::PgConnection,
+    "IDEM_TEST_POSTGRES_URL",
+    "postgres://postgres@127.0.0.1:5432/test",
+    "PostgreSQL"
+);
+
+crash_test!(
+    mariadb_effects_happen_once_across_sigkills,
+    sqlx::MySqlConnection,
+    "IDEM_TEST_MYSQL_URL",
+    "mysql://root@127.0.0.1:3306/test",
+    "MySQL/MariaDB"
+);
 
 #[test]
 fn sqlite_effects_happen_once_across_sigkills() {

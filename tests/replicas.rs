@@ -237,9 +237,56 @@ fn key_of(bytes: &[u8]) -> u64 {
     std::str::from_utf8(bytes).unwrap().parse().unwrap()
 }
 
+/// Reads the records and effects tables through `$conn` (any sqlx connection), then drops
+/// them when `$drop` is true. `$key` is the key column as the database spells it.
+macro_rules! tally {
+    ($conn:expr, $t:expr, $key:literal, $drop:expr) => {{
+        use sqlx::Row;
+        let mut tally = Tally {
+            records: BTreeMap::new(),
+            effects: BTreeMap::new(),
+        };
+        let q = format!("SELECT {}, state, owner FROM {}", $key, $t);
+        for row in sqlx::query(sqlx::AssertSqlSafe(q))
+            .fetch_all(&mut $conn)
+            .await
+            .unwrap()
+        {
+            let key = key_of(&row.get::<Vec<u8>, _>(0));
+            tally.records.insert(key, (row.get(1), row.get(2)));
+        }
+        let q = format!("SELECT k, replica FROM {}_effects", $t);
+        for row in sqlx::query(sqlx::AssertSqlSafe(q))
+            .fetch_all(&mut $conn)
+            .await
+            .unwrap()
+        {
+            let key: i64 = row.get(0);
+            tally
+                .effects
+                .entry(key as u64)
+                .or_default()
+                .push(row.get(1));
+        }
+        if $drop {
+            for drop in [
+                format!("DROP TABLE {}", $t),
+                format!("DROP TABLE {}_effects", $t),
+            ] {
+                sqlx::raw_sql(sqlx::AssertSqlSafe(drop))
+                    .execute(&mut $conn)
+                    .await
+                    .unwrap();
+            }
+        }
+        sort_victim_first(&mut tally);
+        tally
+    }};
+}
+
 #[test]
 fn three_postgres_replicas_survive_a_sigkill() {
-    use sqlx::{Connection, Row};
+    use sqlx::Connection;
     let url = url(
         "IDEM_TEST_POSTGRES_URL",
         "postgres://postgres@127.0.0.1:5432/test",
@@ -248,134 +295,33 @@ fn three_postgres_replicas_survive_a_sigkill() {
         Ok(c) => c,
         Err(e) => return server_missing("PostgreSQL", "IDEM_TEST_POSTGRES_URL", &url, &e),
     };
-    let t = table();
-    run(&url, &t, |t| {
-        block_on(async {
-            let mut tally = Tally {
-                records: BTreeMap::new(),
-                effects: BTreeMap::new(),
-            };
-            let q = format!("SELECT key, state, owner FROM {t}");
-            for row in sqlx::query(sqlx::AssertSqlSafe(q))
-                .fetch_all(&mut conn)
-                .await
-                .unwrap()
-            {
-                let key = key_of(&row.get::<Vec<u8>, _>(0));
-                tally.records.insert(key, (row.get(1), row.get(2)));
-            }
-            let q = format!("SELECT k, replica FROM {t}_effects ORDER BY run");
-            for row in sqlx::query(sqlx::AssertSqlSafe(q))
-                .fetch_all(&mut conn)
-                .await
-                .unwrap()
-            {
-                let key: i64 = row.get(0);
-                tally
-                    .effects
-                    .entry(key as u64)
-                    .or_default()
-                    .push(row.get(1));
-            }
-            for drop in [format!("DROP TABLE {t}"), format!("DROP TABLE {t}_effects")] {
-                sqlx::raw_sql(sqlx::AssertSqlSafe(drop))
-                    .execute(&mut conn)
-                    .await
-                    .unwrap();
-            }
-            sort_victim_first(&mut tally);
-            tally
-        })
+    run(&url, &table(), |t| {
+        block_on(async { tally!(conn, t, "key", true) })
     });
 }
 
 #[test]
 fn three_mariadb_replicas_survive_a_sigkill() {
-    use sqlx::{Connection, Row};
+    use sqlx::Connection;
     let url = url("IDEM_TEST_MYSQL_URL", "mysql://root@127.0.0.1:3306/test");
     let mut conn = match block_on(sqlx::MySqlConnection::connect(&url)) {
         Ok(c) => c,
         Err(e) => return server_missing("MySQL/MariaDB", "IDEM_TEST_MYSQL_URL", &url, &e),
     };
-    let t = table();
-    run(&url, &t, |t| {
-        block_on(async {
-            let mut tally = Tally {
-                records: BTreeMap::new(),
-                effects: BTreeMap::new(),
-            };
-            let q = format!("SELECT `key`, state, owner FROM {t}");
-            for row in sqlx::query(sqlx::AssertSqlSafe(q))
-                .fetch_all(&mut conn)
-                .await
-                .unwrap()
-            {
-                let key = key_of(&row.get::<Vec<u8>, _>(0));
-                tally.records.insert(key, (row.get(1), row.get(2)));
-            }
-            let q = format!("SELECT k, replica FROM {t}_effects");
-            for row in sqlx::query(sqlx::AssertSqlSafe(q))
-                .fetch_all(&mut conn)
-                .await
-                .unwrap()
-            {
-                let key: i64 = row.get(0);
-                tally
-                    .effects
-                    .entry(key as u64)
-                    .or_default()
-                    .push(row.get(1));
-            }
-            for drop in [format!("DROP TABLE {t}"), format!("DROP TABLE {t}_effects")] {
-                sqlx::raw_sql(sqlx::AssertSqlSafe(drop))
-                    .execute(&mut conn)
-                    .await
-                    .unwrap();
-            }
-            sort_victim_first(&mut tally);
-            tally
-        })
+    run(&url, &table(), |t| {
+        block_on(async { tally!(conn, t, "`key`", true) })
     });
 }
 
 #[test]
 fn three_sqlite_processes_on_one_file_survive_a_sigkill() {
-    use sqlx::{Connection, Row};
+    use sqlx::Connection;
     let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("shared.db");
-    let url = format!("sqlite://{}", path.display());
-    let t = table();
-    run(&url, &t, |t| {
+    let url = format!("sqlite://{}", dir.path().join("shared.db").display());
+    run(&url, &table(), |t| {
         block_on(async {
             let mut conn = sqlx::SqliteConnection::connect(&url).await.unwrap();
-            let mut tally = Tally {
-                records: BTreeMap::new(),
-                effects: BTreeMap::new(),
-            };
-            let q = format!("SELECT key, state, owner FROM {t}");
-            for row in sqlx::query(sqlx::AssertSqlSafe(q))
-                .fetch_all(&mut conn)
-                .await
-                .unwrap()
-            {
-                let key = key_of(&row.get::<Vec<u8>, _>(0));
-                tally.records.insert(key, (row.get(1), row.get(2)));
-            }
-            let q = format!("SELECT k, replica FROM {t}_effects");
-            for row in sqlx::query(sqlx::AssertSqlSafe(q))
-                .fetch_all(&mut conn)
-                .await
-                .unwrap()
-            {
-                let key: i64 = row.get(0);
-                tally
-                    .effects
-                    .entry(key as u64)
-                    .or_default()
-                    .push(row.get(1));
-            }
-            sort_victim_first(&mut tally);
-            tally
+            tally!(conn, t, "key", false)
         })
     });
 }

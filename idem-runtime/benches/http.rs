@@ -4,9 +4,12 @@
 //!
 //! `cargo bench -p idem-runtime --features axum,postgres --bench http`
 
+mod common;
+
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use common::{median, rate};
 
 use axum::Router;
 use axum::routing::post;
@@ -86,42 +89,25 @@ enum Keys {
     Same,
 }
 
-async fn rate(client: &reqwest::Client, url: &str, keys: Keys) -> f64 {
-    let next = Arc::new(AtomicU64::new(0));
-    let start = Instant::now();
-    let mut set = tokio::task::JoinSet::new();
-    for _ in 0..CLIENTS {
-        let (client, url, next) = (client.clone(), url.to_string(), next.clone());
-        set.spawn(async move {
-            let mut n = 0u64;
-            while start.elapsed() < ROUND {
-                let mut req = client.post(&url).body(r#"{"sku":"tea","quantity":1}"#);
-                match keys {
-                    Keys::None => {}
-                    Keys::Fresh => {
-                        let key = format!("k-{}-{}", fastrand::u64(..), next.fetch_add(1, Relaxed));
-                        req = req.header("Idempotency-Key", key);
-                    }
-                    Keys::Same => req = req.header("Idempotency-Key", "the-same-key"),
-                }
-                let resp = req.send().await.expect("request");
-                assert_eq!(resp.status(), 201);
-                resp.bytes().await.expect("body");
-                n += 1;
+async fn rate_of(client: &reqwest::Client, url: &str, keys: Keys) -> f64 {
+    let (client, url) = (client.clone(), url.to_string());
+    rate(CLIENTS, ROUND, move |n| {
+        let mut req = client.post(&url).body(r#"{"sku":"tea","quantity":1}"#);
+        match keys {
+            Keys::None => {}
+            Keys::Fresh => {
+                let key = format!("k-{}-{n}", fastrand::u64(..));
+                req = req.header("Idempotency-Key", key);
             }
-            n
-        });
-    }
-    let mut total = 0;
-    while let Some(n) = set.join_next().await {
-        total += n.expect("client");
-    }
-    total as f64 / start.elapsed().as_secs_f64()
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    v[v.len() / 2]
+            Keys::Same => req = req.header("Idempotency-Key", "the-same-key"),
+        }
+        async move {
+            let resp = req.send().await.expect("request");
+            assert_eq!(resp.status(), 201);
+            resp.bytes().await.expect("body");
+        }
+    })
+    .await
 }
 
 async fn compare(name: &str, store: Arc<dyn Store>, db: Db) {
@@ -139,8 +125,8 @@ async fn compare(name: &str, store: Arc<dyn Store>, db: Db) {
     ] {
         let (mut plain, mut idem) = (Vec::new(), Vec::new());
         for _ in 0..ROUNDS {
-            plain.push(rate(&client, &format!("{base}{plain_path}"), Keys::None).await);
-            idem.push(rate(&client, &format!("{base}{idem_path}"), keys).await);
+            plain.push(rate_of(&client, &format!("{base}{plain_path}"), Keys::None).await);
+            idem.push(rate_of(&client, &format!("{base}{idem_path}"), keys).await);
         }
         let (plain, idem) = (median(plain), median(idem));
         println!(
@@ -151,12 +137,7 @@ async fn compare(name: &str, store: Arc<dyn Store>, db: Db) {
 }
 
 fn main() {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("runtime");
-    rt.block_on(async {
+    common::runtime().block_on(async {
         println!("== HTTP on loopback, {CLIENTS} clients, fresh key per request ({ROUNDS} alternating rounds of {ROUND:?})");
         let dir = tempfile::tempdir().expect("dir");
         let sqlite = idem_runtime::store::SqliteStore::open(dir.path().join("http.db")).await.expect("sqlite");

@@ -9,9 +9,11 @@
 //! is the median of its rounds. `cargo bench -p idem-runtime --bench postgres`
 //! (`IDEM_TEST_POSTGRES_URL` picks the server).
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
-use std::time::{Duration, Instant};
+mod common;
+
+use std::time::Duration;
+
+use common::{median, rate};
 
 use idem_runtime::store::{PgStore, PgStoreOptions};
 use idem_runtime::{Error, Idem, idempotent};
@@ -92,46 +94,8 @@ async fn raw_select(pool: &PgPool, key: &str) {
     assert!(row.is_some());
 }
 
-/// Calls per second of `op` from `tasks` concurrent tasks over one round.
-async fn rate<F, Fut>(tasks: usize, op: F) -> f64
-where
-    F: Fn(u64) -> Fut + Send + Sync + 'static,
-    Fut: std::future::Future<Output = ()> + Send,
-{
-    let op = Arc::new(op);
-    let next = Arc::new(AtomicU64::new(0));
-    let start = Instant::now();
-    let mut set = tokio::task::JoinSet::new();
-    for _ in 0..tasks {
-        let (op, next) = (op.clone(), next.clone());
-        set.spawn(async move {
-            let mut n = 0u64;
-            while start.elapsed() < ROUND {
-                op(next.fetch_add(1, Relaxed)).await;
-                n += 1;
-            }
-            n
-        });
-    }
-    let mut total = 0;
-    while let Some(n) = set.join_next().await {
-        total += n.expect("task");
-    }
-    total as f64 / start.elapsed().as_secs_f64()
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    v[v.len() / 2]
-}
-
 fn main() {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("runtime");
-    rt.block_on(run());
+    common::runtime().block_on(run());
 }
 
 async fn run() {
@@ -172,7 +136,7 @@ async fn run() {
         for round in 0..ROUNDS {
             let pool = raw_pool.clone();
             raw.push(
-                rate(tasks, move |n| {
+                rate(tasks, ROUND, move |n| {
                     let pool = pool.clone();
                     async move { raw_first(&pool, &format!("r{tasks}-{round}-{n}")).await }
                 })
@@ -180,7 +144,7 @@ async fn run() {
             );
             let i = idem.clone();
             ours.push(
-                rate(tasks, move |n| {
+                rate(tasks, ROUND, move |n| {
                     let i = i.clone();
                     async move {
                         first(&i, format!("i{tasks}-{round}-{n}"))
@@ -218,7 +182,7 @@ async fn run() {
         for _ in 0..ROUNDS {
             let pool = raw_pool.clone();
             raw.push(
-                rate(tasks, move |n| {
+                rate(tasks, ROUND, move |n| {
                     let pool = pool.clone();
                     async move { raw_select(&pool, &format!("k{}", n % 1_000)).await }
                 })
@@ -226,7 +190,7 @@ async fn run() {
             );
             let i = idem.clone();
             ours.push(
-                rate(tasks, move |n| {
+                rate(tasks, ROUND, move |n| {
                     let i = i.clone();
                     async move {
                         replayed(&i, format!("k{}", n % 1_000))

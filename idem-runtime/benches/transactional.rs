@@ -4,9 +4,11 @@
 //!
 //! `cargo bench -p idem-runtime --features postgres --bench transactional`
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
-use std::time::{Duration, Instant};
+mod common;
+
+use std::time::Duration;
+
+use common::{median, rate};
 
 use idem_runtime::store::{PgStore, PgStoreOptions};
 use idem_runtime::{Error, Idem, idempotent};
@@ -77,45 +79,8 @@ async fn order(
     Ok(42)
 }
 
-async fn rate<F, Fut>(tasks: usize, op: F) -> f64
-where
-    F: Fn(u64) -> Fut + Send + Sync + 'static,
-    Fut: std::future::Future<Output = ()> + Send,
-{
-    let op = Arc::new(op);
-    let next = Arc::new(AtomicU64::new(0));
-    let start = Instant::now();
-    let mut set = tokio::task::JoinSet::new();
-    for _ in 0..tasks {
-        let (op, next) = (op.clone(), next.clone());
-        set.spawn(async move {
-            let mut n = 0u64;
-            while start.elapsed() < ROUND {
-                op(next.fetch_add(1, Relaxed)).await;
-                n += 1;
-            }
-            n
-        });
-    }
-    let mut total = 0;
-    while let Some(n) = set.join_next().await {
-        total += n.expect("task");
-    }
-    total as f64 / start.elapsed().as_secs_f64()
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    v[v.len() / 2]
-}
-
 fn main() {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("runtime");
-    rt.block_on(run());
+    common::runtime().block_on(run());
 }
 
 async fn run() {
@@ -153,7 +118,7 @@ async fn run() {
         for round in 0..ROUNDS {
             let p = pool.clone();
             raw.push(
-                rate(tasks, move |n| {
+                rate(tasks, ROUND, move |n| {
                     let p = p.clone();
                     async move {
                         let mut tx = p.begin().await.expect("begin");
@@ -167,7 +132,7 @@ async fn run() {
             );
             let (p, i) = (pool.clone(), idem.clone());
             ours.push(
-                rate(tasks, move |n| {
+                rate(tasks, ROUND, move |n| {
                     let (p, i) = (p.clone(), i.clone());
                     async move {
                         let mut tx = p.begin().await.expect("begin");
@@ -191,7 +156,7 @@ async fn run() {
         for round in 0..ROUNDS {
             let p = pool.clone();
             raw.push(
-                rate(tasks, move |n| {
+                rate(tasks, ROUND, move |n| {
                     let p = p.clone();
                     async move {
                         let mut tx = p.begin().await.expect("begin");
@@ -205,7 +170,7 @@ async fn run() {
             );
             let (p, i) = (pool.clone(), idem.clone());
             ours.push(
-                rate(tasks, move |n| {
+                rate(tasks, ROUND, move |n| {
                     let (p, i) = (p.clone(), i.clone());
                     async move {
                         let mut tx = p.begin().await.expect("begin");

@@ -13,7 +13,7 @@ use sqlx::MySql;
 use sqlx::mysql::{MySqlConnectOptions, MySqlConnection, MySqlPool, MySqlPoolOptions, MySqlRow};
 use sqlx::{Row, SqlStr};
 
-use super::sql::{RawRecord, check_table_name, millis, statement};
+use super::sql::{RawRecord, check_table_name, millis, statement, with_claim, with_id};
 use super::{Claim, DEFAULT_TABLE, Fence, Record, Reservation, Store, StoredResult, TxStatements};
 use crate::Error;
 use crate::error::StoreError;
@@ -324,12 +324,7 @@ impl TxStatements<MySql> for MySqlStore {
         conn: &mut MySqlConnection,
         claim: &Claim<'_>,
     ) -> Result<Reservation, StoreError> {
-        let inserted = sqlx::query(self.sql.reserve.clone())
-            .bind(claim.id.namespace().as_bytes())
-            .bind(claim.id.key().as_bytes())
-            .bind(fingerprint_bytes(claim))
-            .bind(claim.fence.get())
-            .bind(claim.owner)
+        let inserted = with_claim(&self.sql.reserve, claim)
             .bind(millis(claim.lease))
             .bind(millis(claim.lease))
             .execute(&mut *conn)
@@ -339,9 +334,7 @@ impl TxStatements<MySql> for MySqlStore {
             Err(sqlx::Error::Database(e)) if e.is_unique_violation() => {
                 // A locking read: inside a REPEATABLE READ transaction a plain read would
                 // use a snapshot older than the row that just made the insert fail.
-                let row = sqlx::query(self.sql.load_locking.clone())
-                    .bind(claim.id.namespace().as_bytes())
-                    .bind(claim.id.key().as_bytes())
+                let row = with_id(&self.sql.load_locking, claim.id)
                     .fetch_optional(&mut *conn)
                     .await?;
                 Ok(match row.as_ref().map(record).transpose()? {
@@ -398,9 +391,7 @@ impl TxStatements<MySql> for MySqlStore {
         id: &RecordId,
         fence: Fence,
     ) -> Result<bool, StoreError> {
-        let done = sqlx::query(self.sql.release.clone())
-            .bind(id.namespace().as_bytes())
-            .bind(id.key().as_bytes())
+        let done = with_id(&self.sql.release, id)
             .bind(fence.get())
             .execute(&mut *conn)
             .await?;
@@ -416,9 +407,7 @@ impl Store for MySqlStore {
     }
 
     async fn load(&self, id: &RecordId) -> Result<Option<Record>, StoreError> {
-        let row = sqlx::query(self.sql.load.clone())
-            .bind(id.namespace().as_bytes())
-            .bind(id.key().as_bytes())
+        let row = with_id(&self.sql.load, id)
             .fetch_optional(&self.pool)
             .await?;
         row.as_ref().map(record).transpose()

@@ -13,7 +13,7 @@ use sqlx::Postgres;
 use sqlx::postgres::{PgConnectOptions, PgConnection, PgPool, PgPoolOptions, PgRow};
 use sqlx::{Row, SqlStr};
 
-use super::sql::{RawRecord, check_table_name, millis, statement};
+use super::sql::{RawRecord, check_table_name, millis, statement, with_claim, with_id};
 use super::{Claim, DEFAULT_TABLE, Fence, Record, Reservation, Store, StoredResult, TxStatements};
 use crate::Error;
 use crate::error::StoreError;
@@ -338,10 +338,6 @@ fn record(row: &PgRow) -> Result<Record, StoreError> {
     .into_record()
 }
 
-fn fingerprint_bytes(claim: &Claim<'_>) -> Option<Vec<u8>> {
-    claim.fingerprint.map(|fp| fp.as_bytes().to_vec())
-}
-
 #[async_trait::async_trait]
 impl TxStatements<Postgres> for PgStore {
     async fn reserve_in(
@@ -349,12 +345,7 @@ impl TxStatements<Postgres> for PgStore {
         conn: &mut PgConnection,
         claim: &Claim<'_>,
     ) -> Result<Reservation, StoreError> {
-        let done = sqlx::query(self.sql.reserve_tx.clone())
-            .bind(claim.id.namespace().as_bytes())
-            .bind(claim.id.key().as_bytes())
-            .bind(fingerprint_bytes(claim))
-            .bind(claim.fence.get())
-            .bind(claim.owner)
+        let done = with_claim(&self.sql.reserve_tx, claim)
             .bind(millis(claim.lease))
             .execute(&mut *conn)
             .await?;
@@ -363,9 +354,7 @@ impl TxStatements<Postgres> for PgStore {
         }
         // The insert waited for any transaction holding the key and found a row; under READ
         // COMMITTED this next statement sees it.
-        let row = sqlx::query(self.sql.load.clone())
-            .bind(claim.id.namespace().as_bytes())
-            .bind(claim.id.key().as_bytes())
+        let row = with_id(&self.sql.load, claim.id)
             .fetch_optional(&mut *conn)
             .await?;
         Ok(match row.as_ref().map(record).transpose()? {
@@ -380,12 +369,7 @@ impl TxStatements<Postgres> for PgStore {
         claim: &Claim<'_>,
         observed: Fence,
     ) -> Result<bool, StoreError> {
-        let done = sqlx::query(self.sql.take_over.clone())
-            .bind(claim.id.namespace().as_bytes())
-            .bind(claim.id.key().as_bytes())
-            .bind(fingerprint_bytes(claim))
-            .bind(claim.fence.get())
-            .bind(claim.owner)
+        let done = with_claim(&self.sql.take_over, claim)
             .bind(observed.get())
             .bind(millis(claim.lease))
             .execute(&mut *conn)
@@ -402,10 +386,8 @@ impl TxStatements<Postgres> for PgStore {
         _ttl: Duration,
     ) -> Result<bool, StoreError> {
         // `expires_at` was set by `reserve_in`, from the same TTL.
-        let done = sqlx::query(self.sql.finalize_tx.clone())
-            .bind(id.namespace().as_bytes())
-            .bind(id.key().as_bytes())
-            .bind(result.bytes.as_slice())
+        let done = with_id(&self.sql.finalize_tx, id)
+            .bind(result.bytes.clone())
             .bind(result.codec.as_str())
             .bind(fence.get())
             .execute(&mut *conn)
@@ -419,9 +401,7 @@ impl TxStatements<Postgres> for PgStore {
         id: &RecordId,
         fence: Fence,
     ) -> Result<bool, StoreError> {
-        let done = sqlx::query(self.sql.release.clone())
-            .bind(id.namespace().as_bytes())
-            .bind(id.key().as_bytes())
+        let done = with_id(&self.sql.release, id)
             .bind(fence.get())
             .execute(&mut *conn)
             .await?;
@@ -432,12 +412,7 @@ impl TxStatements<Postgres> for PgStore {
 #[async_trait::async_trait]
 impl Store for PgStore {
     async fn reserve(&self, claim: &Claim<'_>) -> Result<Reservation, StoreError> {
-        let row = sqlx::query(self.sql.reserve.clone())
-            .bind(claim.id.namespace().as_bytes())
-            .bind(claim.id.key().as_bytes())
-            .bind(fingerprint_bytes(claim))
-            .bind(claim.fence.get())
-            .bind(claim.owner)
+        let row = with_claim(&self.sql.reserve, claim)
             .bind(millis(claim.lease))
             .fetch_optional(&self.pool)
             .await?;
@@ -452,9 +427,7 @@ impl Store for PgStore {
     }
 
     async fn load(&self, id: &RecordId) -> Result<Option<Record>, StoreError> {
-        let row = sqlx::query(self.sql.load.clone())
-            .bind(id.namespace().as_bytes())
-            .bind(id.key().as_bytes())
+        let row = with_id(&self.sql.load, id)
             .fetch_optional(&self.pool)
             .await?;
         row.as_ref().map(record).transpose()
@@ -471,9 +444,7 @@ impl Store for PgStore {
         fence: Fence,
         lease: Duration,
     ) -> Result<bool, StoreError> {
-        let done = sqlx::query(self.sql.heartbeat.clone())
-            .bind(id.namespace().as_bytes())
-            .bind(id.key().as_bytes())
+        let done = with_id(&self.sql.heartbeat, id)
             .bind(fence.get())
             .bind(millis(lease))
             .execute(&self.pool)
@@ -488,10 +459,8 @@ impl Store for PgStore {
         result: &StoredResult,
         ttl: Duration,
     ) -> Result<bool, StoreError> {
-        let done = sqlx::query(self.sql.finalize.clone())
-            .bind(id.namespace().as_bytes())
-            .bind(id.key().as_bytes())
-            .bind(result.bytes.as_slice())
+        let done = with_id(&self.sql.finalize, id)
+            .bind(result.bytes.clone())
             .bind(result.codec.as_str())
             .bind(millis(ttl))
             .bind(fence.get())

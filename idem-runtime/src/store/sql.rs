@@ -3,13 +3,40 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use sqlx::{AssertSqlSafe, SqlStr};
+use sqlx::query::Query;
+use sqlx::{AssertSqlSafe, Database, Encode, SqlStr, Type};
 
 use crate::Error;
 use crate::codec::Codec;
 use crate::error::StoreError;
-use crate::key::Fingerprint;
-use crate::store::{Fence, Record, RecordState, StoredResult};
+use crate::key::{Fingerprint, RecordId};
+use crate::store::{Claim, Fence, Record, RecordState, StoredResult};
+
+/// `sqlx::query(sql)` with the record's namespace and key bound as its first parameters.
+pub(crate) fn with_id<DB>(sql: &SqlStr, id: &RecordId) -> Query<'static, DB, DB::Arguments>
+where
+    DB: Database,
+    Vec<u8>: for<'q> Encode<'q, DB> + Type<DB>,
+{
+    sqlx::query(sql.clone())
+        .bind(id.namespace().as_bytes().to_vec())
+        .bind(id.key().as_bytes().to_vec())
+}
+
+/// [`with_id`], then the claim's fingerprint, fence and owner.
+pub(crate) fn with_claim<DB>(sql: &SqlStr, claim: &Claim<'_>) -> Query<'static, DB, DB::Arguments>
+where
+    DB: Database,
+    Vec<u8>: for<'q> Encode<'q, DB> + Type<DB>,
+    Option<Vec<u8>>: for<'q> Encode<'q, DB> + Type<DB>,
+    i64: for<'q> Encode<'q, DB> + Type<DB>,
+    String: for<'q> Encode<'q, DB> + Type<DB>,
+{
+    with_id(sql, claim.id)
+        .bind(claim.fingerprint.map(|fp| fp.as_bytes().to_vec()))
+        .bind(claim.fence.get())
+        .bind(claim.owner.to_string())
+}
 
 /// Checks a configured table name. It is spliced into SQL text (a table name cannot be a bind
 /// parameter), so only plain identifiers are accepted.

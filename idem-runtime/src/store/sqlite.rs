@@ -16,7 +16,7 @@ use sqlx::sqlite::{
 };
 use sqlx::{Row, SqlStr};
 
-use super::sql::{RawRecord, check_table_name, millis, statement};
+use super::sql::{RawRecord, check_table_name, millis, statement, with_claim, with_id};
 use super::{Claim, DEFAULT_TABLE, Fence, Record, Reservation, Store, StoredResult, TxStatements};
 use crate::Error;
 use crate::error::StoreError;
@@ -309,10 +309,6 @@ fn raw_record(row: &SqliteRow) -> Result<Record, StoreError> {
     .into_record()
 }
 
-fn fingerprint_bytes(claim: &Claim<'_>) -> Option<Vec<u8>> {
-    claim.fingerprint.map(|fp| fp.as_bytes().to_vec())
-}
-
 #[async_trait::async_trait]
 impl TxStatements<Sqlite> for SqliteStore {
     async fn reserve_in(
@@ -320,12 +316,7 @@ impl TxStatements<Sqlite> for SqliteStore {
         conn: &mut SqliteConnection,
         claim: &Claim<'_>,
     ) -> Result<Reservation, StoreError> {
-        let done = sqlx::query(self.sql.reserve.clone())
-            .bind(claim.id.namespace().as_bytes())
-            .bind(claim.id.key().as_bytes())
-            .bind(fingerprint_bytes(claim))
-            .bind(claim.fence.get())
-            .bind(claim.owner)
+        let done = with_claim(&self.sql.reserve, claim)
             .bind(now_ms())
             .bind(millis(claim.lease))
             .execute(&mut *conn)
@@ -333,9 +324,7 @@ impl TxStatements<Sqlite> for SqliteStore {
         if done.rows_affected() == 1 {
             return Ok(Reservation::Acquired);
         }
-        let row = sqlx::query(self.sql.load.clone())
-            .bind(claim.id.namespace().as_bytes())
-            .bind(claim.id.key().as_bytes())
+        let row = with_id(&self.sql.load, claim.id)
             .bind(now_ms())
             .fetch_optional(&mut *conn)
             .await?;
@@ -351,12 +340,7 @@ impl TxStatements<Sqlite> for SqliteStore {
         claim: &Claim<'_>,
         observed: Fence,
     ) -> Result<bool, StoreError> {
-        let done = sqlx::query(self.sql.take_over.clone())
-            .bind(claim.id.namespace().as_bytes())
-            .bind(claim.id.key().as_bytes())
-            .bind(fingerprint_bytes(claim))
-            .bind(claim.fence.get())
-            .bind(claim.owner)
+        let done = with_claim(&self.sql.take_over, claim)
             .bind(now_ms())
             .bind(millis(claim.lease))
             .bind(observed.get())
@@ -373,10 +357,8 @@ impl TxStatements<Sqlite> for SqliteStore {
         result: &StoredResult,
         ttl: Duration,
     ) -> Result<bool, StoreError> {
-        let done = sqlx::query(self.sql.finalize.clone())
-            .bind(id.namespace().as_bytes())
-            .bind(id.key().as_bytes())
-            .bind(result.bytes.as_slice())
+        let done = with_id(&self.sql.finalize, id)
+            .bind(result.bytes.clone())
             .bind(result.codec.as_str())
             .bind(now_ms())
             .bind(millis(ttl))
@@ -392,9 +374,7 @@ impl TxStatements<Sqlite> for SqliteStore {
         id: &RecordId,
         fence: Fence,
     ) -> Result<bool, StoreError> {
-        let done = sqlx::query(self.sql.release.clone())
-            .bind(id.namespace().as_bytes())
-            .bind(id.key().as_bytes())
+        let done = with_id(&self.sql.release, id)
             .bind(fence.get())
             .execute(&mut *conn)
             .await?;
@@ -410,9 +390,7 @@ impl Store for SqliteStore {
     }
 
     async fn load(&self, id: &RecordId) -> Result<Option<Record>, StoreError> {
-        let row = sqlx::query(self.sql.load.clone())
-            .bind(id.namespace().as_bytes())
-            .bind(id.key().as_bytes())
+        let row = with_id(&self.sql.load, id)
             .bind(now_ms())
             .fetch_optional(&self.pool)
             .await?;
@@ -430,9 +408,7 @@ impl Store for SqliteStore {
         fence: Fence,
         lease: Duration,
     ) -> Result<bool, StoreError> {
-        let done = sqlx::query(self.sql.heartbeat.clone())
-            .bind(id.namespace().as_bytes())
-            .bind(id.key().as_bytes())
+        let done = with_id(&self.sql.heartbeat, id)
             .bind(now_ms())
             .bind(millis(lease))
             .bind(fence.get())
