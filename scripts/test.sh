@@ -13,5 +13,10 @@ echo "== cargo fmt --check"
 cargo fmt --all --check
 echo "== cargo clippy"
 cargo clippy --workspace --all-targets --all-features -- -D warnings
+# Each backend alone must build warning-free too: users enable one feature, not all.
+for features in "" "sqlite" "postgres" "mysql" "axum"; do
+  echo "== cargo clippy -p idem-runtime --no-default-features --features '$features'"
+  cargo clippy -p idem-runtime --no-default-features --features "$features" -- -D warnings
+done
 echo "== cargo test"
 cargo test --workspace --all-features

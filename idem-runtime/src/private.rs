@@ -96,6 +96,7 @@ impl Spec {
     }
 
     /// The same settings in a fresh spec (its site not yet worked out).
+    #[cfg(feature = "axum")]
     pub(crate) fn copy(&self) -> Spec {
         Spec {
             name: self.name,

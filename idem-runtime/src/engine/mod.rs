@@ -108,7 +108,8 @@ struct Ctx<'a> {
 /// A call's inputs checked and resolved: which runtime, which record, which settings.
 pub(crate) struct Prepared {
     pub(crate) idem: Idem,
-    /// The fn's site (its path, namespaces and metric labels).
+    /// The fn's site (its path, namespaces and metric labels). Read by transactional calls.
+    #[cfg_attr(not(feature = "_sql"), allow(dead_code))]
     pub(crate) site: &'static Site,
     pub(crate) id: RecordId,
     pub(crate) fingerprint: Option<Fingerprint>,

@@ -29,9 +29,19 @@ use std::time::Duration;
 
 pub use memory::MemoryStore;
 #[cfg(feature = "mysql")]
-pub use mysql::{MySqlStore, MySqlStoreOptions};
+pub use mysql::MySqlStore;
 #[cfg(feature = "postgres")]
-pub use postgres::{PgStore, PgStoreOptions};
+pub use postgres::PgStore;
+#[cfg(any(feature = "postgres", feature = "mysql"))]
+pub use sql::ServerStoreOptions;
+
+/// How [`PgStore::connect_with`] connects (feature `postgres`).
+#[cfg(feature = "postgres")]
+pub type PgStoreOptions = ServerStoreOptions;
+
+/// How [`MySqlStore::connect_with`] connects (feature `mysql`).
+#[cfg(feature = "mysql")]
+pub type MySqlStoreOptions = ServerStoreOptions;
 #[cfg(feature = "sqlite")]
 pub use sqlite::{SqliteStore, SqliteStoreOptions};
 

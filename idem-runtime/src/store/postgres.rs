@@ -13,55 +13,13 @@ use sqlx::Postgres;
 use sqlx::postgres::{PgConnectOptions, PgConnection, PgPool, PgPoolOptions, PgRow};
 use sqlx::{Row, SqlStr};
 
-use super::sql::{RawRecord, check_table_name, millis, statement, with_claim, with_id};
-use super::{Claim, DEFAULT_TABLE, Fence, Record, Reservation, Store, StoredResult, TxStatements};
+use super::sql::{
+    RawRecord, ServerStoreOptions, check_table_name, millis, statement, with_claim, with_id,
+};
+use super::{Claim, Fence, Record, Reservation, Store, StoredResult, TxStatements};
 use crate::Error;
 use crate::error::StoreError;
 use crate::key::RecordId;
-
-/// How [`PgStore::connect_with`] connects.
-#[derive(Clone, Debug)]
-pub struct PgStoreOptions {
-    table: String,
-    max_connections: u32,
-    acquire_timeout: Duration,
-}
-
-impl Default for PgStoreOptions {
-    fn default() -> Self {
-        PgStoreOptions {
-            table: DEFAULT_TABLE.to_string(),
-            max_connections: 16,
-            acquire_timeout: Duration::from_secs(3),
-        }
-    }
-}
-
-impl PgStoreOptions {
-    /// Default options: table `idem_records`, 16 connections, 3 s to get a connection.
-    pub fn new() -> Self {
-        Self::default()
-    }
-
-    /// The table to keep records in (a plain identifier; created if missing).
-    pub fn table(mut self, table: impl Into<String>) -> Self {
-        self.table = table.into();
-        self
-    }
-
-    /// The size of the connection pool.
-    pub fn max_connections(mut self, n: u32) -> Self {
-        self.max_connections = n.max(1);
-        self
-    }
-
-    /// How long a call waits for a connection before failing with `StoreUnavailable`. Keep it
-    /// short: while the database is away, callers should hear so quickly.
-    pub fn acquire_timeout(mut self, timeout: Duration) -> Self {
-        self.acquire_timeout = timeout;
-        self
-    }
-}
 
 /// A [`Store`] in a PostgreSQL table, shared by every replica that points at it.
 ///
@@ -127,11 +85,11 @@ const RECORD_COLUMNS: &str = "state, fingerprint, fence, owner, attempts,
 impl PgStore {
     /// Connects to `url` with default options and creates the records table if missing.
     pub async fn connect(url: &str) -> Result<PgStore, Error> {
-        Self::connect_with(url, PgStoreOptions::default()).await
+        Self::connect_with(url, ServerStoreOptions::default()).await
     }
 
     /// Connects to `url` with `options`.
-    pub async fn connect_with(url: &str, options: PgStoreOptions) -> Result<PgStore, Error> {
+    pub async fn connect_with(url: &str, options: ServerStoreOptions) -> Result<PgStore, Error> {
         check_table_name(&options.table)?;
         let connect: PgConnectOptions = url
             .parse()

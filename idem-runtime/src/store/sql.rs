@@ -38,6 +38,54 @@ where
         .bind(claim.owner.to_string())
 }
 
+#[cfg(any(feature = "postgres", feature = "mysql"))]
+/// How a server store (`PgStore`, `MySqlStore`) connects: its table, pool size, and how long
+/// a call waits for a connection.
+#[derive(Clone, Debug)]
+pub struct ServerStoreOptions {
+    pub(crate) table: String,
+    pub(crate) max_connections: u32,
+    pub(crate) acquire_timeout: Duration,
+}
+
+#[cfg(any(feature = "postgres", feature = "mysql"))]
+impl Default for ServerStoreOptions {
+    fn default() -> Self {
+        ServerStoreOptions {
+            table: crate::store::DEFAULT_TABLE.to_string(),
+            max_connections: 16,
+            acquire_timeout: Duration::from_secs(3),
+        }
+    }
+}
+
+#[cfg(any(feature = "postgres", feature = "mysql"))]
+impl ServerStoreOptions {
+    /// Default options: table `idem_records`, 16 connections, 3 s to get a connection.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The table to keep records in (a plain identifier; created if missing).
+    pub fn table(mut self, table: impl Into<String>) -> Self {
+        self.table = table.into();
+        self
+    }
+
+    /// The size of the connection pool.
+    pub fn max_connections(mut self, n: u32) -> Self {
+        self.max_connections = n.max(1);
+        self
+    }
+
+    /// How long a call waits for a connection before failing with `StoreUnavailable`. Keep it
+    /// short: while the database is away, callers should hear so quickly.
+    pub fn acquire_timeout(mut self, timeout: Duration) -> Self {
+        self.acquire_timeout = timeout;
+        self
+    }
+}
+
 /// Checks a configured table name. It is spliced into SQL text (a table name cannot be a bind
 /// parameter), so only plain identifiers are accepted.
 pub(crate) fn check_table_name(name: &str) -> Result<(), Error> {
