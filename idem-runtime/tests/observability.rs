@@ -198,9 +198,11 @@ async fn metrics_and_spans_report_every_outcome() {
         .iter()
         .filter_map(|s| s.get("outcome").map(String::as_str))
         .collect();
+    assert_eq!(outcomes, ["executed", "replayed", "rejected", "took_over"]);
     assert_eq!(
-        outcomes,
-        ["executed", "replayed", "payload_mismatch", "took_over"]
+        spans[2].get("error").map(String::as_str),
+        Some("payload_mismatch"),
+        "a rejection names its reason"
     );
     for s in &spans {
         assert_eq!(s.get("function").map(String::as_str), Some("ops.charge"));

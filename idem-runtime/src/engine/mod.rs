@@ -187,6 +187,7 @@ pub(crate) fn span(function: &'static str, id: &RecordId) -> tracing::Span {
         function,
         key = %id.lazy_hash(),
         outcome = tracing::field::Empty,
+        error = tracing::field::Empty,
     )
 }
 
@@ -239,7 +240,18 @@ pub(crate) async fn run_unprotected<T, E>(
 
 pub(crate) fn fail<E: From<Error>>(function: &'static str, err: Error) -> E {
     metrics::error(function, err.kind());
-    tracing::Span::current().record("outcome", err.kind());
+    let span = tracing::Span::current();
+    // A call idem turned away (a duplicate in progress, a reused key, no key) is `rejected`;
+    // one it could not serve (the store, a stored value that does not decode) is `failed`.
+    let outcome = match err {
+        Error::InProgress { .. }
+        | Error::PayloadMismatch { .. }
+        | Error::MissingKey { .. }
+        | Error::InvalidKey { .. } => "rejected",
+        _ => "failed",
+    };
+    span.record("outcome", outcome);
+    span.record("error", err.kind());
     E::from(err)
 }
 
