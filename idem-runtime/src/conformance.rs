@@ -1,6 +1,6 @@
 //! The store conformance suite: what every [`Store`] must do, as tests (feature `conformance`).
 //!
-//! Each check is an async fn taking the store under test. [`store_conformance_tests!`]
+//! Each check is an async fn taking the store under test. [`store_conformance_tests!`](crate::store_conformance_tests)
 //! turns them all into `#[tokio::test]`s for one backend:
 //!
 //! ```no_run

@@ -108,7 +108,7 @@ pub struct RecordId {
 
 impl RecordId {
     /// A record name from parts already composed (for store tests and tools). The engine
-    /// composes names with [`RecordId::compose`] instead.
+    /// composes names from the fn path, version, scope and key itself.
     pub fn new(namespace: impl Into<Arc<str>>, key: impl Into<String>) -> RecordId {
         RecordId {
             namespace: namespace.into(),
