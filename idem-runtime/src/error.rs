@@ -101,6 +101,33 @@ pub enum Error {
         message: String,
     },
 
+    /// A transactional call's result is larger than `max_result_bytes`, so it cannot be
+    /// recorded. The caller must roll back its transaction (the effect goes with it) rather
+    /// than commit an effect whose record is missing. Raise the limit. HTTP 500.
+    ///
+    /// (A leased call returns such a result and releases the key instead; see the README.)
+    #[error(
+        "`{function}`: the result is {bytes} bytes, over max_result_bytes ({limit}); it cannot be recorded, so roll the transaction back (or raise the limit)"
+    )]
+    ResultTooLarge {
+        /// The fn's record path.
+        function: &'static str,
+        /// The encoded result's size.
+        bytes: usize,
+        /// The limit.
+        limit: usize,
+    },
+
+    /// A transactional call's result could not be encoded for storage (its `Serialize` impl
+    /// failed). The caller must roll back its transaction. HTTP 500.
+    #[error("`{function}`: the result could not be encoded ({message}); roll the transaction back")]
+    Encode {
+        /// The fn's record path.
+        function: &'static str,
+        /// The encoder's message.
+        message: String,
+    },
+
     /// This call's reservation was taken over by another caller while the body ran (its lease
     /// expired without a heartbeat getting through). The body's effects happened, but the
     /// record now belongs to the newer owner, whose result is the one that will be replayed.
@@ -143,7 +170,11 @@ impl Error {
             Error::PayloadMismatch { .. } => 422,
             Error::MissingKey { .. } | Error::InvalidKey { .. } => 400,
             Error::StoreUnavailable { .. } => 503,
-            Error::Decode { .. } | Error::NotInstalled { .. } | Error::Config(_) => 500,
+            Error::Decode { .. }
+            | Error::ResultTooLarge { .. }
+            | Error::Encode { .. }
+            | Error::NotInstalled { .. }
+            | Error::Config(_) => 500,
         }
     }
 
@@ -164,6 +195,8 @@ impl Error {
             Error::InvalidKey { .. } => "invalid_key",
             Error::StoreUnavailable { .. } => "store_unavailable",
             Error::Decode { .. } => "decode",
+            Error::ResultTooLarge { .. } => "result_too_large",
+            Error::Encode { .. } => "encode",
             Error::LeaseLost { .. } => "lease_lost",
             Error::NotInstalled { .. } => "not_installed",
             Error::Config(_) => "config",
@@ -187,6 +220,27 @@ impl StoreError {
         StoreError {
             inner: Arc::new(err),
         }
+    }
+
+    /// Whether the database refused the statement because of a conflict with a concurrent
+    /// transaction (a deadlock, a serialization failure, a lock wait timeout): the caller's
+    /// transaction is gone, and retrying it is the remedy.
+    pub fn is_transaction_conflict(&self) -> bool {
+        #[cfg(feature = "_sql")]
+        if let Some(sqlx::Error::Database(db)) = self.inner.downcast_ref::<sqlx::Error>() {
+            let sqlstate = db.code();
+            // 40001: serialization failure (and MySQL's deadlock); 40P01: PostgreSQL deadlock;
+            // 55P03: PostgreSQL lock timeout.
+            if matches!(sqlstate.as_deref(), Some("40001" | "40P01" | "55P03")) {
+                return true;
+            }
+            #[cfg(feature = "mysql")]
+            if let Some(my) = db.try_downcast_ref::<sqlx::mysql::MySqlDatabaseError>() {
+                // 1205: lock wait timeout exceeded.
+                return my.number() == 1205;
+            }
+        }
+        false
     }
 
     /// A store error described by a message alone.

@@ -58,6 +58,7 @@ macro_rules! transactional_tests {
 
             pub(crate) struct Fixture {
                 idem: Idem,
+                store: $Store,
                 pool: Pool<$Db>,
                 orders: String,
                 _store: Box<dyn std::any::Any + Send + Sync>,
@@ -71,8 +72,8 @@ macro_rules! transactional_tests {
                     "CREATE TABLE {orders} (id BIGINT NOT NULL, sku VARCHAR(64) NOT NULL, order_key VARCHAR(64) NOT NULL)"
                 );
                 sqlx::raw_sql(sqlx::AssertSqlSafe(create)).execute(&pool).await.unwrap();
-                let idem = Idem::builder().store(store).build().unwrap();
-                Some(Fixture { idem, pool, orders, _store: guard })
+                let idem = Idem::builder().store(store.clone()).build().unwrap();
+                Some(Fixture { idem, store, pool, orders, _store: guard })
             }
 
             impl Drop for Fixture {
@@ -124,6 +125,116 @@ macro_rules! transactional_tests {
                     Mode::Panic => panic!("a crash after the effect, before the commit"),
                 }
                 Ok(Order { id, sku: sku.to_string() })
+            }
+
+            /// The same body with a one-second TTL.
+            #[idempotent(key = key, tx = tx, runtime = &f.idem, skip(f, effects), ttl = "1s", name = "short")]
+            async fn place_briefly(
+                f: &Fixture,
+                tx: &mut sqlx::Transaction<'_, $Db>,
+                effects: &AtomicUsize,
+                key: &str,
+            ) -> Result<Order, AppError> {
+                place(f, tx, effects, Duration::ZERO, Mode::Ok, key, "tea").await
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn the_ttl_counts_from_the_commit_not_from_begin() {
+                let Some(f) = fixture().await else { return };
+                let effects = AtomicUsize::new(0);
+                let mut tx = begin(&f).await;
+                // A transaction open longer than the TTL before the call.
+                tokio::time::sleep(Duration::from_millis(1_200)).await;
+                place_briefly(&f, &mut tx, &effects, "k").await.unwrap();
+                tx.commit().await.unwrap();
+                let mut tx = begin(&f).await;
+                let (again, how) = observe(place_briefly(&f, &mut tx, &effects, "k")).await;
+                tx.commit().await.unwrap();
+                again.unwrap();
+                assert_eq!(how, Some(Outcome::Replayed), "still within its TTL");
+                assert_eq!(effects.load(SeqCst), 1);
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn a_cancelled_call_committed_anyway_does_not_block_the_key() {
+                let Some(f) = fixture().await else { return };
+                let effects = AtomicUsize::new(0);
+                let mut tx = begin(&f).await;
+                let cancelled = tokio::time::timeout(
+                    Duration::from_millis(100),
+                    place(&f, &mut tx, &effects, Duration::from_secs(3600), Mode::Ok, "k", "tea"),
+                )
+                .await;
+                assert!(cancelled.is_err());
+                tx.commit().await.unwrap(); // the caller commits whatever was written
+                let mut tx = begin(&f).await;
+                let (out, how) =
+                    observe(place(&f, &mut tx, &effects, Duration::ZERO, Mode::Ok, "k", "tea")).await;
+                out.unwrap();
+                tx.commit().await.unwrap();
+                assert_eq!(how, Some(Outcome::TookOver), "the stopped call's row is taken over at once");
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn a_result_too_large_to_record_fails_the_call() {
+                let Some(mut f) = fixture().await else { return };
+                f.idem = Idem::builder()
+                    .shared_store(std::sync::Arc::new(f.store.clone()))
+                    .max_result_bytes(10)
+                    .build()
+                    .unwrap();
+                let effects = AtomicUsize::new(0);
+                let mut tx = begin(&f).await;
+                let out = place(&f, &mut tx, &effects, Duration::ZERO, Mode::Ok, "k", "a-long-sku-name").await;
+                assert!(
+                    matches!(out, Err(AppError::Idem(Error::ResultTooLarge { .. }))),
+                    "{out:?}"
+                );
+                tx.rollback().await.unwrap();
+                assert_eq!(count(&f).await, 0, "rolled back with the missing record");
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn waiting_duplicates_never_see_a_store_error() {
+                let Some(f) = fixture().await else { return };
+                let f = Arc::new(f);
+                let effects = Arc::new(AtomicUsize::new(0));
+                // The first holds the key and rolls back while two duplicates wait on it.
+                let (f1, e1) = (f.clone(), effects.clone());
+                let first = tokio::spawn(async move {
+                    let mut tx = begin(&f1).await;
+                    place(&f1, &mut tx, &e1, Duration::from_millis(500), Mode::Ok, "k", "tea")
+                        .await
+                        .unwrap();
+                    tx.rollback().await.unwrap();
+                });
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                let mut waiters = tokio::task::JoinSet::new();
+                for _ in 0..2 {
+                    let (f, effects) = (f.clone(), effects.clone());
+                    waiters.spawn(async move {
+                        loop {
+                            let mut tx = begin(&f).await;
+                            match place(&f, &mut tx, &effects, Duration::ZERO, Mode::Ok, "k", "tea").await {
+                                Ok(o) => {
+                                    tx.commit().await.unwrap();
+                                    return o;
+                                }
+                                // A lost conflict is a retry, never a 503.
+                                Err(AppError::Idem(Error::InProgress { .. })) => {
+                                    let _ = tx.rollback().await;
+                                    tokio::time::sleep(Duration::from_millis(50)).await;
+                                }
+                                Err(e) => panic!("{e:?}"),
+                            }
+                        }
+                    });
+                }
+                first.await.unwrap();
+                let a = waiters.join_next().await.unwrap().unwrap();
+                let b = waiters.join_next().await.unwrap().unwrap();
+                assert_eq!(a, b);
+                assert_eq!(count(&f).await, 1);
             }
 
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -133,15 +133,16 @@ where
             fence,
             owner: &p.idem.inner.settings.executor_id,
             fingerprint: p.fingerprint.as_ref(),
-            // No lease in a transaction: the row becomes visible to others only committed,
-            // as completed. Its expiry is the TTL from the start.
-            lease: p.ttl,
+            // No lease in a transaction: others see the row only once committed, and a
+            // committed row still in progress means its call stopped (cancelled, and the
+            // transaction committed anyway). Such a row is reclaimable at once.
+            lease: std::time::Duration::ZERO,
         };
         let record = match store.reserve_in(conn, &claim).await {
             Ok(Reservation::Acquired) => return run(p, fence, false),
             Ok(Reservation::Vanished) => continue,
             Ok(Reservation::Exists(record)) => record,
-            Err(e) => return Err(Err(unavailable(function, e))),
+            Err(e) => return Err(Err(store_failed(function, &p, e))),
         };
         match decide(&record, p.fingerprint.as_ref()) {
             Decision::Replay => {
@@ -149,19 +150,8 @@ where
                     let e = StoreError::msg("a completed record has no result");
                     return Err(Err(unavailable(function, e)));
                 };
-                // Only another process's row is certainly committed: one written earlier in
-                // this same transaction would vanish with a rollback, so it is not cached.
-                if record.owner != *p.idem.inner.settings.executor_id
-                    && let Some(cache) = &p.idem.inner.cache
-                {
-                    cache.insert(
-                        p.id.clone(),
-                        result.codec,
-                        result.bytes.clone().into(),
-                        record.fingerprint,
-                        record.expires_in,
-                    );
-                }
+                // Not cached: a row written earlier in this same transaction could still roll
+                // back, and nothing here can tell it from a committed one.
                 return Err(replay::<T, E, C>(
                     &p,
                     result.codec,
@@ -256,46 +246,52 @@ where
     } else {
         Outcome::Executed
     };
-    let stored = match C::encode(&out) {
-        Some((codec, Ok(bytes))) if bytes.len() <= p.idem.inner.settings.max_result_bytes => {
-            Some(StoredResult { codec, bytes })
+    let limit = p.idem.inner.settings.max_result_bytes;
+    let result = match C::encode(&out) {
+        // An error that is not stored: whatever the caller does with its transaction, the
+        // key must not stay reserved.
+        None => {
+            if let Err(e) = store.release_in(conn, &p.id, fence).await {
+                tracing::debug!(function, error = %e, "idem: could not remove the reservation; it goes when the transaction rolls back");
+            }
+            finished(&p, how);
+            return out;
         }
-        Some((_, Ok(bytes))) => {
-            tracing::error!(
-                function,
-                bytes = bytes.len(),
-                "idem: result is larger than max_result_bytes; returned but not stored"
-            );
+        // Unlike a leased call, a transactional one can refuse to go on: the caller rolls
+        // back and the effect goes with the missing record. Committing an effect whose
+        // record is missing would let a retry apply it again.
+        Some((_, Ok(bytes))) if bytes.len() > limit => {
             metrics::not_stored(function, "too_large");
-            None
+            let e = Error::ResultTooLarge {
+                function,
+                bytes: bytes.len(),
+                limit,
+            };
+            return Err(fail(function, e));
         }
-        Some((_, Err(e))) => {
-            tracing::error!(function, error = %e, "idem: result could not be encoded; returned but not stored");
+        Some((_, Err(message))) => {
             metrics::not_stored(function, "encode");
-            None
+            return Err(fail(function, Error::Encode { function, message }));
         }
-        None => None,
+        Some((codec, Ok(bytes))) => StoredResult { codec, bytes },
     };
-    let Some(result) = stored else {
-        // Whatever the caller does with its transaction, the key must not stay reserved.
-        if let Err(e) = store.release_in(conn, &p.id, fence).await {
-            tracing::debug!(function, error = %e, "idem: could not remove the reservation; it goes when the transaction rolls back");
-        }
-        finished(&p, how);
-        return out;
-    };
-    match store.finalize_in(conn, &p.id, fence, &result, p.ttl).await {
+    let failure = match store.finalize_in(conn, &p.id, fence, &result, p.ttl).await {
         Ok(true) => {
             metrics::stored_bytes(function, result.bytes.len());
             finished(&p, how);
-            out
+            return out;
         }
-        Ok(false) => Err(unavailable(
-            function,
-            StoreError::msg("the reservation changed inside the transaction"),
-        )),
-        Err(e) => Err(unavailable(function, e)),
+        Ok(false) => StoreError::msg("the reservation changed inside the transaction"),
+        Err(e) => e,
+    };
+    if out.is_err() {
+        // A stored error (`cache_errors`) that could not be recorded, usually because the
+        // body's own failure aborted the transaction: the body's error is the news.
+        tracing::debug!(function, error = %failure, "idem: could not record the error result");
+        finished(&p, how);
+        return out;
     }
+    Err(store_failed(function, &p, failure))
 }
 
 fn replay<T, E, C>(
@@ -343,4 +339,20 @@ fn finished(p: &Prepared, how: Outcome) {
 
 fn unavailable<E: From<Error>>(function: &'static str, source: StoreError) -> E {
     fail(function, Error::StoreUnavailable { function, source })
+}
+
+/// A failed statement: a conflict with a concurrent transaction (a deadlock, a serialization
+/// failure, a lock timeout) is the caller's to retry, like a call still in progress; anything
+/// else is the store being unavailable.
+fn store_failed<E: From<Error>>(function: &'static str, p: &Prepared, source: StoreError) -> E {
+    if source.is_transaction_conflict() {
+        tracing::debug!(function, error = %source, "idem: the transaction lost a conflict with a concurrent one; retry it");
+        let e = Error::InProgress {
+            function,
+            key: p.id.hash(),
+            retry_after: std::time::Duration::from_millis(100),
+        };
+        return fail(function, e);
+    }
+    unavailable(function, source)
 }

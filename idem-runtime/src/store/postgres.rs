@@ -1,7 +1,9 @@
 //! The shared store for many replicas: PostgreSQL.
 //!
-//! Every time comparison and every `now + lease` uses the database server's clock (`now()`),
-//! so replicas with skewed clocks agree on who owns a record. `reserve` is one statement that
+//! Every time comparison and every `now + lease` uses the database server's clock
+//! (`clock_timestamp()`: the time of the statement, not of the start of the transaction it
+//! runs in, which matters for transactional calls in a long transaction), so replicas with
+//! skewed clocks agree on who owns a record. `reserve` is one statement that
 //! inserts if absent and otherwise returns the existing row (one round trip for a replay);
 //! `take_over` is one compare-and-set `UPDATE`. Concurrent writers to one row are serialised
 //! by the row lock, and PostgreSQL re-checks the `WHERE` clause against the row a winner left
@@ -44,7 +46,6 @@ pub struct PgStore {
 struct Statements {
     reserve: SqlStr,
     reserve_tx: SqlStr,
-    finalize_tx: SqlStr,
     load: SqlStr,
     take_over: SqlStr,
     heartbeat: SqlStr,
@@ -81,8 +82,8 @@ const MIGRATIONS: &[&str] = &[
 /// The columns `load` and `reserve` read, with the times as milliseconds left on the
 /// server's clock.
 const RECORD_COLUMNS: &str = "state, fingerprint, fence, owner, attempts,
-    (EXTRACT(EPOCH FROM (lease_expires_at - now())) * 1000)::BIGINT AS lease_remaining_ms,
-    (EXTRACT(EPOCH FROM (expires_at - now())) * 1000)::BIGINT AS expires_in_ms,
+    (EXTRACT(EPOCH FROM (lease_expires_at - clock_timestamp())) * 1000)::BIGINT AS lease_remaining_ms,
+    (EXTRACT(EPOCH FROM (expires_at - clock_timestamp())) * 1000)::BIGINT AS expires_in_ms,
     result, codec";
 
 impl PgStore {
@@ -192,8 +193,8 @@ async fn migrate(pool: &PgPool, table: &str, lock_key: i64) -> Result<(), sqlx::
 impl Statements {
     fn new(t: &str) -> Statements {
         // `reserve` binds the lease as $6, `take_over` as $7 (after the observed fence).
-        let lease6 = "now() + $6::BIGINT * interval '1 millisecond'";
-        let lease = "now() + $7 * interval '1 millisecond'";
+        let lease6 = "clock_timestamp() + $6::BIGINT * interval '1 millisecond'";
+        let lease = "clock_timestamp() + $7 * interval '1 millisecond'";
         Statements {
             // Insert if absent; otherwise return the row that is there, in the same round
             // trip. The existing row is read first, so a replay costs a primary-key lookup
@@ -209,7 +210,7 @@ impl Statements {
                         INSERT INTO {{t}} (namespace, key, state, fingerprint, fence, owner,
                             lease_expires_at, heartbeat_at, attempts, created_at, expires_at)
                         SELECT $1::BYTEA, $2::BYTEA, 'in_progress', $3::BYTEA, $4::BIGINT, $5::TEXT,
-                            {lease6}, now(), 1, now(), {lease6}
+                            {lease6}, clock_timestamp(), 1, clock_timestamp(), {lease6}
                         WHERE NOT EXISTS (SELECT 1 FROM existing)
                         ON CONFLICT (namespace, key) DO NOTHING
                         RETURNING 1
@@ -225,21 +226,15 @@ impl Statements {
                 t,
             ),
             // Inside a caller's transaction the common case is a first execution, and every
-            // statement is a round trip the caller's transaction pays for: a plain insert,
-            // with `expires_at` final from the start so that finalize does not touch the
-            // indexed column (a heap-only update). The row is only ever seen committed, as
-            // completed, so its lease columns are not needed.
+            // statement is a round trip the caller's transaction pays for: a plain insert.
             reserve_tx: statement(
-                "INSERT INTO {t} (namespace, key, state, fingerprint, fence, owner,
-                    lease_expires_at, heartbeat_at, attempts, created_at, expires_at)
-                 VALUES ($1, $2, 'in_progress', $3, $4, $5, NULL, NULL, 1, now(),
-                    now() + $6 * interval '1 millisecond')
-                 ON CONFLICT (namespace, key) DO NOTHING",
-                t,
-            ),
-            finalize_tx: statement(
-                "UPDATE {t} SET state = 'completed', result = $3, codec = $4, completed_at = now()
-                 WHERE namespace = $1 AND key = $2 AND fence = $5 AND state = 'in_progress'",
+                &format!(
+                    "INSERT INTO {{t}} (namespace, key, state, fingerprint, fence, owner,
+                        lease_expires_at, heartbeat_at, attempts, created_at, expires_at)
+                     VALUES ($1, $2, 'in_progress', $3, $4, $5, {lease6}, clock_timestamp(), 1,
+                        clock_timestamp(), {lease6})
+                     ON CONFLICT (namespace, key) DO NOTHING"
+                ),
                 t,
             ),
             load: statement(
@@ -249,25 +244,25 @@ impl Statements {
             take_over: statement(
                 &format!(
                     "UPDATE {{t}} SET state = 'in_progress', fingerprint = $3, fence = $4, owner = $5,
-                        lease_expires_at = {lease}, heartbeat_at = now(), expires_at = {lease},
+                        lease_expires_at = {lease}, heartbeat_at = clock_timestamp(), expires_at = {lease},
                         attempts = CASE WHEN state = 'completed' THEN 1 ELSE attempts + 1 END,
-                        created_at = CASE WHEN state = 'completed' THEN now() ELSE created_at END,
+                        created_at = CASE WHEN state = 'completed' THEN clock_timestamp() ELSE created_at END,
                         result = NULL, codec = NULL, completed_at = NULL
                      WHERE namespace = $1 AND key = $2 AND fence = $6
-                       AND ((state = 'in_progress' AND lease_expires_at <= now())
-                         OR (state = 'completed' AND expires_at <= now()))"
+                       AND ((state = 'in_progress' AND lease_expires_at <= clock_timestamp())
+                         OR (state = 'completed' AND expires_at <= clock_timestamp()))"
                 ),
                 t,
             ),
             heartbeat: statement(
-                "UPDATE {t} SET lease_expires_at = now() + $4 * interval '1 millisecond',
-                    expires_at = now() + $4 * interval '1 millisecond', heartbeat_at = now()
+                "UPDATE {t} SET lease_expires_at = clock_timestamp() + $4 * interval '1 millisecond',
+                    expires_at = clock_timestamp() + $4 * interval '1 millisecond', heartbeat_at = clock_timestamp()
                  WHERE namespace = $1 AND key = $2 AND fence = $3 AND state = 'in_progress'",
                 t,
             ),
             finalize: statement(
-                "UPDATE {t} SET state = 'completed', result = $3, codec = $4, completed_at = now(),
-                    expires_at = now() + $5 * interval '1 millisecond', lease_expires_at = NULL
+                "UPDATE {t} SET state = 'completed', result = $3, codec = $4, completed_at = clock_timestamp(),
+                    expires_at = clock_timestamp() + $5 * interval '1 millisecond', lease_expires_at = NULL
                  WHERE namespace = $1 AND key = $2 AND fence = $6 AND state = 'in_progress'",
                 t,
             ),
@@ -344,12 +339,12 @@ impl TxStatements<Postgres> for PgStore {
         id: &RecordId,
         fence: Fence,
         result: &StoredResult,
-        _ttl: Duration,
+        ttl: Duration,
     ) -> Result<bool, StoreError> {
-        // `expires_at` was set by `reserve_in`, from the same TTL.
-        let done = with_id(&self.sql.finalize_tx, id)
+        let done = with_id(&self.sql.finalize, id)
             .bind(result.bytes.clone())
             .bind(result.codec.as_str())
+            .bind(millis(ttl))
             .bind(fence.get())
             .execute(&mut *conn)
             .await?;
@@ -420,14 +415,8 @@ impl Store for PgStore {
         result: &StoredResult,
         ttl: Duration,
     ) -> Result<bool, StoreError> {
-        let done = with_id(&self.sql.finalize, id)
-            .bind(result.bytes.clone())
-            .bind(result.codec.as_str())
-            .bind(millis(ttl))
-            .bind(fence.get())
-            .execute(&self.pool)
-            .await?;
-        Ok(done.rows_affected() == 1)
+        let mut conn = self.pool.acquire().await?;
+        self.finalize_in(&mut conn, id, fence, result, ttl).await
     }
 
     async fn release(&self, id: &RecordId, fence: Fence) -> Result<bool, StoreError> {
