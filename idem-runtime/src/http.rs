@@ -39,6 +39,7 @@
 //! effect should share a database transaction with its record (`tx = ..`); see [`Json`].
 
 use std::borrow::Cow;
+use std::collections::HashMap;
 use std::convert::Infallible;
 use std::fmt;
 use std::future::Future;
@@ -60,7 +61,7 @@ use tower::{Layer, Service, ServiceExt};
 use crate::__private::{Call, Payload, Scope, Spec};
 use crate::config::IntoDuration;
 use crate::key::Fingerprinter;
-use crate::outcome::{Outcome, observe};
+use crate::outcome::observe;
 use crate::{Error, Idem};
 
 /// The header a replayed response carries.
@@ -95,7 +96,7 @@ pub struct IdempotencyLayer {
 #[derive(Clone)]
 struct Config {
     idem: Idem,
-    spec: &'static Spec,
+    settings: SpecSettings,
     header: HeaderName,
     required: bool,
     principal: Arc<Principal>,
@@ -129,15 +130,18 @@ impl IdempotencyLayer {
     pub fn new(idem: Idem) -> IdempotencyLayer {
         IdempotencyLayer {
             config: Arc::new(Config {
+                settings: SpecSettings {
+                    name: "http".into(),
+                    ..SpecSettings::default()
+                },
+                max_response_bytes: idem.inner.settings.max_result_bytes / 2,
                 idem,
-                spec: leak_spec(Spec::new().name("http")),
                 header: HeaderName::from_static("idempotency-key"),
                 required: true,
                 principal: Arc::new(|_| None),
                 body_view: None,
                 store_status: Arc::new(default_store_status),
                 max_request_bytes: 1 << 20,
-                max_response_bytes: 1 << 20,
                 replay_headers: DEFAULT_REPLAY_HEADERS
                     .iter()
                     .map(|h| HeaderName::from_static(h))
@@ -199,8 +203,9 @@ impl IdempotencyLayer {
         self.with(|c| c.max_request_bytes = bytes)
     }
 
-    /// The largest response body stored. A larger one is sent to its client but not stored,
-    /// and the key is released.
+    /// The largest response body stored (default: half the runtime's `max_result_bytes`, as
+    /// a stored response is a little larger than its body). A larger one is sent to its
+    /// client but not stored, and the key is released.
     pub fn max_response_bytes(self, bytes: usize) -> Self {
         self.with(|c| c.max_response_bytes = bytes)
     }
@@ -216,39 +221,82 @@ impl IdempotencyLayer {
 
     /// How long a response is replayed (default: the runtime's TTL).
     pub fn ttl(self, ttl: impl IntoDuration) -> Self {
-        self.duration("ttl", ttl, |spec, ms| spec.ttl_ms(ms))
+        self.duration("ttl", ttl, |s, ms| s.ttl_ms = Some(ms))
     }
 
     /// How long a request in progress keeps its key without a heartbeat.
     pub fn lease(self, lease: impl IntoDuration) -> Self {
-        self.duration("lease", lease, |spec, ms| spec.lease_ms(ms))
+        self.duration("lease", lease, |s, ms| s.lease_ms = Some(ms))
     }
 
     /// How long a duplicate waits for the first request before it gets 409.
     pub fn wait(self, wait: impl IntoDuration) -> Self {
-        self.duration("wait", wait, |spec, ms| spec.wait_ms(ms))
+        self.duration("wait", wait, |s, ms| s.wait_ms = Some(ms))
     }
 
     /// Answer a duplicate of a request still in progress with 409 at once, without waiting.
     pub fn reject_conflicts(self) -> Self {
-        self.with(|c| c.spec = leak_spec(c.spec.copy().reject()))
+        self.with(|c| c.settings.reject = true)
     }
 
-    fn duration(self, what: &str, d: impl IntoDuration, set: fn(Spec, u64) -> Spec) -> Self {
+    /// The name of this layer's records (default `http`). Give each service its own when
+    /// several share one store: two services with the same routes would otherwise share
+    /// records.
+    pub fn namespace(self, name: &str) -> Self {
+        let name = name.to_owned();
+        self.with(|c| c.settings.name = name)
+    }
+
+    fn duration(self, what: &str, d: impl IntoDuration, set: fn(&mut SpecSettings, u64)) -> Self {
         match d.into_duration() {
             Ok(d) => {
                 let ms = u64::try_from(d.as_millis()).unwrap_or(u64::MAX).max(1);
-                self.with(|c| c.spec = leak_spec(set(c.spec.copy(), ms)))
+                self.with(|c| set(&mut c.settings, ms))
             }
             Err(e) => self.with(|c| c.error = Some(format!("{what}: {e}"))),
         }
     }
 }
 
-/// Specs outlive every call that uses them, so a layer's is leaked: once per configuration
-/// step at startup, a few dozen bytes each.
-fn leak_spec(spec: Spec) -> &'static Spec {
-    Box::leak(Box::new(spec))
+/// What a layer's records are made with: the engine's spec, as data.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
+struct SpecSettings {
+    name: String,
+    ttl_ms: Option<u64>,
+    lease_ms: Option<u64>,
+    wait_ms: Option<u64>,
+    reject: bool,
+}
+
+impl SpecSettings {
+    /// The spec for these settings. Specs live as long as the program (calls hold
+    /// `&'static` ones), so each distinct configuration is made once and kept: layers built
+    /// per request do not grow memory.
+    fn spec(&self) -> &'static Spec {
+        static SPECS: Mutex<Option<HashMap<SpecSettings, &'static Spec>>> = Mutex::new(None);
+        let mut specs = SPECS.lock().unwrap_or_else(|p| p.into_inner());
+        let specs = specs.get_or_insert_with(HashMap::new);
+        if let Some(spec) = specs.get(self) {
+            return spec;
+        }
+        let name: &'static str = Box::leak(self.name.clone().into_boxed_str());
+        let mut spec = Spec::new().name(name);
+        if let Some(ms) = self.ttl_ms {
+            spec = spec.ttl_ms(ms);
+        }
+        if let Some(ms) = self.lease_ms {
+            spec = spec.lease_ms(ms);
+        }
+        if let Some(ms) = self.wait_ms {
+            spec = spec.wait_ms(ms);
+        }
+        if self.reject {
+            spec = spec.reject();
+        }
+        let spec: &'static Spec = Box::leak(Box::new(spec));
+        specs.insert(self.clone(), spec);
+        spec
+    }
 }
 
 impl<S> Layer<S> for IdempotencyLayer {
@@ -300,19 +348,21 @@ struct StoredResponse {
     body: StoredBody,
 }
 
-/// Text bodies (most API responses) stay readable in the store; others are kept as bytes.
+/// Text bodies (most API responses) stay readable in the store; others are base64, a third
+/// larger (JSON would write bytes as an array of numbers, three to four times larger).
 #[derive(Serialize, Deserialize)]
 enum StoredBody {
     Text(String),
-    Bytes(Vec<u8>),
+    Base64(String),
 }
 
 /// Why the route's response is not stored.
 enum NotStored {
     /// idem itself refused or failed.
     Idem(Error),
-    /// The route's own response, sent as it is: not stored, the key released.
-    Pass(Response<Body>),
+    /// The route's response went to its client as it was and is not stored (its status, its
+    /// size, or a broken body); the key is released.
+    Sent,
 }
 
 impl From<Error> for NotStored {
@@ -364,7 +414,10 @@ where
         .await
     {
         Ok(collected) => collected.to_bytes(),
-        Err(_) => {
+        Err(e)
+            if e.downcast_ref::<http_body_util::LengthLimitError>()
+                .is_some() =>
+        {
             return problem(
                 StatusCode::PAYLOAD_TOO_LARGE,
                 "request-too-large",
@@ -375,14 +428,25 @@ where
                 ),
             );
         }
+        Err(e) => {
+            return problem(
+                StatusCode::BAD_REQUEST,
+                "unreadable-body",
+                "The request body could not be read",
+                &e.to_string(),
+            );
+        }
     };
     let route = parts
         .extensions
         .get::<MatchedPath>()
         .map(|m| m.as_str().to_owned())
         .unwrap_or_else(|| parts.uri.path().to_owned());
-    let principal = (config.principal)(&parts).unwrap_or_else(|| "-".to_owned());
-    let scope = format!("{principal} {} {route}", parts.method);
+    // `p:` keeps every principal apart from the anonymous scope, whatever it is called.
+    let scope = match (config.principal)(&parts) {
+        Some(principal) => format!("p:{principal} {} {route}", parts.method),
+        None => format!("anonymous {} {route}", parts.method),
+    };
     let mut fp = Fingerprinter::new();
     fp.arg(parts.method.as_str());
     fp.arg(parts.uri.path_and_query().map_or("/", |p| p.as_str()));
@@ -397,38 +461,45 @@ where
         runtime: Some(config.idem.clone()),
     };
 
-    let first: Arc<Mutex<Option<Response<Body>>>> = Arc::default();
-    let body = run_route(config.clone(), inner, parts, bytes, first.clone());
-    let spec = config.spec;
-    let site = spec.site::<()>();
-    let (out, how) = observe(crate::engine::run::<
-        StoredResponse,
-        NotStored,
-        _,
-        crate::engine::ValuesOnly,
-    >(spec, site, &[], call, body))
-    .await;
-    match out {
-        Ok(stored) => {
-            if matches!(how, Some(Outcome::Executed | Outcome::TookOver))
-                && let Some(original) = first.lock().unwrap_or_else(|p| p.into_inner()).take()
-            {
-                return original;
-            }
-            replayed(stored)
+    // The call runs in a task of its own: a client that hangs up must not cancel a route
+    // that has already done its work, or the retry would do it again.
+    let (head_tx, head_rx) = tokio::sync::oneshot::channel();
+    let spec = config.settings.spec();
+    let route_run = run_route(config.clone(), inner, parts, bytes, head_tx);
+    let task = tokio::spawn(async move {
+        let site = spec.site::<()>();
+        observe(crate::engine::run::<
+            StoredResponse,
+            NotStored,
+            _,
+            crate::engine::ValuesOnly,
+        >(spec, site, &[], call, route_run))
+        .await
+    });
+    // Either the route ran here, and its response streams to the client while it is being
+    // recorded, or the engine answered without it (a replay, a conflict, an error).
+    if let Ok(response) = head_rx.await {
+        return response;
+    }
+    match task.await {
+        Ok((Ok(stored), _)) => replayed(stored),
+        Ok((Err(NotStored::Idem(e)), _)) => error_response(&e),
+        Ok((Err(NotStored::Sent), _)) | Err(_) => {
+            // The route ran but its response never reached us: it panicked.
+            StatusCode::INTERNAL_SERVER_ERROR.into_response()
         }
-        Err(NotStored::Pass(resp)) => resp,
-        Err(NotStored::Idem(e)) => error_response(&e),
     }
 }
 
-/// The route, run once for a key: its response, stored if the policy and size allow.
+/// The route, run once for a key. Its response goes to the client through `head` as soon as
+/// it starts; the body streams on while a copy is kept, and the copy is stored at the end if
+/// the status policy and the size limit allow.
 async fn run_route<S>(
     config: Arc<Config>,
     inner: S,
     parts: Parts,
     bytes: Bytes,
-    first: Arc<Mutex<Option<Response<Body>>>>,
+    head: tokio::sync::oneshot::Sender<Response<Body>>,
 ) -> Result<StoredResponse, NotStored>
 where
     S: Service<Request<Body>, Error = Infallible> + Send + 'static,
@@ -441,80 +512,86 @@ where
             .await,
     );
     if !(config.store_status)(resp.status()) {
-        return Err(NotStored::Pass(resp));
+        let _ = head.send(resp);
+        return Err(NotStored::Sent);
     }
-    let (parts, body) = resp.into_parts();
-    let body = match read_up_to(body, config.max_response_bytes).await {
-        Ok(bytes) => bytes,
-        Err(Too::Large(prefix, rest)) => {
-            tracing::warn!(
-                limit = config.max_response_bytes,
-                "idem: response body too large to store; sent but not stored"
-            );
-            crate::metrics::not_stored("http", "too_large");
-            let chained = Body::new(Prefixed {
-                prefix: Some(prefix),
-                rest,
-            });
-            return Err(NotStored::Pass(Response::from_parts(parts, chained)));
-        }
-        Err(Too::Broken(e)) => {
-            tracing::warn!(error = %e, "idem: the response body failed; not stored");
-            return Err(NotStored::Pass(StatusCode::BAD_GATEWAY.into_response()));
-        }
-    };
-    let stored = StoredResponse {
-        status: parts.status.as_u16(),
-        headers: config
-            .replay_headers
-            .iter()
-            .flat_map(|name| {
-                parts
-                    .headers
-                    .get_all(name)
-                    .iter()
-                    .map(move |v| (name.as_str().to_owned(), v.as_bytes().to_vec()))
-            })
-            .collect(),
-        body: match std::str::from_utf8(&body) {
-            Ok(text) => StoredBody::Text(text.to_owned()),
-            Err(_) => StoredBody::Bytes(body.to_vec()),
-        },
-    };
-    *first.lock().unwrap_or_else(|p| p.into_inner()) =
-        Some(Response::from_parts(parts, Body::from(body)));
-    Ok(stored)
-}
-
-enum Too {
-    /// Over the limit: what was read, and the rest of the body.
-    Large(Bytes, Body),
-    Broken(axum::Error),
-}
-
-/// Reads a body if it fits in `limit` bytes; otherwise hands back what it read and the rest,
-/// so the response can still be sent in full.
-async fn read_up_to(mut body: Body, limit: usize) -> Result<Bytes, Too> {
-    let mut buf = bytes::BytesMut::new();
+    let (parts, mut body) = resp.into_parts();
+    let status = parts.status.as_u16();
+    let headers: Vec<(String, Vec<u8>)> = config
+        .replay_headers
+        .iter()
+        .flat_map(|name| {
+            parts
+                .headers
+                .get_all(name)
+                .iter()
+                .map(move |v| (name.as_str().to_owned(), v.as_bytes().to_vec()))
+        })
+        .collect();
+    let (tx, rx) = tokio::sync::mpsc::channel(16);
+    let _ = head.send(Response::from_parts(parts, Body::new(ChannelBody { rx })));
+    let mut client = Some(tx);
+    let mut kept = Some(bytes::BytesMut::new());
     while let Some(frame) = body.frame().await {
-        let frame = frame.map_err(Too::Broken)?;
-        if let Ok(data) = frame.into_data() {
-            buf.extend_from_slice(&data);
-            if buf.len() > limit {
-                return Err(Too::Large(buf.freeze(), body));
+        let data = match frame {
+            Ok(frame) => match frame.into_data() {
+                Ok(data) => data,
+                Err(_trailers) => continue,
+            },
+            Err(e) => {
+                tracing::warn!(error = %e, "idem: the response body failed; not stored");
+                if let Some(c) = client.take() {
+                    let _ = c.send(Err(e)).await;
+                }
+                return Err(NotStored::Sent);
+            }
+        };
+        if let Some(buf) = &mut kept {
+            if buf.len() + data.len() <= config.max_response_bytes {
+                buf.extend_from_slice(&data);
+            } else {
+                tracing::warn!(
+                    limit = config.max_response_bytes,
+                    "idem: response body too large to store; sent but not stored"
+                );
+                crate::metrics::not_stored("http", "too_large");
+                kept = None;
             }
         }
+        if let Some(c) = &client
+            && c.send(Ok(data)).await.is_err()
+        {
+            // The client hung up. Keep reading only if the body can still be stored.
+            client = None;
+        }
+        if client.is_none() && kept.is_none() {
+            return Err(NotStored::Sent);
+        }
     }
-    Ok(buf.freeze())
+    drop(client); // the end of the client's body
+    let Some(kept) = kept else {
+        return Err(NotStored::Sent);
+    };
+    let body = match std::str::from_utf8(&kept) {
+        Ok(text) => StoredBody::Text(text.to_owned()),
+        Err(_) => StoredBody::Base64(base64::Engine::encode(
+            &base64::engine::general_purpose::STANDARD,
+            &kept,
+        )),
+    };
+    Ok(StoredResponse {
+        status,
+        headers,
+        body,
+    })
 }
 
-/// A body that yields `prefix` first, then the rest of another body.
-struct Prefixed {
-    prefix: Option<Bytes>,
-    rest: Body,
+/// The client's end of a response body being copied by `run_route`.
+struct ChannelBody {
+    rx: tokio::sync::mpsc::Receiver<Result<Bytes, axum::Error>>,
 }
 
-impl http_body::Body for Prefixed {
+impl http_body::Body for ChannelBody {
     type Data = Bytes;
     type Error = axum::Error;
 
@@ -522,10 +599,9 @@ impl http_body::Body for Prefixed {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<http_body::Frame<Bytes>, axum::Error>>> {
-        if let Some(prefix) = self.prefix.take() {
-            return Poll::Ready(Some(Ok(http_body::Frame::data(prefix))));
-        }
-        Pin::new(&mut self.rest).poll_frame(cx)
+        self.rx
+            .poll_recv(cx)
+            .map(|next| next.map(|r| r.map(http_body::Frame::data)))
     }
 }
 
@@ -539,7 +615,10 @@ fn into_response<R: IntoResponse>(resp: Result<R, Infallible>) -> Response<Body>
 fn replayed(stored: StoredResponse) -> Response<Body> {
     let body = match stored.body {
         StoredBody::Text(t) => Body::from(t),
-        StoredBody::Bytes(b) => Body::from(b),
+        StoredBody::Base64(b) => Body::from(
+            base64::Engine::decode(&base64::engine::general_purpose::STANDARD, b)
+                .unwrap_or_default(),
+        ),
     };
     let mut resp = Response::new(body);
     *resp.status_mut() = StatusCode::from_u16(stored.status).unwrap_or(StatusCode::OK);

@@ -95,21 +95,6 @@ impl Spec {
         }
     }
 
-    /// The same settings in a fresh spec (its site not yet worked out).
-    #[cfg(feature = "axum")]
-    pub(crate) fn copy(&self) -> Spec {
-        Spec {
-            name: self.name,
-            ttl: self.ttl,
-            lease: self.lease,
-            wait: self.wait,
-            reject: self.reject,
-            version: self.version,
-            optional: self.optional,
-            site: OnceLock::new(),
-        }
-    }
-
     /// `name = ".."`: the record path, instead of the fn's Rust path.
     pub const fn name(mut self, name: &'static str) -> Spec {
         self.name = Some(name);

@@ -36,8 +36,10 @@ struct Opts {
 
 async fn create_order(State(app): State<App>, Query(opts): Query<Opts>, body: String) -> Response {
     app.calls.fetch_add(1, SeqCst);
-    tokio::time::sleep(Duration::from_millis(opts.sleep_ms)).await;
+    // The effect first, then the slow part: a client that gives up in between must not cause
+    // a second order.
     let n = app.orders.fetch_add(1, SeqCst) + 1;
+    tokio::time::sleep(Duration::from_millis(opts.sleep_ms)).await;
     let json = format!(r#"{{"order_id":{n},"request":{body:?}}}"#);
     (
         StatusCode::CREATED,
@@ -63,6 +65,29 @@ async fn flaky(State(app): State<App>) -> Response {
 async fn big(State(app): State<App>, Query(opts): Query<Opts>) -> Response {
     app.orders.fetch_add(1, SeqCst);
     (StatusCode::OK, "x".repeat(opts.size)).into_response()
+}
+
+/// A binary body (not UTF-8): stored base64, replayed byte for byte.
+async fn binary(State(app): State<App>) -> Response {
+    let n = app.orders.fetch_add(1, SeqCst) as u8;
+    let body: Vec<u8> = (0..=255u8).cycle().take(5_000).map(|b| b ^ n).collect();
+    ([("content-type", "application/octet-stream")], body).into_response()
+}
+
+/// A first chunk at once, the rest two seconds later: the client must not wait for the end.
+async fn slow_stream(State(app): State<App>) -> Response {
+    app.orders.fetch_add(1, SeqCst);
+    let stream = futures_util::stream::unfold(0, |i| async move {
+        match i {
+            0 => Some((Ok::<_, std::io::Error>(b"first\n".to_vec()), 1)),
+            1 => {
+                tokio::time::sleep(Duration::from_secs(2)).await;
+                Some((Ok(b"second\n".to_vec()), 2))
+            }
+            _ => None,
+        }
+    });
+    Response::new(Body::from_stream(stream))
 }
 
 async fn stream(State(app): State<App>) -> Response {
@@ -154,7 +179,9 @@ async fn serve(store: Arc<dyn Store>) -> Server {
         )
         .route("/flaky", post(flaky).layer(layer.clone()))
         .route("/big", post(big).layer(layer.clone()))
-        .route("/stream", post(stream).layer(layer))
+        .route("/stream", post(stream).layer(layer.clone()))
+        .route("/binary", post(binary).layer(layer.clone()))
+        .route("/slow-stream", post(slow_stream).layer(layer))
         .route("/attributed", post(attributed))
         .with_state(app.clone());
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -420,14 +447,96 @@ async fn a_client_that_disconnects_leaves_no_stuck_key() {
         gone.is_err(),
         "the client gave up and closed the connection"
     );
-    // The key is either released (the request was dropped with the connection) or completed;
-    // a retry after the handler's time succeeds either way.
-    tokio::time::sleep(Duration::from_millis(600)).await;
+    // The route had already placed the order: the retry gets that order back, whether it
+    // arrives while the route still runs (it waits) or after (it is replayed).
     let retry = s.post("/orders?sleep_ms=400", Some("hung-up"), "{}").await;
     assert_eq!(retry.status(), 201);
-    let again = s.post("/orders?sleep_ms=400", Some("hung-up"), "{}").await;
+    assert_eq!(retry.headers()["idempotent-replayed"], "true");
+    assert_eq!(
+        s.app.orders.load(SeqCst),
+        1,
+        "one order, though the first client hung up"
+    );
+}
+
+#[tokio::test]
+async fn binary_bodies_replay_byte_for_byte() {
+    let s = memory_server().await;
+    let first = s
+        .post("/binary", Some("bin"), "")
+        .await
+        .bytes()
+        .await
+        .unwrap();
+    let again = s.post("/binary", Some("bin"), "").await;
     assert_eq!(again.headers()["idempotent-replayed"], "true");
-    assert!(s.app.orders.load(SeqCst) <= 2);
+    assert_eq!(again.headers()["content-type"], "application/octet-stream");
+    assert_eq!(again.bytes().await.unwrap(), first);
+}
+
+#[tokio::test]
+async fn a_streamed_response_reaches_the_client_as_it_is_produced() {
+    let s = memory_server().await;
+    let start = std::time::Instant::now();
+    let mut resp = s.post("/slow-stream", Some("sse"), "").await;
+    let first = resp.chunk().await.unwrap().unwrap();
+    assert_eq!(&first[..], b"first\n");
+    assert!(
+        start.elapsed() < Duration::from_millis(1_500),
+        "not held back until the end"
+    );
+    assert_eq!(&resp.chunk().await.unwrap().unwrap()[..], b"second\n");
+    let again = s.post("/slow-stream", Some("sse"), "").await;
+    assert_eq!(again.headers()["idempotent-replayed"], "true");
+    assert_eq!(again.text().await.unwrap(), "first\nsecond\n");
+}
+
+#[tokio::test]
+async fn a_principal_named_like_the_anonymous_scope_is_still_its_own() {
+    let s = memory_server().await;
+    let anon = s
+        .post("/orders", Some("k"), "{}")
+        .await
+        .text()
+        .await
+        .unwrap();
+    for name in ["-", "anonymous"] {
+        let resp = s
+            .client
+            .post(format!("{}/orders", s.url))
+            .header("Idempotency-Key", "k")
+            .header("X-Tenant", name)
+            .body("{}")
+            .send()
+            .await
+            .unwrap();
+        assert!(
+            resp.headers().get("idempotent-replayed").is_none(),
+            "{name}"
+        );
+        assert_ne!(resp.text().await.unwrap(), anon);
+    }
+}
+
+#[tokio::test]
+async fn an_unreadable_request_body_is_400_not_413() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let s = memory_server().await;
+    let addr = s.url.trim_start_matches("http://");
+    let mut conn = tokio::net::TcpStream::connect(addr).await.unwrap();
+    conn.write_all(
+        b"POST /orders HTTP/1.1\r\nHost: x\r\nIdempotency-Key: k\r\nTransfer-Encoding: chunked\r\n\r\nZZ\r\nnot hex\r\n0\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let mut reply = vec![0; 1024];
+    let n = tokio::time::timeout(Duration::from_secs(5), conn.read(&mut reply))
+        .await
+        .unwrap()
+        .unwrap();
+    let reply = String::from_utf8_lossy(&reply[..n]);
+    assert!(reply.starts_with("HTTP/1.1 400"), "{reply}");
+    assert_eq!(s.app.calls.load(SeqCst), 0);
 }
 
 #[tokio::test]
