@@ -209,17 +209,28 @@ where
         Ok(None) => return run_unprotected(site, body).await,
         Err(e) => return Err(fail(site.path, e)),
     };
+    let Prepared {
+        idem,
+        id,
+        fingerprint,
+        version,
+        ttl,
+        lease,
+        wait,
+        reject,
+        ..
+    } = p;
     let ctx = Ctx {
-        idem: &p.idem.inner,
+        idem: &idem.inner,
         site,
         function: site.path,
-        version: p.version,
-        fingerprint: p.fingerprint,
-        ttl: p.ttl,
-        lease: p.lease,
-        wait: p.wait,
-        reject: p.reject,
-        id: p.id.clone(),
+        version,
+        fingerprint,
+        ttl,
+        lease,
+        wait,
+        reject,
+        id,
     };
     let span = span(site.path, &ctx.id);
     ctx.call::<T, E, F, C>(body).instrument(span).await
