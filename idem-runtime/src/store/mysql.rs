@@ -10,11 +10,12 @@
 use std::time::Duration;
 
 use sqlx::MySql;
-use sqlx::mysql::{MySqlConnectOptions, MySqlConnection, MySqlPool, MySqlPoolOptions, MySqlRow};
+use sqlx::mysql::{MySqlConnection, MySqlPool, MySqlRow};
 use sqlx::{Row, SqlStr};
 
 use super::sql::{
-    RawRecord, ServerStoreOptions, check_table_name, millis, statement, with_claim, with_id,
+    RawRecord, ServerStoreOptions, check_table_name, connect_pool, millis, statement, unavailable,
+    with_claim, with_id,
 };
 use super::{Claim, Fence, Record, Reservation, Store, StoredResult, TxStatements};
 use crate::Error;
@@ -84,16 +85,7 @@ impl MySqlStore {
 
     /// Connects to `url` with `options`.
     pub async fn connect_with(url: &str, options: ServerStoreOptions) -> Result<MySqlStore, Error> {
-        check_table_name(&options.table)?;
-        let connect: MySqlConnectOptions = url
-            .parse()
-            .map_err(|e| Error::Config(format!("invalid MySQL URL: {e}")))?;
-        let pool = MySqlPoolOptions::new()
-            .max_connections(options.max_connections)
-            .acquire_timeout(options.acquire_timeout)
-            .connect_with(connect)
-            .await
-            .map_err(unavailable)?;
+        let pool = connect_pool::<MySql>(url, &options, "MySQL").await?;
         Self::from_pool(pool, &options.table).await
     }
 
@@ -120,13 +112,6 @@ impl MySqlStore {
     /// The records table.
     pub fn table(&self) -> &str {
         &self.table
-    }
-}
-
-fn unavailable(err: sqlx::Error) -> Error {
-    Error::StoreUnavailable {
-        function: "idem",
-        source: StoreError::new(err),
     }
 }
 

@@ -12,11 +12,12 @@
 use std::time::Duration;
 
 use sqlx::Postgres;
-use sqlx::postgres::{PgConnectOptions, PgConnection, PgPool, PgPoolOptions, PgRow};
+use sqlx::postgres::{PgConnection, PgPool, PgRow};
 use sqlx::{Row, SqlStr};
 
 use super::sql::{
-    RawRecord, ServerStoreOptions, check_table_name, millis, statement, with_claim, with_id,
+    RawRecord, ServerStoreOptions, check_table_name, connect_pool, millis, statement, unavailable,
+    with_claim, with_id,
 };
 use super::{Claim, Fence, Record, Reservation, Store, StoredResult, TxStatements};
 use crate::Error;
@@ -94,16 +95,7 @@ impl PgStore {
 
     /// Connects to `url` with `options`.
     pub async fn connect_with(url: &str, options: ServerStoreOptions) -> Result<PgStore, Error> {
-        check_table_name(&options.table)?;
-        let connect: PgConnectOptions = url
-            .parse()
-            .map_err(|e| Error::Config(format!("invalid PostgreSQL URL: {e}")))?;
-        let pool = PgPoolOptions::new()
-            .max_connections(options.max_connections)
-            .acquire_timeout(options.acquire_timeout)
-            .connect_with(connect)
-            .await
-            .map_err(unavailable)?;
+        let pool = connect_pool::<Postgres>(url, &options, "PostgreSQL").await?;
         Self::from_pool(pool, &options.table).await
     }
 
@@ -138,13 +130,6 @@ fn lock_key(table: &str) -> i64 {
     let mut bytes = [0u8; 8];
     bytes.copy_from_slice(&digest.as_bytes()[..8]);
     i64::from_le_bytes(bytes)
-}
-
-fn unavailable(err: sqlx::Error) -> Error {
-    Error::StoreUnavailable {
-        function: "idem",
-        source: StoreError::new(err),
-    }
 }
 
 async fn migrate(pool: &PgPool, table: &str, lock_key: i64) -> Result<(), sqlx::Error> {

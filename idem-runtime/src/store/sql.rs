@@ -86,6 +86,33 @@ impl ServerStoreOptions {
     }
 }
 
+/// A store that could not be reached while it was being opened.
+pub(crate) fn unavailable(err: sqlx::Error) -> Error {
+    Error::StoreUnavailable {
+        function: "idem",
+        source: StoreError::new(err),
+    }
+}
+
+/// A pool on `url` sized and timed by `options` (`what` names the database in errors).
+#[cfg(any(feature = "postgres", feature = "mysql"))]
+pub(crate) async fn connect_pool<DB: Database>(
+    url: &str,
+    options: &ServerStoreOptions,
+    what: &str,
+) -> Result<sqlx::Pool<DB>, Error> {
+    check_table_name(&options.table)?;
+    let connect: <DB::Connection as sqlx::Connection>::Options = url
+        .parse()
+        .map_err(|e| Error::Config(format!("invalid {what} URL: {e}")))?;
+    sqlx::pool::PoolOptions::<DB>::new()
+        .max_connections(options.max_connections)
+        .acquire_timeout(options.acquire_timeout)
+        .connect_with(connect)
+        .await
+        .map_err(unavailable)
+}
+
 /// Checks a configured table name. It is spliced into SQL text (a table name cannot be a bind
 /// parameter), so only plain identifiers are accepted.
 pub(crate) fn check_table_name(name: &str) -> Result<(), Error> {

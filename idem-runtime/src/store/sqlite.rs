@@ -16,7 +16,9 @@ use sqlx::sqlite::{
 };
 use sqlx::{Row, SqlStr};
 
-use super::sql::{RawRecord, check_table_name, millis, statement, with_claim, with_id};
+use super::sql::{
+    RawRecord, check_table_name, millis, statement, unavailable, with_claim, with_id,
+};
 use super::{Claim, DEFAULT_TABLE, Fence, Record, Reservation, Store, StoredResult, TxStatements};
 use crate::Error;
 use crate::error::StoreError;
@@ -185,13 +187,6 @@ impl SqliteStore {
     /// The records table.
     pub fn table(&self) -> &str {
         &self.table
-    }
-}
-
-fn unavailable(err: sqlx::Error) -> Error {
-    Error::StoreUnavailable {
-        function: "idem",
-        source: StoreError::new(err),
     }
 }
 
