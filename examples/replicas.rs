@@ -240,6 +240,7 @@ struct Replica {
     backend: Backend,
     opts: Opts,
     runs: AtomicU64,
+    announce_bodies: bool,
 }
 
 /// The handler every replica runs: a side effect (a row in the effects table), some work,
@@ -255,11 +256,18 @@ async fn process(replica: &Replica, key: u64, body_ms: u64) -> Result<String, Ap
         .backend
         .effect(&replica.opts.table, key, &replica.opts.name, &run)
         .await?;
+    if replica.announce_bodies {
+        // Tells the multi-process test that this process is now inside a body.
+        println!("START {key}");
+    }
     tokio::time::sleep(Duration::from_millis(body_ms)).await;
     Ok(run)
 }
 
-async fn start(opts: Opts) -> Result<Arc<Replica>, Box<dyn std::error::Error>> {
+async fn start(
+    opts: Opts,
+    announce_bodies: bool,
+) -> Result<Arc<Replica>, Box<dyn std::error::Error>> {
     let backend = Backend::connect(&opts).await?;
     backend.create_effects(&opts.table).await?;
     let idem = Idem::builder()
@@ -273,13 +281,14 @@ async fn start(opts: Opts) -> Result<Arc<Replica>, Box<dyn std::error::Error>> {
         backend,
         opts,
         runs: AtomicU64::new(0),
+        announce_bodies,
     }))
 }
 
 /// Batch mode for the multi-process tests: every key `copies` times, shuffled, from `tasks`
 /// concurrent tasks. Prints `RESULT <key> <value>` per call, then `DONE`.
 async fn worker(opts: Opts) -> Result<(), Box<dyn std::error::Error>> {
-    let replica = start(opts.clone()).await?;
+    let replica = start(opts.clone(), true).await?;
     let mut rng = fastrand::Rng::new();
     let mut calls: Vec<u64> = (0..opts.keys)
         .flat_map(|k| (0..opts.copies).map(move |_| k))
@@ -321,7 +330,7 @@ async fn worker(opts: Opts) -> Result<(), Box<dyn std::error::Error>> {
 /// Interactive mode for the demo: `<key> <body_ms>` per line on stdin; answers
 /// `<key> <value> <outcome>` on stdout.
 async fn serve(opts: Opts) -> Result<(), Box<dyn std::error::Error>> {
-    let replica = start(opts).await?;
+    let replica = start(opts, false).await?;
     println!("READY {}", replica.opts.name);
     let mut lines =
         tokio::io::AsyncBufReadExt::lines(tokio::io::BufReader::new(tokio::io::stdin()));

@@ -87,6 +87,16 @@ impl Worker {
             .collect()
     }
 
+    /// How many bodies this process has started.
+    fn starts(&self) -> usize {
+        self.lines
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|l| l.starts_with("START"))
+            .count()
+    }
+
     fn done(&self) -> bool {
         self.lines
             .lock()
@@ -111,7 +121,8 @@ fn run(store: &str, table: &str, read: impl FnOnce(&str) -> Tally) {
         .map(|n| Worker::spawn(store, table, n))
         .collect();
     let mut workers = workers;
-    // Kill the victim once it is well into its work (so bodies are in flight).
+    // Kill the victim once it is well into its work, right after it starts a body (each
+    // body then sleeps 300 ms, so the kill lands inside it).
     let victim = 1;
     while workers[victim].results().len() < 10 {
         assert!(
@@ -119,6 +130,14 @@ fn run(store: &str, table: &str, read: impl FnOnce(&str) -> Tally) {
             "the victim made no progress"
         );
         std::thread::sleep(Duration::from_millis(20));
+    }
+    let started = workers[victim].starts();
+    while workers[victim].starts() == started {
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "the victim started no more bodies"
+        );
+        std::thread::sleep(Duration::from_millis(5));
     }
     workers[victim].child.kill().unwrap(); // SIGKILL
     workers[victim].child.wait().unwrap();

@@ -71,9 +71,11 @@ macro_rules! store_conformance_tests {
     )*};
 }
 
-const LEASE: Duration = Duration::from_millis(300);
-const SHORT: Duration = Duration::from_millis(150);
-const PAST_SHORT: Duration = Duration::from_millis(400);
+// Long enough that a loaded CI machine does not run out a "live" lease between two
+// statements; short enough to keep the suite quick.
+const LEASE: Duration = Duration::from_millis(1_000);
+const SHORT: Duration = Duration::from_millis(400);
+const PAST_SHORT: Duration = Duration::from_millis(800);
 const TTL: Duration = Duration::from_secs(3600);
 
 fn ns() -> String {

@@ -311,13 +311,13 @@ async fn a_stale_owner_is_told_it_lost_the_lease(b: Backend) {
 async fn a_long_body_keeps_its_lease(b: Backend) {
     let owner = Idem::builder()
         .shared_store(b.store.clone())
-        .default_lease("200ms")
+        .default_lease("300ms")
         .build()
         .expect("idem");
     let runs = Arc::new(AtomicUsize::new(0));
     let (o, r) = (owner.clone(), runs.clone());
-    let first = tokio::spawn(async move { slow(&o, &r, Duration::from_millis(800), "k").await });
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    let first = tokio::spawn(async move { slow(&o, &r, Duration::from_millis(1_200), "k").await });
+    tokio::time::sleep(Duration::from_millis(700)).await;
     // Well past one lease: without heartbeats this would be taken over.
     let other = Idem::builder()
         .shared_store(b.store.clone())
@@ -360,7 +360,7 @@ async fn an_in_progress_duplicate_waits_briefly_or_is_rejected(b: Backend) {
     let runs = Arc::new(AtomicUsize::new(0));
     let (i, r) = (idem.clone(), runs.clone());
     let first = tokio::spawn(async move {
-        slow_or_wait_briefly(&i, &r, Duration::from_millis(1500), "k").await
+        slow_or_wait_briefly(&i, &r, Duration::from_millis(2_500), "k").await
     });
     tokio::time::sleep(Duration::from_millis(100)).await;
     let replica = other_replica(b.store.clone());
@@ -400,7 +400,7 @@ async fn an_in_progress_duplicate_waits_briefly_or_is_rejected(b: Backend) {
     assert_eq!(runs.load(SeqCst), 1);
 }
 
-#[idempotent(key = key, runtime = idem, skip(runs), ttl = "300ms")]
+#[idempotent(key = key, runtime = idem, skip(runs), ttl = "1s")]
 async fn short_lived(idem: &Idem, runs: &AtomicUsize, key: &str) -> Result<usize, AppError> {
     Ok(runs.fetch_add(1, SeqCst) + 1)
 }
@@ -410,7 +410,7 @@ async fn after_the_ttl_the_body_runs_again(b: Backend) {
     let runs = AtomicUsize::new(0);
     assert_eq!(short_lived(&idem, &runs, "k").await.expect("first"), 1);
     assert_eq!(short_lived(&idem, &runs, "k").await.expect("replay"), 1);
-    tokio::time::sleep(Duration::from_millis(450)).await;
+    tokio::time::sleep(Duration::from_millis(1_200)).await;
     let (again, how) = observe(short_lived(&idem, &runs, "k")).await;
     assert_eq!(again.expect("expired, runs again"), 2);
     assert_eq!(how, Some(Outcome::Executed));
