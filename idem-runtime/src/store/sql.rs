@@ -105,12 +105,23 @@ pub(crate) async fn connect_pool<DB: Database>(
     let connect: <DB::Connection as sqlx::Connection>::Options = url
         .parse()
         .map_err(|e| Error::Config(format!("invalid {what} URL: {e}")))?;
-    sqlx::pool::PoolOptions::<DB>::new()
+    let pool = sqlx::pool::PoolOptions::<DB>::new()
         .max_connections(options.max_connections)
         .acquire_timeout(options.acquire_timeout)
-        .connect_with(connect)
-        .await
-        .map_err(unavailable)
+        .connect_with(connect.clone())
+        .await;
+    match pool {
+        Ok(pool) => Ok(pool),
+        // The pool only says it timed out; one plain connection attempt says why
+        // ("connection refused", "password authentication failed", ...).
+        Err(sqlx::Error::PoolTimedOut) => {
+            match <DB::Connection as sqlx::Connection>::connect_with(&connect).await {
+                Err(e) => Err(unavailable(e)),
+                Ok(_) => Err(unavailable(sqlx::Error::PoolTimedOut)),
+            }
+        }
+        Err(e) => Err(unavailable(e)),
+    }
 }
 
 /// Checks a configured table name. It is spliced into SQL text (a table name cannot be a bind
