@@ -352,3 +352,33 @@ fn sort_victim_first(tally: &mut Tally) {
         runs.sort_by_key(|r| r != "replica-2");
     }
 }
+
+/// Regression: processes opening one new SQLite file together failed with "database is
+/// locked" (turning the file to WAL takes a lock SQLite's busy timeout does not wait for).
+#[test]
+fn processes_opening_one_new_sqlite_file_together_all_start() {
+    for round in 0..40 {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}", dir.path().join("new.db").display());
+        let children: Vec<Child> = (0..6)
+            .map(|i| {
+                Command::new(example_binary())
+                    .args(["worker", "--store", &url, "--table", "t"])
+                    .args(["--name", &format!("r{i}"), "--keys", "3", "--copies", "1"])
+                    .args(["--tasks", "2", "--body-ms", "1", "--lease-ms", "1000"])
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::piped())
+                    .spawn()
+                    .unwrap()
+            })
+            .collect();
+        for child in children {
+            let out = child.wait_with_output().unwrap();
+            assert!(
+                out.status.success(),
+                "round {round}: a process failed to start on the shared file: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+    }
+}

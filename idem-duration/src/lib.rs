@@ -37,6 +37,8 @@ pub enum DurationError {
     Zero,
     /// The duration is longer than [`MAX`].
     TooLong,
+    /// The duration is negative (`-PT5M`).
+    Negative,
 }
 
 impl fmt::Display for DurationError {
@@ -51,6 +53,9 @@ impl fmt::Display for DurationError {
             }
             DurationError::Zero => "a zero duration is not allowed; use at least one millisecond",
             DurationError::TooLong => "duration is longer than the maximum of 3650 days (`P3650D`)",
+            DurationError::Negative => {
+                "negative durations are not allowed: a TTL, lease or wait is a length of time; drop the `-`"
+            }
         })
     }
 }
@@ -69,6 +74,9 @@ pub fn parse(input: &str) -> Result<Duration, DurationError> {
     let s = input.trim();
     if s.is_empty() {
         return Err(DurationError::Empty);
+    }
+    if s.starts_with('-') {
+        return Err(DurationError::Negative);
     }
     let parsed = if s.starts_with(['P', 'p']) {
         parse_iso(s)?
@@ -194,7 +202,6 @@ mod tests {
             "PT5X",
             "PT5Mgarbage",
             "five minutes",
-            "-5m",
             "5.5m",
             "PT-5M",
             "1h 30m",
@@ -208,6 +215,15 @@ mod tests {
         }
         assert_eq!(parse(""), Err(DurationError::Empty));
         assert_eq!(parse("   "), Err(DurationError::Empty));
+    }
+
+    #[test]
+    fn negative_durations_say_so() {
+        for s in ["-PT5M", "-5m", " -P1D"] {
+            assert_eq!(parse(s), Err(DurationError::Negative), "{s}");
+        }
+        let msg = parse("-PT5M").unwrap_err().to_string();
+        assert!(msg.contains("negative durations are not allowed"), "{msg}");
     }
 
     #[test]

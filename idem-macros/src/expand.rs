@@ -73,6 +73,17 @@ fn async_trait_shape(func: &mut ItemFn) -> Option<AsyncTraitShape<'_>> {
     }
 }
 
+/// Whether a return type is `impl Future<..>` (or `impl Future + Send ..`).
+fn returns_impl_future(ty: &Type) -> bool {
+    let Type::ImplTrait(imp) = ty else {
+        return false;
+    };
+    imp.bounds.iter().any(|b| {
+        matches!(b, TypeParamBound::Trait(t)
+            if t.path.segments.last().is_some_and(|s| s.ident == "Future"))
+    })
+}
+
 /// `R` in `Pin<Box<dyn Future<Output = R> + Send + 'a>>`.
 fn future_output(ty: &Type) -> Option<Type> {
     let Type::Path(p) = ty else { return None };
@@ -133,6 +144,14 @@ fn expand(args: &Args, mut func: ItemFn) -> syn::Result<TokenStream> {
         let new_body = wrap(args, &params, &ret, inner);
         *func.block = syn::parse2(quote!({ #new_body }))?;
         return Ok(func.into_token_stream());
+    }
+    if let ReturnType::Type(_, ret) = &func.sig.output
+        && returns_impl_future(ret)
+    {
+        return Err(syn::Error::new_spanned(
+            ret,
+            "`#[idempotent]` requires an `async fn`: a fn returning `impl Future` hands its future to the caller unopened, so idem cannot reserve the key before it runs and record its result after; write it as `async fn .. -> Result<T, E>`",
+        ));
     }
     let Some(shape) = async_trait_shape(&mut func) else {
         let span = func.sig.fn_token;

@@ -43,6 +43,7 @@ pub(crate) struct Settings {
     pub(crate) default_wait: Duration,
     pub(crate) max_result_bytes: usize,
     pub(crate) executor_id: Arc<str>,
+    pub(crate) store_timeout: Duration,
 }
 
 impl fmt::Debug for Idem {
@@ -84,7 +85,7 @@ impl Idem {
     /// Deletes expired records now, in batches of `batch`, and returns how many it deleted.
     /// The background task does the same every `purge_interval`.
     pub async fn purge_expired(&self, batch: u32) -> Result<u64, Error> {
-        purge_all(&*self.inner.store, batch)
+        purge_all(&*self.inner.store, batch, self.inner.settings.store_timeout)
             .await
             .map_err(|source| Error::StoreUnavailable {
                 function: "idem::purge",
@@ -99,11 +100,15 @@ impl Idem {
     }
 }
 
-async fn purge_all(store: &dyn Store, batch: u32) -> Result<u64, crate::error::StoreError> {
+async fn purge_all(
+    store: &dyn Store,
+    batch: u32,
+    timeout: Duration,
+) -> Result<u64, crate::error::StoreError> {
     let batch = batch.max(1);
     let mut total = 0;
     loop {
-        let n = store.purge(batch).await?;
+        let n = crate::engine::store_call(store, "purge", timeout, store.purge(batch)).await?;
         total += n;
         if n < u64::from(batch) {
             crate::metrics::purged(store.backend(), total);
@@ -134,6 +139,7 @@ pub struct IdemBuilder {
     executor_id: Option<String>,
     purge_interval: Option<Duration>,
     purge_batch: u32,
+    store_timeout: Duration,
     error: Option<Error>,
 }
 
@@ -149,6 +155,7 @@ impl Default for IdemBuilder {
             executor_id: None,
             purge_interval: Some(defaults::PURGE_INTERVAL),
             purge_batch: defaults::PURGE_BATCH,
+            store_timeout: defaults::STORE_TIMEOUT,
             error: None,
         }
     }
@@ -172,6 +179,8 @@ pub mod defaults {
     pub const PURGE_INTERVAL: Duration = Duration::from_secs(60);
     /// Records deleted per purge statement.
     pub const PURGE_BATCH: u32 = 1_000;
+    /// How long one store statement may take before the call gives up on it: 5 seconds.
+    pub const STORE_TIMEOUT: Duration = Duration::from_secs(5);
 }
 
 /// Something that names a duration: a `Duration`, or a string with the attribute's rules
@@ -256,6 +265,16 @@ impl IdemBuilder {
         self
     }
 
+    /// How long one store statement may take (default 5 s). A statement that gets no answer in
+    /// time fails the call with [`Error::StoreUnavailable`] (before the body) or
+    /// [`Error::ResultNotRecorded`] (after it), so a store that stops answering without closing
+    /// its connections (a network partition) cannot hang calls. It is also how long a caller
+    /// waits for its result to be recorded.
+    pub fn store_timeout(mut self, timeout: impl IntoDuration) -> Self {
+        self.set_duration("store_timeout", timeout, |b, d| b.store_timeout = d);
+        self
+    }
+
     /// How often expired records are purged in the background; `None` turns purging off.
     pub fn purge_interval(mut self, every: Option<Duration>) -> Self {
         self.purge_interval = every;
@@ -307,6 +326,7 @@ impl IdemBuilder {
                 default_wait: self.default_wait,
                 max_result_bytes: self.max_result_bytes,
                 executor_id: executor_id.into(),
+                store_timeout: self.store_timeout,
             },
             flights: Flights::default(),
             stop,
@@ -317,6 +337,7 @@ impl IdemBuilder {
                 inner.store.clone(),
                 every,
                 self.purge_batch,
+                self.store_timeout,
                 stopped,
             ));
         }
@@ -340,6 +361,7 @@ async fn purge_loop(
     store: Arc<dyn Store>,
     every: Duration,
     batch: u32,
+    timeout: Duration,
     mut stopped: tokio::sync::watch::Receiver<bool>,
 ) {
     loop {
@@ -351,7 +373,7 @@ async fn purge_loop(
         if *stopped.borrow() {
             return;
         }
-        if let Err(e) = purge_all(&*store, batch).await {
+        if let Err(e) = purge_all(&*store, batch, timeout).await {
             tracing::warn!(error = %e, backend = store.backend(), "idem: purging expired records failed; will retry");
         }
     }
@@ -370,9 +392,16 @@ fn default_executor_id() -> String {
 
 /// The runtime's settings as data, for an application's own config file or environment.
 ///
-/// Durations use the attribute's rules (`"PT24H"`, `"30s"`). `store` is a URL:
-/// `sqlite://path/to/idem.db` (feature `sqlite`), `postgres://..` (feature `postgres`),
-/// `mysql://..` or `mariadb://..` (feature `mysql`), or `memory:`.
+/// Durations use the attribute's rules (`"PT24H"`, `"30s"`). `store` is a URL and has no
+/// default (a replica that silently used a file of its own instead of the shared database
+/// would split the replicas): `sqlite://path/to/idem.db` (feature `sqlite`), `postgres://..`
+/// (feature `postgres`), `mysql://..` or `mariadb://..` (feature `mysql`), or `memory:`.
+/// Every other field has the default shown in [`defaults`].
+///
+/// What each mistake gives: an unknown field is refused by your deserializer (the type
+/// denies unknown fields, so serde's error names it); a missing or empty `store`, a store URL
+/// this build does not support, or a bad duration is an [`Error::Config`] from
+/// [`Idem::from_config`] naming the setting.
 ///
 /// ```
 /// # async fn demo() -> Result<(), idem_runtime::Error> {
@@ -385,7 +414,8 @@ fn default_executor_id() -> String {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct IdemConfig {
-    /// Where records live: `sqlite://idem.db` (the default) or `memory:`.
+    /// Where records live: a store URL (`sqlite://idem.db`, `postgres://..`, `memory:`).
+    /// Required: left empty, [`Idem::from_config`] fails.
     pub store: String,
     /// The records table.
     pub table: String,
@@ -403,12 +433,14 @@ pub struct IdemConfig {
     pub executor_id: Option<String>,
     /// How often to purge expired records; `null` turns purging off.
     pub purge_interval: Option<String>,
+    /// How long one store statement may take.
+    pub store_timeout: String,
 }
 
 impl Default for IdemConfig {
     fn default() -> Self {
         IdemConfig {
-            store: "sqlite://idem.db".into(),
+            store: String::new(),
             table: crate::store::DEFAULT_TABLE.into(),
             local_cache: defaults::LOCAL_CACHE,
             default_ttl: "PT24H".into(),
@@ -417,6 +449,7 @@ impl Default for IdemConfig {
             max_result_bytes: defaults::MAX_RESULT_BYTES,
             executor_id: None,
             purge_interval: Some("PT1M".into()),
+            store_timeout: "PT5S".into(),
         }
     }
 }
@@ -439,7 +472,8 @@ impl IdemConfig {
             .default_wait(self.default_wait.as_str())
             .max_result_bytes(self.max_result_bytes)
             .executor_id(self.executor_id.clone())
-            .purge_interval(purge_interval);
+            .purge_interval(purge_interval)
+            .store_timeout(self.store_timeout.as_str());
         // Check the durations before connecting, so a typo is reported as such.
         if let Some(e) = &builder.error {
             return Err(e.clone());
@@ -449,6 +483,11 @@ impl IdemConfig {
 
     async fn connect_store(&self) -> Result<Arc<dyn Store>, Error> {
         let url = self.store.trim();
+        if url.is_empty() {
+            return Err(Error::Config(
+                "store: no store URL is set; set `store` to the shared database (`postgres://..`, `mysql://..`), a file (`sqlite://idem.db`) or `memory:`".into(),
+            ));
+        }
         if url == "memory:" || url == "memory://" {
             return Ok(Arc::new(MemoryStore::new()));
         }

@@ -130,16 +130,37 @@ pub enum Error {
 
     /// This call's reservation was taken over by another caller while the body ran (its lease
     /// expired without a heartbeat getting through). The body's effects happened, but the
-    /// record now belongs to the newer owner, whose result is the one that will be replayed.
-    /// HTTP 409.
+    /// record now belongs to the newer owner, whose result is the one that will be replayed:
+    /// this call's value is never returned as `Ok`, so two callers of one key are never told
+    /// two different results. Retry with the same key to get the recorded one. HTTP 409.
     #[error(
-        "`{function}`: lost the reservation for key {key} while running (lease expired and another caller took over); its result was not recorded"
+        "`{function}`: lost the reservation for key {key} while running (its lease ran out and another caller took over); its result is not the recorded one, so retry with the same key to get that"
     )]
     LeaseLost {
         /// The fn's record path.
         function: &'static str,
         /// A short hash of the key.
         key: KeyHash,
+    },
+
+    /// The body ran, but recording its result did not finish within the store timeout (the
+    /// store is slow or unreachable). Recording goes on in the background. The value is not
+    /// returned, because until it is recorded another caller could still take the key over
+    /// and be given a different one.
+    ///
+    /// Retry after `retry_after` with the same key: the recorded result is replayed, or, if
+    /// this call's reservation ran out before its result could be recorded, the body runs
+    /// again (the leased guarantee is at least once). HTTP 503.
+    #[error(
+        "`{function}`: the body ran but its result for key {key} is not recorded yet (the store is slow or away); retry after {retry_after:?} with the same key to get the recorded result"
+    )]
+    ResultNotRecorded {
+        /// The fn's record path.
+        function: &'static str,
+        /// A short hash of the key.
+        key: KeyHash,
+        /// When a retry is worth trying.
+        retry_after: Duration,
     },
 
     /// An `#[idempotent]` fn ran before any [`Idem`](crate::Idem) was installed, and the
@@ -169,7 +190,7 @@ impl Error {
             Error::InProgress { .. } | Error::LeaseLost { .. } => 409,
             Error::PayloadMismatch { .. } => 422,
             Error::MissingKey { .. } | Error::InvalidKey { .. } => 400,
-            Error::StoreUnavailable { .. } => 503,
+            Error::StoreUnavailable { .. } | Error::ResultNotRecorded { .. } => 503,
             Error::Decode { .. }
             | Error::ResultTooLarge { .. }
             | Error::Encode { .. }
@@ -181,7 +202,8 @@ impl Error {
     /// For [`Error::InProgress`], how long the caller should wait before retrying.
     pub fn retry_after(&self) -> Option<Duration> {
         match self {
-            Error::InProgress { retry_after, .. } => Some(*retry_after),
+            Error::InProgress { retry_after, .. }
+            | Error::ResultNotRecorded { retry_after, .. } => Some(*retry_after),
             _ => None,
         }
     }
@@ -198,6 +220,7 @@ impl Error {
             Error::ResultTooLarge { .. } => "result_too_large",
             Error::Encode { .. } => "encode",
             Error::LeaseLost { .. } => "lease_lost",
+            Error::ResultNotRecorded { .. } => "result_not_recorded",
             Error::NotInstalled { .. } => "not_installed",
             Error::Config(_) => "config",
         }

@@ -340,20 +340,88 @@ where
     }
 }
 
-/// A response as it is stored: status, the allowlisted headers, and the body.
-#[derive(Serialize, Deserialize)]
+/// A response as it is replayed: status, the allowlisted headers, and the body.
+///
+/// Stored as JSON `{"status", "headers": [[name, bytes]], "body": {"Text": ..} | {"Base64": ..}}`:
+/// text bodies (most API responses) stay readable in the store; others are base64, a third
+/// larger (JSON would write bytes as an array of numbers, three to four times larger). A
+/// stored response that does not decode into a valid one (a bad status, header or base64) is
+/// an [`Error::Decode`], never a made-up response.
+#[derive(Debug, Deserialize)]
+#[serde(try_from = "StoredForm")]
 struct StoredResponse {
+    status: StatusCode,
+    headers: Vec<(HeaderName, HeaderValue)>,
+    body: Bytes,
+}
+
+/// [`StoredResponse`] as it is written, before its parts are checked.
+#[derive(Serialize, Deserialize)]
+struct StoredForm {
     status: u16,
     headers: Vec<(String, Vec<u8>)>,
     body: StoredBody,
 }
 
-/// Text bodies (most API responses) stay readable in the store; others are base64, a third
-/// larger (JSON would write bytes as an array of numbers, three to four times larger).
 #[derive(Serialize, Deserialize)]
 enum StoredBody {
     Text(String),
     Base64(String),
+}
+
+impl Serialize for StoredResponse {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let body = match std::str::from_utf8(&self.body) {
+            Ok(text) => StoredBody::Text(text.to_owned()),
+            Err(_) => StoredBody::Base64(base64::Engine::encode(
+                &base64::engine::general_purpose::STANDARD,
+                &self.body,
+            )),
+        };
+        StoredForm {
+            status: self.status.as_u16(),
+            headers: self
+                .headers
+                .iter()
+                .map(|(n, v)| (n.as_str().to_owned(), v.as_bytes().to_vec()))
+                .collect(),
+            body,
+        }
+        .serialize(s)
+    }
+}
+
+impl TryFrom<StoredForm> for StoredResponse {
+    type Error = String;
+
+    fn try_from(form: StoredForm) -> Result<Self, String> {
+        let status = StatusCode::from_u16(form.status)
+            .map_err(|_| format!("stored status {} is not an HTTP status", form.status))?;
+        let headers = form
+            .headers
+            .into_iter()
+            .map(|(name, value)| {
+                let n = HeaderName::try_from(name.as_str())
+                    .map_err(|_| format!("stored header name {name:?} is not valid"))?;
+                let v = HeaderValue::from_bytes(&value)
+                    .map_err(|_| format!("stored value of header {name:?} is not valid"))?;
+                Ok((n, v))
+            })
+            .collect::<Result<_, String>>()?;
+        let body = match form.body {
+            StoredBody::Text(t) => Bytes::from(t),
+            StoredBody::Base64(b) => {
+                base64::Engine::decode(&base64::engine::general_purpose::STANDARD, b)
+                    .map_err(|e| format!("stored body is not valid base64: {e}"))?
+                    .into()
+            }
+        };
+        Ok(StoredResponse {
+            status,
+            headers,
+            body,
+        })
+    }
 }
 
 /// Why the route's response is not stored.
@@ -386,9 +454,9 @@ where
         );
     }
     let (parts, body) = req.into_parts();
-    let key = match parts.headers.get(&config.header).map(key_of) {
-        Some(Ok(key)) => key,
-        Some(Err(why)) => {
+    let key = match key_from(&parts.headers, &config.header) {
+        Ok(Some(key)) => key,
+        Err(why) => {
             return problem(
                 StatusCode::BAD_REQUEST,
                 "invalid-key",
@@ -396,7 +464,7 @@ where
                 why,
             );
         }
-        None if config.required => {
+        Ok(None) if config.required => {
             return problem(
                 StatusCode::BAD_REQUEST,
                 "missing-key",
@@ -404,7 +472,7 @@ where
                 &format!("this request needs an `{}` header", config.header),
             );
         }
-        None => {
+        Ok(None) => {
             let resp = inner.oneshot(Request::from_parts(parts, body)).await;
             return into_response(resp);
         }
@@ -442,9 +510,15 @@ where
         .get::<MatchedPath>()
         .map(|m| m.as_str().to_owned())
         .unwrap_or_else(|| parts.uri.path().to_owned());
-    // `p:` keeps every principal apart from the anonymous scope, whatever it is called.
+    // `p:` keeps every principal apart from the anonymous scope, whatever it is called, and
+    // escaping the principal keeps a principal with a space in it from reading as another
+    // principal's method and route.
     let scope = match (config.principal)(&parts) {
-        Some(principal) => format!("p:{principal} {} {route}", parts.method),
+        Some(principal) => format!(
+            "p:{} {} {route}",
+            crate::key::escape(&principal, b" "),
+            parts.method
+        ),
         None => format!("anonymous {} {route}", parts.method),
     };
     let mut fp = Fingerprinter::new();
@@ -464,17 +538,29 @@ where
     // The call runs in a task of its own: a client that hangs up must not cancel a route
     // that has already done its work, or the retry would do it again.
     let (head_tx, head_rx) = tokio::sync::oneshot::channel();
+    let tail: Arc<Mutex<Option<Tail>>> = Arc::default();
     let spec = config.settings.spec();
-    let route_run = run_route(config.clone(), inner, parts, bytes, head_tx);
+    let route_run = run_route(config.clone(), inner, parts, bytes, head_tx, tail.clone());
     let task = tokio::spawn(async move {
         let site = spec.site::<()>();
-        observe(crate::engine::run::<
+        let out = observe(crate::engine::run::<
             StoredResponse,
             NotStored,
             _,
             crate::engine::ValuesOnly,
         >(spec, site, &[], call, route_run))
-        .await
+        .await;
+        // The route ran here and its response is out but for the piece that completes it:
+        // send that now that the record is written (or the key released), or break the
+        // response off if idem could not stand behind it.
+        let held = tail.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(held) = held {
+            match &out.0 {
+                Ok(_) | Err(NotStored::Sent) => held.complete(),
+                Err(NotStored::Idem(e)) => held.abort(e),
+            }
+        }
+        out
     });
     // Either the route ran here, and its response streams to the client while it is being
     // recorded, or the engine answered without it (a replay, a conflict, an error).
@@ -491,33 +577,105 @@ where
     }
 }
 
+/// The piece of a response that completes it for its client, held back by `run_route` until
+/// the engine has written the record (or released the key). A client that has the whole
+/// response and sends the request again then finds the record and gets the replay, never a
+/// "still in progress" 409; and a response idem cannot stand behind (its reservation was
+/// taken over, or its record could not be written) is broken off instead of completed.
+enum Tail {
+    /// A response without a body (HEAD, 204, 304, `content-length: 0`): the head completes it.
+    Head(tokio::sync::oneshot::Sender<Response<Body>>, Response<Body>),
+    /// A body whose length the headers declare: its last chunk completes it.
+    LastChunk(BodySender, Bytes),
+    /// A chunked body: its end completes it (the sender's drop).
+    End(BodySender),
+}
+
+type BodySender = tokio::sync::mpsc::Sender<Result<Bytes, axum::Error>>;
+
+impl Tail {
+    fn complete(self) {
+        match self {
+            Tail::Head(tx, resp) => {
+                let _ = tx.send(resp);
+            }
+            // The channel holds 16 chunks and the client may be slow: never wait here.
+            Tail::LastChunk(tx, chunk) => {
+                tokio::spawn(async move {
+                    let _ = tx.send(Ok(chunk)).await;
+                });
+            }
+            Tail::End(tx) => drop(tx),
+        }
+    }
+
+    fn abort(self, e: &Error) {
+        tracing::warn!(error = %e, "idem: the route ran but its response could not be recorded; the response is broken off so the client retries");
+        match self {
+            Tail::Head(tx, _) => {
+                let _ = tx.send(error_response(e));
+            }
+            Tail::LastChunk(tx, _) | Tail::End(tx) => {
+                let e = axum::Error::new(e.clone());
+                tokio::spawn(async move {
+                    let _ = tx.send(Err(e)).await;
+                });
+            }
+        }
+    }
+}
+
+/// Whether the client has the whole response once it has the head: no body follows it.
+fn complete_at_head(method: &axum::http::Method, parts: &axum::http::response::Parts) -> bool {
+    let declared_empty = parts
+        .headers
+        .get(axum::http::header::CONTENT_LENGTH)
+        .is_some_and(|v| v.as_bytes() == b"0");
+    method == axum::http::Method::HEAD
+        || parts.status.is_informational()
+        || matches!(parts.status.as_u16(), 204 | 304)
+        || declared_empty
+}
+
+/// The body length the headers declare, if any.
+fn declared_length(parts: &axum::http::response::Parts) -> Option<u64> {
+    parts
+        .headers
+        .get(axum::http::header::CONTENT_LENGTH)?
+        .to_str()
+        .ok()?
+        .parse()
+        .ok()
+}
+
 /// The route, run once for a key. Its response goes to the client through `head` as soon as
-/// it starts; the body streams on while a copy is kept, and the copy is stored at the end if
-/// the status policy and the size limit allow.
+/// it starts, and its body streams on while a copy is kept; the copy is stored at the end if
+/// the status policy and the size limit allow. The piece that completes the response is left
+/// in `tail` for the caller to send once the engine is done with the record.
 async fn run_route<S>(
     config: Arc<Config>,
     inner: S,
     parts: Parts,
     bytes: Bytes,
     head: tokio::sync::oneshot::Sender<Response<Body>>,
+    tail: Arc<Mutex<Option<Tail>>>,
 ) -> Result<StoredResponse, NotStored>
 where
     S: Service<Request<Body>, Error = Infallible> + Send + 'static,
     S::Response: IntoResponse,
     S::Future: Send + 'static,
 {
+    let method = parts.method.clone();
     let resp = into_response(
         inner
             .oneshot(Request::from_parts(parts, Body::from(bytes)))
             .await,
     );
-    if !(config.store_status)(resp.status()) {
-        let _ = head.send(resp);
-        return Err(NotStored::Sent);
-    }
+    let hold = |piece: Tail| *tail.lock().unwrap_or_else(|p| p.into_inner()) = Some(piece);
     let (parts, mut body) = resp.into_parts();
-    let status = parts.status.as_u16();
-    let headers: Vec<(String, Vec<u8>)> = config
+    let stored = (config.store_status)(parts.status);
+    let status = parts.status;
+    let headers: Vec<(HeaderName, HeaderValue)> = config
         .replay_headers
         .iter()
         .flat_map(|name| {
@@ -525,13 +683,23 @@ where
                 .headers
                 .get_all(name)
                 .iter()
-                .map(move |v| (name.as_str().to_owned(), v.as_bytes().to_vec()))
+                .map(move |v| (name.clone(), v.clone()))
         })
         .collect();
+    let at_head = complete_at_head(&method, &parts);
+    let mut length_left = declared_length(&parts);
     let (tx, rx) = tokio::sync::mpsc::channel(16);
-    let _ = head.send(Response::from_parts(parts, Body::new(ChannelBody { rx })));
-    let mut client = Some(tx);
-    let mut kept = Some(bytes::BytesMut::new());
+    let response = Response::from_parts(parts, Body::new(ChannelBody { rx }));
+    if at_head {
+        hold(Tail::Head(head, response));
+    } else {
+        let _ = head.send(response);
+    }
+    // `None` when the head completes the response: there is no body to send.
+    let mut client = (!at_head).then_some(tx);
+    let mut hung_up = false;
+    // A response that is not stored is not copied, only streamed.
+    let mut kept = stored.then(bytes::BytesMut::new);
     while let Some(frame) = body.frame().await {
         let data = match frame {
             Ok(frame) => match frame.into_data() {
@@ -558,31 +726,37 @@ where
                 kept = None;
             }
         }
+        if let Some(left) = &mut length_left {
+            *left = left.saturating_sub(data.len() as u64);
+            if *left == 0
+                && let Some(c) = client.take()
+            {
+                // The chunk that completes the declared length waits for the record.
+                hold(Tail::LastChunk(c, data));
+                continue;
+            }
+        }
         if let Some(c) = &client
             && c.send(Ok(data)).await.is_err()
         {
-            // The client hung up. Keep reading only if the body can still be stored.
             client = None;
+            hung_up = true;
         }
-        if client.is_none() && kept.is_none() {
+        if hung_up && kept.is_none() {
+            // The client is gone and nothing is being stored: nothing left to do.
             return Err(NotStored::Sent);
         }
     }
-    drop(client); // the end of the client's body
+    if let Some(c) = client {
+        hold(Tail::End(c));
+    }
     let Some(kept) = kept else {
         return Err(NotStored::Sent);
-    };
-    let body = match std::str::from_utf8(&kept) {
-        Ok(text) => StoredBody::Text(text.to_owned()),
-        Err(_) => StoredBody::Base64(base64::Engine::encode(
-            &base64::engine::general_purpose::STANDARD,
-            &kept,
-        )),
     };
     Ok(StoredResponse {
         status,
         headers,
-        body,
+        body: kept.freeze(),
     })
 }
 
@@ -613,44 +787,84 @@ fn into_response<R: IntoResponse>(resp: Result<R, Infallible>) -> Response<Body>
 }
 
 fn replayed(stored: StoredResponse) -> Response<Body> {
-    let body = match stored.body {
-        StoredBody::Text(t) => Body::from(t),
-        StoredBody::Base64(b) => Body::from(
-            base64::Engine::decode(&base64::engine::general_purpose::STANDARD, b)
-                .unwrap_or_default(),
-        ),
-    };
-    let mut resp = Response::new(body);
-    *resp.status_mut() = StatusCode::from_u16(stored.status).unwrap_or(StatusCode::OK);
+    let mut resp = Response::new(Body::from(stored.body));
+    *resp.status_mut() = stored.status;
     for (name, value) in stored.headers {
-        if let (Ok(name), Ok(value)) = (HeaderName::try_from(name), HeaderValue::from_bytes(&value))
-        {
-            resp.headers_mut().append(name, value);
-        }
+        resp.headers_mut().append(name, value);
     }
     resp.headers_mut()
         .insert(REPLAYED, HeaderValue::from_static("true"));
     resp
 }
 
-/// The header value as a key: printable ASCII, 1 to 255 characters, surrounding double
-/// quotes (the draft's structured-field form) removed.
+/// The key from the request's key header.
+///
+/// The draft defines the field as one structured-field string (RFC 8941: `"..."`, with `\"`
+/// and `\\` as the only escapes); a bare value is accepted too, since most clients send one
+/// (`Idempotency-Key: 8e0f..`). Either way the key is 1 to 255 printable ASCII characters.
+/// More than one header line is refused: RFC 9110 reads several lines as one comma-joined
+/// value, which a proxy may or may not have merged, so the key would depend on the path the
+/// request took. For the same reason a bare value may not contain a comma.
+fn key_from(
+    headers: &axum::http::HeaderMap,
+    name: &HeaderName,
+) -> Result<Option<String>, &'static str> {
+    let mut lines = headers.get_all(name).iter();
+    let Some(first) = lines.next() else {
+        return Ok(None);
+    };
+    if lines.next().is_some() {
+        return Err("the request has more than one idempotency key header line; send exactly one");
+    }
+    key_of(first).map(Some)
+}
+
 fn key_of(value: &HeaderValue) -> Result<String, &'static str> {
     let s = value
         .to_str()
         .map_err(|_| "the key must be printable ASCII")?
-        .trim();
-    let s = s
-        .strip_prefix('"')
-        .and_then(|s| s.strip_suffix('"'))
-        .unwrap_or(s);
-    if s.is_empty() {
+        .trim_matches([' ', '\t']);
+    let key = match s.strip_prefix('"') {
+        Some(quoted) => sf_string(quoted)?,
+        None if s.contains(',') => {
+            return Err(
+                "a bare key may not contain `,` (it reads as a list of keys); send one key, quoted as a structured-field string if it needs a comma",
+            );
+        }
+        None if s.contains('"') => return Err("the key has a stray `\"`"),
+        None => s.to_owned(),
+    };
+    if key.is_empty() {
         return Err("the key is empty");
     }
-    if s.len() > 255 {
+    if key.len() > 255 {
         return Err("the key is longer than 255 characters");
     }
-    Ok(s.to_owned())
+    Ok(key)
+}
+
+/// The rest of an RFC 8941 sf-string after its opening quote.
+fn sf_string(rest: &str) -> Result<String, &'static str> {
+    let mut out = String::with_capacity(rest.len());
+    let mut chars = rest.chars();
+    loop {
+        match chars.next() {
+            None => return Err("the quoted key has no closing `\"`"),
+            Some('"') => break,
+            Some('\\') => match chars.next() {
+                Some(c @ ('"' | '\\')) => out.push(c),
+                _ => return Err("a quoted key may only escape `\"` and `\\`"),
+            },
+            Some(c) if (' '..='~').contains(&c) => out.push(c),
+            Some(_) => return Err("the key must be printable ASCII"),
+        }
+    }
+    if !chars.as_str().trim_matches([' ', '\t']).is_empty() {
+        return Err(
+            "nothing may follow the quoted key (structured-field parameters are not supported)",
+        );
+    }
+    Ok(out)
 }
 
 /// Bytes serialized as bytes (not as a sequence of numbers) for the fingerprint.
@@ -670,6 +884,8 @@ fn error_response(e: &Error) -> Response<Body> {
         Error::InProgress { .. } => "A request with this idempotency key is in progress",
         Error::PayloadMismatch { .. } => "Idempotency key reused with a different request",
         Error::StoreUnavailable { .. } => "Idempotency store unavailable",
+        Error::ResultNotRecorded { .. } => "The response could not be recorded; retry",
+        Error::LeaseLost { .. } => "Another request with this idempotency key took over",
         Error::MissingKey { .. } | Error::InvalidKey { .. } => "Invalid idempotency key",
         _ => "Idempotency error",
     };

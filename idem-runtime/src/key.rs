@@ -158,9 +158,12 @@ pub(crate) struct Namespace(Arc<str>);
 
 impl Namespace {
     pub(crate) fn new(path: &str, version: u32, scope: Option<&str>) -> Namespace {
-        // A Rust path never contains '/', so only the scope (which comes first) may; the last
-        // two '/'-separated parts are always the path and the version.
-        let path = path.replace('/', "%2F");
+        // The path (a Rust path, or a `name = ".."` that may hold anything) has its '/'
+        // escaped, so the last two '/'-separated parts are always the path and the version and
+        // whatever comes before them is the scope, which needs no escaping. Escaping '%' first
+        // keeps it injective: `a/b` and `a%2Fb` stay two names. Names without '%' are written
+        // as they always were, so their records keep working.
+        let path = escape(path, b"/");
         let ns = match scope {
             None => format!("{path}/v{version}"),
             Some(scope) => {
@@ -181,6 +184,26 @@ impl Namespace {
             key,
         }
     }
+}
+
+/// `s` with `%` and each of the ASCII chars in `special` percent-encoded (`%` -> `%25`,
+/// `/` -> `%2F`, ` ` -> `%20`): an injective map, so no two inputs share an output, and a
+/// string with none of them is unchanged.
+pub(crate) fn escape<'a>(s: &'a str, special: &[u8]) -> Cow<'a, str> {
+    let escaped = |c: char| c == '%' || (c.is_ascii() && special.contains(&(c as u8)));
+    if !s.contains(escaped) {
+        return Cow::Borrowed(s);
+    }
+    let mut out = String::with_capacity(s.len() + 8);
+    for c in s.chars() {
+        if escaped(c) {
+            // ASCII, so exactly two hex digits.
+            out.push_str(&format!("%{:02X}", c as u32));
+        } else {
+            out.push(c);
+        }
+    }
+    Cow::Owned(out)
 }
 
 /// `s` itself when it is short enough and cannot be mistaken for a digest; its digest otherwise.
@@ -255,6 +278,39 @@ mod tests {
             Namespace::new("m::f", 0, Some("")).0
         );
         assert_eq!(&*Namespace::new("m::f", 3, Some("t1")).0, "t1/m::f/v3");
+    }
+
+    #[test]
+    fn names_that_differ_only_in_escapes_stay_apart() {
+        // The regression: `%` was not escaped, so these two names shared records.
+        assert_ne!(
+            Namespace::new("orders/create", 0, None).0,
+            Namespace::new("orders%2Fcreate", 0, None).0
+        );
+        assert_eq!(
+            &*Namespace::new("orders::create", 0, Some("t/1")).0,
+            "t/1/orders::create/v0",
+            "names and scopes without `%` are written as before"
+        );
+        assert_eq!(escape("a b%", b" "), "a%20b%25");
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn distinct_names_scopes_and_versions_never_share_a_namespace(
+            a in ("[a/%2F ]{1,6}", proptest::option::of("[a/%2F ]{0,6}"), 0u32..3),
+            b in ("[a/%2F ]{1,6}", proptest::option::of("[a/%2F ]{0,6}"), 0u32..3),
+        ) {
+            let ns = |(path, scope, version): &(String, Option<String>, u32)| {
+                Namespace::new(path, *version, scope.as_deref()).0
+            };
+            proptest::prop_assert_eq!(a == b, ns(&a) == ns(&b));
+        }
+
+        #[test]
+        fn escaping_is_injective(a in "[a/%2F ]{0,8}", b in "[a/%2F ]{0,8}") {
+            proptest::prop_assert_eq!(a == b, escape(&a, b"/ ") == escape(&b, b"/ "));
+        }
     }
 
     #[test]

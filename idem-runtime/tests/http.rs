@@ -4,6 +4,8 @@
 
 #![allow(clippy::unwrap_used)] // tests: a panic is the failure report
 
+mod support;
+
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
 use std::time::Duration;
@@ -620,4 +622,132 @@ async fn responses_survive_in_a_sqlite_store() {
     let again = s2.post("/orders", Some("persist"), "{}").await;
     assert_eq!(again.headers()["idempotent-replayed"], "true");
     assert_eq!(again.text().await.unwrap(), first);
+}
+
+/// Regression: two `Idempotency-Key` lines ran under the first; RFC 9110 reads them as one
+/// comma-joined value, so the key would depend on whether a proxy merged them.
+#[tokio::test]
+async fn two_key_header_lines_are_refused() {
+    let s = memory_server().await;
+    let resp = s
+        .client
+        .post(format!("{}/orders", s.url))
+        .header("Idempotency-Key", "key-a")
+        .header("Idempotency-Key", "key-b")
+        .body("{}")
+        .send()
+        .await
+        .unwrap();
+    let json = problem(resp, 400).await;
+    assert_eq!(json["type"], "urn:idem:problem:invalid-key");
+    assert!(
+        json["detail"].as_str().unwrap().contains("more than one"),
+        "{json}"
+    );
+    // The merged form is refused too, rather than read as one key.
+    problem(s.post("/orders", Some("key-a, key-b"), "{}").await, 400).await;
+    assert_eq!(s.app.orders.load(SeqCst), 0, "the route never ran");
+}
+
+/// The draft's header is a structured-field string: `"abc"` is the key `abc`.
+#[tokio::test]
+async fn a_quoted_key_is_the_key_it_quotes() {
+    let s = memory_server().await;
+    assert_eq!(s.post("/orders", Some("abc"), "{}").await.status(), 201);
+    let quoted = s.post("/orders", Some(r#""abc""#), "{}").await;
+    assert_eq!(quoted.headers()["idempotent-replayed"], "true");
+    let escaped = s.post("/orders", Some(r#""a\"b,c""#), "{}").await;
+    assert_eq!(
+        escaped.status(),
+        201,
+        "escapes and commas inside quotes are fine"
+    );
+    for bad in [r#""abc"#, r#""a\bc""#, r#""abc";p=1"#, r#"ab"c"#] {
+        problem(s.post("/orders", Some(bad), "{}").await, 400).await;
+    }
+    assert_eq!(s.app.orders.load(SeqCst), 2);
+}
+
+/// Regression: the response reached the client before its record was written, so a client
+/// that sent the request again as soon as it had the whole response (a double submit) was
+/// told 409 "still in progress". Now the response completes only once its record is written.
+async fn a_double_submit_after_the_response_is_replayed(store: Arc<dyn Store>) {
+    let s = serve(store).await;
+    for route in ["/reject", "/orders"] {
+        let mut conflicts = 0;
+        for i in 0..200 {
+            let key = format!("double-{route}-{i}");
+            let first = s.post(route, Some(&key), "{}").await;
+            assert_eq!(first.status(), 201);
+            let body = first.bytes().await.unwrap();
+            let second = s.post(route, Some(&key), "{}").await;
+            match second.status().as_u16() {
+                201 => {
+                    assert_eq!(second.headers()["idempotent-replayed"], "true");
+                    assert_eq!(second.bytes().await.unwrap(), body);
+                }
+                409 => conflicts += 1,
+                other => panic!("{route}: {other}"),
+            }
+        }
+        assert_eq!(
+            conflicts, 0,
+            "{route}: a finished request was called in progress"
+        );
+    }
+    assert_eq!(s.app.orders.load(SeqCst), 400);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn double_submits_are_replayed_on_memory() {
+    a_double_submit_after_the_response_is_replayed(Arc::new(MemoryStore::new())).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn double_submits_are_replayed_on_sqlite() {
+    let fixture = support::sqlite_store().await;
+    a_double_submit_after_the_response_is_replayed(Arc::new(fixture.store.clone())).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn double_submits_are_replayed_on_postgres() {
+    if let Some(fixture) = support::postgres_store().await {
+        a_double_submit_after_the_response_is_replayed(Arc::new(fixture.store.clone())).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn double_submits_are_replayed_on_mariadb() {
+    if let Some(fixture) = support::mysql_store().await {
+        a_double_submit_after_the_response_is_replayed(Arc::new(fixture.store.clone())).await;
+    }
+}
+
+/// Regression: a layer namespace with `%2F` in it shared records with one with `/`.
+#[tokio::test]
+async fn layer_namespaces_that_differ_only_in_escapes_are_apart() {
+    let idem = Idem::builder().store(MemoryStore::new()).build().unwrap();
+    let count = Arc::new(AtomicUsize::new(0));
+    let client = reqwest::Client::new();
+    // Two services on one store, their layers named apart only by how `/` is written, each
+    // with the same route: the same key must still be two records.
+    for ns in ["orders/create", "orders%2Fcreate"] {
+        let count = count.clone();
+        let router = Router::new().route(
+            "/orders",
+            post(move || async move { format!("run {}", count.fetch_add(1, SeqCst)) })
+                .layer(IdempotencyLayer::new(idem.clone()).namespace(ns)),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/orders", listener.local_addr().unwrap());
+        tokio::spawn(async move { axum::serve(listener, router).await });
+        let resp = client
+            .post(url)
+            .header("Idempotency-Key", "k")
+            .send()
+            .await
+            .unwrap();
+        assert!(resp.headers().get("idempotent-replayed").is_none(), "{ns}");
+    }
+    assert_eq!(count.load(SeqCst), 2);
 }

@@ -10,69 +10,13 @@
 mod support;
 
 use std::collections::HashSet;
-use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::SeqCst};
+use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
 use std::time::Duration;
 
 use idem_runtime::store::{MySqlStore, MySqlStoreOptions, PgStore, PgStoreOptions, Store};
 use idem_runtime::{Error, Idem, idempotent};
-use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::Mutex;
-use tokio::task::JoinHandle;
-
-/// A TCP proxy to `upstream` that can be cut and restored.
-struct Proxy {
-    addr: SocketAddr,
-    cut: Arc<AtomicBool>,
-    pipes: Arc<Mutex<Vec<JoinHandle<()>>>>,
-    _accept: JoinHandle<()>,
-}
-
-impl Proxy {
-    async fn start(upstream: SocketAddr) -> Proxy {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let cut = Arc::new(AtomicBool::new(false));
-        let pipes: Arc<Mutex<Vec<JoinHandle<()>>>> = Arc::default();
-        let (c, p) = (cut.clone(), pipes.clone());
-        let accept = tokio::spawn(async move {
-            loop {
-                let Ok((mut client, _)) = listener.accept().await else {
-                    return;
-                };
-                if c.load(SeqCst) {
-                    drop(client); // refused: the database is "down"
-                    continue;
-                }
-                let pipe = tokio::spawn(async move {
-                    if let Ok(mut server) = TcpStream::connect(upstream).await {
-                        let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
-                    }
-                });
-                p.lock().await.push(pipe);
-            }
-        });
-        Proxy {
-            addr,
-            cut,
-            pipes,
-            _accept: accept,
-        }
-    }
-
-    /// Drops every open connection and refuses new ones.
-    async fn cut(&self) {
-        self.cut.store(true, SeqCst);
-        for pipe in self.pipes.lock().await.drain(..) {
-            pipe.abort();
-        }
-    }
-
-    fn restore(&self) {
-        self.cut.store(false, SeqCst);
-    }
-}
+use support::proxy::{Proxy, through, upstream};
 
 #[derive(Debug)]
 enum AppError {
@@ -137,11 +81,15 @@ async fn outage(store: Arc<dyn Store>, proxy: Proxy) {
         before_outage,
         "no body ran without a reservation"
     );
-    // The in-flight calls finish their bodies; their results could not be recorded, so
-    // they return their value (the effect happened) and their keys stay reserved.
+    // The in-flight calls finish their bodies; their results could not be recorded, so they
+    // do not return their value (until it is recorded, another caller could take the key over
+    // and get a different one): they say so, and their keys stay reserved.
     for call in in_flight {
         let out = call.await.unwrap();
-        assert!(out.is_ok(), "{out:?}");
+        assert!(
+            matches!(out, Err(AppError::Idem(Error::ResultNotRecorded { .. }))),
+            "{out:?}"
+        );
     }
 
     // Back again: every key completes, none is stuck.
@@ -187,29 +135,6 @@ async fn outage(store: Arc<dyn Store>, proxy: Proxy) {
     );
 }
 
-fn upstream(url: &str, default_port: u16) -> SocketAddr {
-    let host_port = url
-        .split('@')
-        .nth(1)
-        .and_then(|rest| rest.split('/').next())
-        .unwrap_or("127.0.0.1");
-    let with_port = if host_port.contains(':') {
-        host_port.to_string()
-    } else {
-        format!("{host_port}:{default_port}")
-    };
-    std::net::ToSocketAddrs::to_socket_addrs(&with_port)
-        .unwrap()
-        .next()
-        .unwrap()
-}
-
-fn through(url: &str, proxy: SocketAddr) -> String {
-    let (scheme_user, rest) = url.split_once('@').unwrap();
-    let path = rest.split_once('/').map_or("", |(_, p)| p);
-    format!("{scheme_user}@{proxy}/{path}")
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_goes_away_and_comes_back() {
     let url = support::postgres_url();
@@ -252,4 +177,105 @@ async fn drop_table(url: &str, table: &str) {
         let mut c = sqlx::MySqlConnection::connect(url).await.unwrap();
         sqlx::raw_sql(sql).execute(&mut c).await.unwrap();
     }
+}
+
+/// Regression: with the database unreachable but connections left open (packets dropped,
+/// nothing closed), a statement already sent waited as long as the partition lasted. Every
+/// store statement is now bounded by `store_timeout`: calls end in an error, not a hang.
+async fn partition(store: Arc<dyn Store>, proxy: Proxy) {
+    let idem = Idem::builder()
+        .shared_store(store.clone())
+        .default_lease("PT2S")
+        .store_timeout("PT1S")
+        .local_cache(0)
+        .build()
+        .unwrap();
+    let bodies = Arc::new(AtomicUsize::new(0));
+    assert_eq!(charge(&idem, &bodies, 1).await.unwrap(), 10);
+
+    // A call whose body runs when the network goes silent: its result cannot be recorded.
+    let (i, b) = (idem.clone(), bodies.clone());
+    let in_flight = tokio::spawn(async move { charge(&i, &b, 2).await });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    proxy.stall();
+    // Bounded far above the 1 s statement timeout: only a hang trips it.
+    let bound = Duration::from_secs(20);
+    let out = tokio::time::timeout(bound, in_flight)
+        .await
+        .expect("the in-flight call hung in the partition")
+        .unwrap();
+    assert!(
+        matches!(out, Err(AppError::Idem(Error::ResultNotRecorded { .. }))),
+        "{out:?}"
+    );
+    let ran = bodies.load(SeqCst);
+    for key in 10..13 {
+        let out = tokio::time::timeout(bound, charge(&idem, &bodies, key))
+            .await
+            .expect("a new call hung in the partition");
+        assert!(
+            matches!(out, Err(AppError::Idem(Error::StoreUnavailable { .. }))),
+            "key {key}: {out:?}"
+        );
+    }
+    assert_eq!(
+        bodies.load(SeqCst),
+        ran,
+        "no body ran without a reservation"
+    );
+
+    // The network heals: every key completes.
+    proxy.unstall();
+    for key in [1, 2, 10, 11, 12] {
+        let mut attempts = 0;
+        loop {
+            match charge(&idem, &bodies, key).await {
+                Ok(v) => {
+                    assert_eq!(v, key * 10);
+                    break;
+                }
+                // Reservations sent into the partition land later and hold their key until
+                // their lease runs out.
+                Err(AppError::Idem(Error::StoreUnavailable { .. } | Error::InProgress { .. }))
+                    if attempts < 20 =>
+                {
+                    attempts += 1;
+                    tokio::time::sleep(Duration::from_millis(300)).await;
+                }
+                Err(e) => panic!("key {key} after the partition: {e:?}"),
+            }
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_partition_fails_calls_instead_of_hanging() {
+    let url = support::postgres_url();
+    let proxy = Proxy::start(upstream(&url, 5432)).await;
+    let options = PgStoreOptions::new()
+        .table(support::unique_table())
+        .acquire_timeout(Duration::from_secs(1));
+    let store = match PgStore::connect_with(&through(&url, proxy.addr), options).await {
+        Ok(s) => s,
+        Err(e) => return support::server_missing("PostgreSQL", "IDEM_TEST_POSTGRES_URL", &url, &e),
+    };
+    let table = store.table().to_string();
+    partition(Arc::new(store), proxy).await;
+    drop_table(&url, &table).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mariadb_partition_fails_calls_instead_of_hanging() {
+    let url = support::mysql_url();
+    let proxy = Proxy::start(upstream(&url, 3306)).await;
+    let options = MySqlStoreOptions::new()
+        .table(support::unique_table())
+        .acquire_timeout(Duration::from_secs(1));
+    let store = match MySqlStore::connect_with(&through(&url, proxy.addr), options).await {
+        Ok(s) => s,
+        Err(e) => return support::server_missing("MySQL/MariaDB", "IDEM_TEST_MYSQL_URL", &url, &e),
+    };
+    let table = store.table().to_string();
+    partition(Arc::new(store), proxy).await;
+    drop_table(&url, &table).await;
 }

@@ -191,6 +191,26 @@ pub(crate) fn span(function: &'static str, id: &RecordId) -> tracing::Span {
     )
 }
 
+/// Runs one store statement: timed for `idem_store_seconds`, and bounded by `limit`, so a
+/// store that stops answering (a silent partition) turns into a prompt error instead of a
+/// hung call. The statement's future is dropped at the deadline.
+pub(crate) async fn store_call<T>(
+    store: &dyn crate::store::Store,
+    op: &'static str,
+    limit: Duration,
+    fut: impl Future<Output = Result<T, StoreError>>,
+) -> Result<T, StoreError> {
+    metrics::timed(store, op, async {
+        match tokio::time::timeout(limit, fut).await {
+            Ok(out) => out,
+            Err(_elapsed) => Err(StoreError::msg(format!(
+                "no answer from the store within {limit:?} ({op}); it may be unreachable"
+            ))),
+        }
+    })
+    .await
+}
+
 /// Runs one idempotent call. The entry point behind `__private::run`.
 pub(crate) async fn run<T, E, F, C>(
     spec: &'static Spec,
@@ -272,6 +292,8 @@ enum Acquired<'a> {
     Owned {
         guard: OwnedRecord<'a>,
         took_over: bool,
+        /// When the statement that started the lease was sent.
+        since: Instant,
     },
     /// The record is completed with this result.
     Replay {
@@ -404,8 +426,12 @@ impl Ctx<'_> {
         E: From<Error>,
         C: ResultCodec<T, E>,
     {
-        let (mut guard, took_over) = match self.acquire(deadline).await {
-            Ok(Acquired::Owned { guard, took_over }) => (guard, took_over),
+        let (mut guard, took_over, since) = match self.acquire(deadline).await {
+            Ok(Acquired::Owned {
+                guard,
+                took_over,
+                since,
+            }) => (guard, took_over, since),
             Ok(Acquired::Replay {
                 result,
                 fingerprint,
@@ -447,12 +473,14 @@ impl Ctx<'_> {
             metrics::takeover(self.function);
         }
         let fence = guard.fence;
-        let (out, _lost) = crate::lease::with_heartbeat(
+        let (out, lost) = crate::lease::with_heartbeat(
             &*self.idem.store,
+            self.idem.settings.store_timeout,
             self.function,
             &self.id,
             fence,
             self.lease,
+            since,
             body,
         )
         .await;
@@ -511,7 +539,9 @@ impl Ctx<'_> {
                 },
             )
             .await;
-        match stored {
+        // Only a recorded value is ever returned as `Ok`: the record is what every other
+        // caller of this key gets, so an unrecorded value could contradict it.
+        let error = match stored {
             Stored::Yes => {
                 metrics::stored_bytes(self.function, bytes.len());
                 if let Some(cache) = &self.idem.cache {
@@ -529,41 +559,47 @@ impl Ctx<'_> {
                     fingerprint: self.fingerprint,
                 });
                 self.finished(how);
-                out
+                return out;
             }
-            Stored::Lost => {
-                // Someone took the record over: their result is the one that counts.
-                slot.finish(Shared::Retry);
-                Err(fail(
-                    self.function,
-                    Error::LeaseLost {
-                        function: self.function,
-                        key: self.id.hash(),
-                    },
-                ))
-            }
+            // Someone took the record over: their result is the one that counts. (Counted
+            // and logged by the task that found out.)
+            Stored::Lost => Error::LeaseLost {
+                function: self.function,
+                key: self.id.hash(),
+            },
+            // Still unknown, but a heartbeat already found the record taken: whatever the
+            // task finds out, this value is not the one others will be given.
+            Stored::Pending if lost => Error::LeaseLost {
+                function: self.function,
+                key: self.id.hash(),
+            },
+            // The store is slow or away. The task keeps trying; a retry with this key gets the
+            // recorded value (this one, once it lands) or, if the reservation lapsed first, runs
+            // the body again.
             Stored::Pending => {
-                // The store is not answering. The body's value is in hand, so the caller gets
-                // it; the task keeps trying to record it (see `StoreResult::run`).
                 tracing::warn!(function = self.function, key = %self.id.hash(),
-                    "idem: the result is not recorded yet; returned it and still trying in the background");
-                slot.finish(Shared::Completed {
-                    codec,
-                    bytes,
-                    fingerprint: self.fingerprint,
-                });
-                self.finished(how);
-                out
+                    "idem: the result is not recorded yet; the caller is told to retry, and recording goes on in the background");
+                Error::ResultNotRecorded {
+                    function: self.function,
+                    key: self.id.hash(),
+                    retry_after: RESULT_NOT_RECORDED_RETRY,
+                }
             }
-        }
+        };
+        slot.finish(match &error {
+            Error::LeaseLost { .. } => Shared::Retry,
+            other => Shared::Failed(other.clone()),
+        });
+        Err(fail(self.function, error))
     }
 
     /// Stores the result in a task of its own, so it completes even if the caller is
-    /// dropped. Waits for it a little; past that the caller goes on and the task keeps
-    /// trying.
+    /// dropped. Waits for it as long as one store statement may take; past that the caller
+    /// goes on and the task keeps trying.
     async fn store_result(&self, fence: Fence, result: StoredResult) -> Stored {
         let job = StoreResult {
             store: self.idem.store.clone(),
+            timeout: self.idem.settings.store_timeout,
             id: self.id.clone(),
             fence,
             owner: self.idem.settings.executor_id.clone(),
@@ -577,7 +613,8 @@ impl Ctx<'_> {
             return job.run().await;
         };
         let mut task = rt.spawn(job.run());
-        match tokio::time::timeout(STORE_RESULT_PATIENCE, &mut task).await {
+        let patience = self.idem.settings.store_timeout;
+        match tokio::time::timeout(patience, &mut task).await {
             Ok(Ok(stored)) => stored,
             // The task panicked or its runtime is shutting down.
             Ok(Err(_)) => Stored::Pending,
@@ -589,6 +626,7 @@ impl Ctx<'_> {
     /// refuse.
     async fn acquire(&self, deadline: Instant) -> Result<Acquired<'_>, Error> {
         let store = &*self.idem.store;
+        let timeout = self.idem.settings.store_timeout;
         let mut backoff = Backoff::default();
         let mut waited = false;
         let mut races = 0u32;
@@ -603,12 +641,14 @@ impl Ctx<'_> {
                 fingerprint: self.fingerprint.as_ref(),
                 lease: self.lease,
             };
-            let reserved = metrics::timed(store, "reserve", store.reserve(&claim)).await;
+            let since = Instant::now();
+            let reserved = store_call(store, "reserve", timeout, store.reserve(&claim)).await;
             let record = match reserved {
                 Ok(Reservation::Acquired) => {
                     return Ok(Acquired::Owned {
                         guard,
                         took_over: false,
+                        since,
                     });
                 }
                 Ok(Reservation::Exists(record)) => {
@@ -648,14 +688,14 @@ impl Ctx<'_> {
                 }
                 Decision::TakeOver => {
                     guard.rearm();
-                    let taken =
-                        metrics::timed(store, "take_over", store.take_over(&claim, record.fence))
-                            .await;
-                    match taken {
+                    let since = Instant::now();
+                    let take = store.take_over(&claim, record.fence);
+                    match store_call(store, "take_over", timeout, take).await {
                         Ok(true) => {
                             return Ok(Acquired::Owned {
                                 guard,
                                 took_over: record.state == RecordState::InProgress,
+                                since,
                             });
                         }
                         Ok(false) => guard.disarm(),
@@ -759,8 +799,8 @@ impl Ctx<'_> {
     }
 }
 
-/// How long a caller waits for its result to be recorded before it returns anyway.
-const STORE_RESULT_PATIENCE: Duration = Duration::from_millis(800);
+/// What a caller whose result is not recorded yet is told to wait before retrying.
+const RESULT_NOT_RECORDED_RETRY: Duration = Duration::from_secs(1);
 
 /// How long a result whose recording keeps failing is retried in the background. A late
 /// finalize is still safe: it is fenced, and refused if someone took the key over.
@@ -778,6 +818,7 @@ enum Stored {
 /// Everything needed to store a result, owned, so it can run in its own task.
 struct StoreResult {
     store: Arc<dyn crate::store::Store>,
+    timeout: Duration,
     id: RecordId,
     fence: Fence,
     owner: Arc<str>,
@@ -800,18 +841,21 @@ impl StoreResult {
         let mut pause = Duration::from_millis(20);
         let mut failures = 0u32;
         loop {
-            let attempt = metrics::timed(
-                store,
-                "finalize",
-                store.finalize(&self.id, self.fence, &self.result, self.ttl),
-            )
-            .await;
-            let error = match attempt {
+            let finalize = store.finalize(&self.id, self.fence, &self.result, self.ttl);
+            let attempt = match store_call(store, "finalize", self.timeout, finalize).await {
                 Ok(true) => Ok(Stored::Yes),
                 Ok(false) => self.confirm().await,
                 Err(e) => Err(e),
             };
-            match error {
+            match attempt {
+                Ok(Stored::Lost) => {
+                    // The one place a lost reservation is counted: the caller may be gone.
+                    tracing::warn!(function = self.function, key = %self.id.hash(),
+                        "idem: the reservation was taken over while the body ran; its result is not recorded (the new owner's is)");
+                    metrics::lease_lost(self.function);
+                    metrics::not_stored(self.function, "lease_lost");
+                    return Stored::Lost;
+                }
                 Ok(stored) => {
                     if failures > 0 {
                         tracing::info!(function = self.function, key = %self.id.hash(), failures,
@@ -840,37 +884,39 @@ impl StoreResult {
 
     async fn confirm(&self) -> Result<Stored, StoreError> {
         let store = &*self.store;
-        Ok(match store.load(&self.id).await? {
-            Some(record)
-                if record.fence == self.fence && record.state == RecordState::Completed =>
-            {
-                Stored::Yes
-            }
-            Some(_) => Stored::Lost,
-            None => {
-                // Nobody holds the key: this result is the only one. Write it back.
-                let claim = Claim {
-                    id: &self.id,
-                    fence: self.fence,
-                    owner: &self.owner,
-                    fingerprint: self.fingerprint.as_ref(),
-                    lease: self.lease,
-                };
-                match store.reserve(&claim).await? {
-                    Reservation::Acquired => {
-                        if store
-                            .finalize(&self.id, self.fence, &self.result, self.ttl)
-                            .await?
-                        {
-                            Stored::Yes
-                        } else {
-                            Stored::Lost
-                        }
-                    }
-                    Reservation::Exists(_) | Reservation::Vanished => Stored::Lost,
+        let limit = self.timeout;
+        Ok(
+            match store_call(store, "load", limit, store.load(&self.id)).await? {
+                Some(record)
+                    if record.fence == self.fence && record.state == RecordState::Completed =>
+                {
+                    Stored::Yes
                 }
-            }
-        })
+                Some(_) => Stored::Lost,
+                None => {
+                    // Nobody holds the key: this result is the only one. Write it back.
+                    let claim = Claim {
+                        id: &self.id,
+                        fence: self.fence,
+                        owner: &self.owner,
+                        fingerprint: self.fingerprint.as_ref(),
+                        lease: self.lease,
+                    };
+                    match store_call(store, "reserve", limit, store.reserve(&claim)).await? {
+                        Reservation::Acquired => {
+                            let finalize =
+                                store.finalize(&self.id, self.fence, &self.result, self.ttl);
+                            if store_call(store, "finalize", limit, finalize).await? {
+                                Stored::Yes
+                            } else {
+                                Stored::Lost
+                            }
+                        }
+                        Reservation::Exists(_) | Reservation::Vanished => Stored::Lost,
+                    }
+                }
+            },
+        )
     }
 }
 
@@ -922,8 +968,10 @@ impl<'a> OwnedRecord<'a> {
 
     async fn release(&mut self) {
         let store = &*self.idem.store;
+        let timeout = self.idem.settings.store_timeout;
         // Still armed while the statement runs: dropped mid-release, the guard releases again.
-        if let Err(e) = metrics::timed(store, "release", store.release(self.id, self.fence)).await {
+        let release = store.release(self.id, self.fence);
+        if let Err(e) = store_call(store, "release", timeout, release).await {
             tracing::warn!(function = self.function, key = %self.id.hash(), error = %e,
                 "idem: could not release the key; it frees itself when the lease runs out");
         }
@@ -937,11 +985,13 @@ impl Drop for OwnedRecord<'_> {
             return;
         }
         let store = self.idem.store.clone();
+        let timeout = self.idem.settings.store_timeout;
         let (id, fence, function) = (self.id.clone(), self.fence, self.function);
         match tokio::runtime::Handle::try_current() {
             Ok(rt) => {
                 rt.spawn(async move {
-                    if let Err(e) = store.release(&id, fence).await {
+                    let release = store.release(&id, fence);
+                    if let Err(e) = store_call(&*store, "release", timeout, release).await {
                         tracing::warn!(function, key = %id.hash(), error = %e,
                             "idem: could not release an abandoned key; it frees itself when the lease runs out");
                     }

@@ -159,11 +159,24 @@ impl SqliteStore {
                 SqliteSynchronous::Normal
             })
             .busy_timeout(options.busy_timeout);
-        let pool = SqlitePoolOptions::new()
-            .max_connections(options.max_connections)
-            .connect_with(connect)
-            .await
-            .map_err(unavailable)?;
+        // Turning a new file to WAL takes an exclusive lock that SQLite's busy timeout does not
+        // wait for, so processes opening one new file together can find it locked: they retry,
+        // within the busy timeout.
+        let give_up = std::time::Instant::now() + options.busy_timeout;
+        let mut pause = Duration::from_millis(5);
+        let pool = loop {
+            let pool = SqlitePoolOptions::new()
+                .max_connections(options.max_connections)
+                .connect_with(connect.clone())
+                .await;
+            match pool {
+                Err(e) if is_locked(&e) && std::time::Instant::now() + pause < give_up => {
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(Duration::from_millis(200));
+                }
+                other => break other.map_err(unavailable)?,
+            }
+        };
         Self::from_pool(pool, &options.table).await
     }
 
@@ -191,7 +204,10 @@ impl SqliteStore {
 }
 
 async fn migrate(pool: &SqlitePool, table: &str) -> Result<(), sqlx::Error> {
-    let mut tx = pool.begin().await?;
+    // The write lock up front: processes opening one file together would otherwise each start
+    // reading, then fail to upgrade to writing ("database is locked", which busy_timeout does
+    // not retry). With it, they take turns.
+    let mut tx = pool.begin_with("BEGIN IMMEDIATE").await?;
     sqlx::query(
         "CREATE TABLE IF NOT EXISTS idem_schema (table_name TEXT PRIMARY KEY, version INTEGER NOT NULL)",
     )
@@ -279,6 +295,11 @@ impl Statements {
             ),
         }
     }
+}
+
+/// `SQLITE_BUSY`: another connection holds a lock this one cannot wait for.
+fn is_locked(e: &sqlx::Error) -> bool {
+    matches!(e, sqlx::Error::Database(db) if db.code().as_deref() == Some("5"))
 }
 
 fn now_ms() -> i64 {

@@ -1,6 +1,8 @@
 //! Fixtures shared by the integration tests.
 #![allow(dead_code, unreachable_pub, clippy::unwrap_used)]
 
+pub mod proxy;
+
 use std::ops::Deref;
 
 use idem_runtime::store::SqliteStore;
@@ -47,6 +49,8 @@ pub struct Instrumented {
     pub reserve_lag: std::sync::Mutex<Duration>,
     pub finalize_lag: std::sync::Mutex<Duration>,
     pub release_lag: std::sync::Mutex<Duration>,
+    /// Time each heartbeat takes to reach the store (a slow request).
+    pub heartbeat_lag: std::sync::Mutex<Duration>,
     /// The next finalize commits, but its reply is lost (the caller sees an error).
     pub lose_finalize_reply: AtomicBool,
 }
@@ -64,6 +68,7 @@ impl Instrumented {
             reserve_lag: Default::default(),
             finalize_lag: Default::default(),
             release_lag: Default::default(),
+            heartbeat_lag: Default::default(),
             lose_finalize_reply: AtomicBool::new(false),
         })
     }
@@ -117,6 +122,7 @@ impl Store for Instrumented {
     ) -> Result<bool, StoreError> {
         self.check()?;
         self.heartbeats.fetch_add(1, Ordering::SeqCst);
+        Self::lag(&self.heartbeat_lag).await;
         if self.heartbeats_fail.load(Ordering::SeqCst) {
             return Err(StoreError::msg("test: heartbeat dropped"));
         }
