@@ -5,8 +5,8 @@
 //! | `idem_calls_total` | counter | `function`, `outcome` | calls by how they were answered: `executed`, `took_over`, `replayed`, `waited`, `unprotected` |
 //! | `idem_errors_total` | counter | `function`, `kind` | calls that ended in an idem error: `in_progress`, `payload_mismatch`, `store_unavailable`, `lease_lost`, ... |
 //! | `idem_takeovers_total` | counter | `function` | reservations taken over after their lease ran out (a replica died mid-body) |
-//! | `idem_leases_lost_total` | counter | `function` | bodies whose lease was taken over while they ran |
-//! | `idem_results_not_stored_total` | counter | `function`, `reason` | results returned but not stored (`too_large`, `encode`, `store`) |
+//! | `idem_leases_lost_total` | counter | `function` | bodies whose reservation was taken over while they ran (their result is not the recorded one) |
+//! | `idem_results_not_stored_total` | counter | `function`, `reason` | results not recorded: `too_large`, `encode` (returned anyway), `store` (recording gave up), `lease_lost` (another owner's is recorded) |
 //! | `idem_store_seconds` | histogram | `backend`, `op` | latency of each store statement |
 //! | `idem_stored_bytes` | histogram | `function` | size of stored results |
 //! | `idem_purged_records_total` | counter | `backend` | expired records deleted |

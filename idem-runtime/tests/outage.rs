@@ -135,38 +135,6 @@ async fn outage(store: Arc<dyn Store>, proxy: Proxy) {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn postgres_goes_away_and_comes_back() {
-    let url = support::postgres_url();
-    let proxy = Proxy::start(upstream(&url, 5432)).await;
-    let options = PgStoreOptions::new()
-        .table(support::unique_table())
-        .acquire_timeout(Duration::from_secs(1));
-    let store = match PgStore::connect_with(&through(&url, proxy.addr), options).await {
-        Ok(s) => s,
-        Err(e) => return support::server_missing("PostgreSQL", "IDEM_TEST_POSTGRES_URL", &url, &e),
-    };
-    let table = store.table().to_string();
-    outage(Arc::new(store), proxy).await;
-    drop_table(&url, &table).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn mariadb_goes_away_and_comes_back() {
-    let url = support::mysql_url();
-    let proxy = Proxy::start(upstream(&url, 3306)).await;
-    let options = MySqlStoreOptions::new()
-        .table(support::unique_table())
-        .acquire_timeout(Duration::from_secs(1));
-    let store = match MySqlStore::connect_with(&through(&url, proxy.addr), options).await {
-        Ok(s) => s,
-        Err(e) => return support::server_missing("MySQL/MariaDB", "IDEM_TEST_MYSQL_URL", &url, &e),
-    };
-    let table = store.table().to_string();
-    outage(Arc::new(store), proxy).await;
-    drop_table(&url, &table).await;
-}
-
 async fn drop_table(url: &str, table: &str) {
     use sqlx::Connection;
     let sql = sqlx::AssertSqlSafe(format!("DROP TABLE IF EXISTS {table}"));
@@ -248,34 +216,74 @@ async fn partition(store: Arc<dyn Store>, proxy: Proxy) {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn postgres_partition_fails_calls_instead_of_hanging() {
-    let url = support::postgres_url();
-    let proxy = Proxy::start(upstream(&url, 5432)).await;
-    let options = PgStoreOptions::new()
-        .table(support::unique_table())
-        .acquire_timeout(Duration::from_secs(1));
-    let store = match PgStore::connect_with(&through(&url, proxy.addr), options).await {
-        Ok(s) => s,
-        Err(e) => return support::server_missing("PostgreSQL", "IDEM_TEST_POSTGRES_URL", &url, &e),
-    };
-    let table = store.table().to_string();
-    partition(Arc::new(store), proxy).await;
-    drop_table(&url, &table).await;
+/// A store on its own table, connected through a proxy; `None` (after saying so) when the
+/// database is not there.
+struct Proxied {
+    store: Arc<dyn Store>,
+    proxy: Proxy,
+    url: String,
+    table: String,
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn mariadb_partition_fails_calls_instead_of_hanging() {
-    let url = support::mysql_url();
-    let proxy = Proxy::start(upstream(&url, 3306)).await;
-    let options = MySqlStoreOptions::new()
-        .table(support::unique_table())
-        .acquire_timeout(Duration::from_secs(1));
-    let store = match MySqlStore::connect_with(&through(&url, proxy.addr), options).await {
-        Ok(s) => s,
-        Err(e) => return support::server_missing("MySQL/MariaDB", "IDEM_TEST_MYSQL_URL", &url, &e),
+async fn proxied(postgres: bool) -> Option<Proxied> {
+    let (url, port) = if postgres {
+        (support::postgres_url(), 5432)
+    } else {
+        (support::mysql_url(), 3306)
     };
-    let table = store.table().to_string();
-    partition(Arc::new(store), proxy).await;
-    drop_table(&url, &table).await;
+    let proxy = Proxy::start(upstream(&url, port)).await;
+    let (table, at) = (support::unique_table(), through(&url, proxy.addr));
+    let wait = Duration::from_secs(1);
+    let store: Result<Arc<dyn Store>, Error> = if postgres {
+        let options = PgStoreOptions::new().table(&table).acquire_timeout(wait);
+        PgStore::connect_with(&at, options)
+            .await
+            .map(|s| Arc::new(s) as _)
+    } else {
+        let options = MySqlStoreOptions::new().table(&table).acquire_timeout(wait);
+        MySqlStore::connect_with(&at, options)
+            .await
+            .map(|s| Arc::new(s) as _)
+    };
+    match store {
+        Ok(store) => Some(Proxied {
+            store,
+            proxy,
+            url,
+            table,
+        }),
+        Err(e) if postgres => {
+            support::server_missing("PostgreSQL", "IDEM_TEST_POSTGRES_URL", &url, &e);
+            None
+        }
+        Err(e) => {
+            support::server_missing("MySQL/MariaDB", "IDEM_TEST_MYSQL_URL", &url, &e);
+            None
+        }
+    }
+}
+
+macro_rules! on_both_databases {
+    ($($scenario:ident => $pg:ident, $maria:ident;)*) => {$(
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn $pg() {
+            if let Some(p) = proxied(true).await {
+                $scenario(p.store, p.proxy).await;
+                drop_table(&p.url, &p.table).await;
+            }
+        }
+
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn $maria() {
+            if let Some(p) = proxied(false).await {
+                $scenario(p.store, p.proxy).await;
+                drop_table(&p.url, &p.table).await;
+            }
+        }
+    )*};
+}
+
+on_both_databases! {
+    outage => postgres_goes_away_and_comes_back, mariadb_goes_away_and_comes_back;
+    partition => postgres_partition_fails_calls_instead_of_hanging, mariadb_partition_fails_calls_instead_of_hanging;
 }
