@@ -235,6 +235,7 @@ impl Error {
 #[derive(Clone)]
 pub struct StoreError {
     inner: Arc<dyn std::error::Error + Send + Sync>,
+    conflict: bool,
 }
 
 impl StoreError {
@@ -242,28 +243,23 @@ impl StoreError {
     pub fn new(err: impl std::error::Error + Send + Sync + 'static) -> Self {
         StoreError {
             inner: Arc::new(err),
+            conflict: false,
         }
     }
 
     /// Whether the database refused the statement because of a conflict with a concurrent
     /// transaction (a deadlock, a serialization failure, a lock wait timeout): the caller's
-    /// transaction is gone, and retrying it is the remedy.
+    /// transaction is gone, and retrying it is the remedy. The SQL dialects say which error
+    /// codes mean that.
     pub fn is_transaction_conflict(&self) -> bool {
-        #[cfg(feature = "_sql")]
-        if let Some(sqlx::Error::Database(db)) = self.inner.downcast_ref::<sqlx::Error>() {
-            let sqlstate = db.code();
-            // 40001: serialization failure (and MySQL's deadlock); 40P01: PostgreSQL deadlock;
-            // 55P03: PostgreSQL lock timeout.
-            if matches!(sqlstate.as_deref(), Some("40001" | "40P01" | "55P03")) {
-                return true;
-            }
-            #[cfg(feature = "mysql")]
-            if let Some(my) = db.try_downcast_ref::<sqlx::mysql::MySqlDatabaseError>() {
-                // 1205: lock wait timeout exceeded.
-                return my.number() == 1205;
-            }
-        }
-        false
+        self.conflict
+    }
+
+    /// Marks (or unmarks) the error as a lost conflict with a concurrent transaction.
+    #[cfg(feature = "_sql")]
+    pub(crate) fn conflicting(mut self, conflict: bool) -> Self {
+        self.conflict = conflict;
+        self
     }
 
     /// A store error described by a message alone.
@@ -301,6 +297,7 @@ impl std::error::Error for StoreError {
 #[cfg(feature = "_sql")]
 impl From<sqlx::Error> for StoreError {
     fn from(err: sqlx::Error) -> Self {
-        StoreError::new(err)
+        let conflict = crate::store::sql::is_conflict(&err);
+        StoreError::new(err).conflicting(conflict)
     }
 }

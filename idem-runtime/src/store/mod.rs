@@ -10,30 +10,29 @@
 //! lease over?" with its own clock (the database server's clock where there is one), so
 //! replicas with skewed clocks agree on who owns a record.
 //!
-//! Backends: [`MemoryStore`] (tests, single process), `SqliteStore` (feature `sqlite`, the
-//! embedded default), `PgStore` (feature `postgres`) and `MySqlStore` (feature `mysql`, for
-//! MySQL and MariaDB), the shared stores for many replicas.
+//! Backends: [`MemoryStore`] (tests, single process) implements the trait directly; the SQL
+//! stores are one generic store over a dialect ([`sql`]): `SqliteStore` (feature `sqlite`,
+//! the embedded default), `PgStore` (feature `postgres`) and `MySqlStore` (feature `mysql`,
+//! for MySQL and MariaDB), the shared stores for many replicas.
 
 mod memory;
-#[cfg(feature = "mysql")]
-mod mysql;
-#[cfg(feature = "postgres")]
-mod postgres;
 #[cfg(feature = "_sql")]
-mod sql;
-#[cfg(feature = "sqlite")]
-mod sqlite;
+pub mod sql;
 
 use std::fmt;
 use std::time::Duration;
 
 pub use memory::MemoryStore;
-#[cfg(feature = "mysql")]
-pub use mysql::MySqlStore;
-#[cfg(feature = "postgres")]
-pub use postgres::PgStore;
 #[cfg(any(feature = "postgres", feature = "mysql"))]
 pub use sql::ServerStoreOptions;
+#[cfg(feature = "sqlite")]
+pub use sql::SqliteStoreOptions;
+#[cfg(feature = "mysql")]
+pub use sql::mysql::MySqlStore;
+#[cfg(feature = "postgres")]
+pub use sql::postgres::PgStore;
+#[cfg(feature = "sqlite")]
+pub use sql::sqlite::SqliteStore;
 
 /// How [`PgStore::connect_with`] connects (feature `postgres`).
 #[cfg(feature = "postgres")]
@@ -42,8 +41,6 @@ pub type PgStoreOptions = ServerStoreOptions;
 /// How [`MySqlStore::connect_with`] connects (feature `mysql`).
 #[cfg(feature = "mysql")]
 pub type MySqlStoreOptions = ServerStoreOptions;
-#[cfg(feature = "sqlite")]
-pub use sqlite::{SqliteStore, SqliteStoreOptions};
 
 use crate::codec::Codec;
 use crate::error::StoreError;

@@ -1,0 +1,703 @@
+//! One SQL store, written once over a [`Dialect`]: PostgreSQL, MySQL/MariaDB and SQLite.
+//!
+//! [`SqlStore`] runs the protocol's statements, the migrations and the purge for any dialect;
+//! a dialect file (`postgres.rs`, `mysql.rs`, `sqlite.rs`) holds only what differs: statement
+//! texts, the clock expression inside them, the lock, the migrations and the error codes, plus
+//! how a pool is opened. [`PgStore`](crate::store::PgStore), `MySqlStore` and `SqliteStore` are
+//! `SqlStore` with their dialect. To add a database, write a dialect file (copy the closest
+//! one) and run the store conformance suite against it.
+//!
+//! Every time comparison and every `now + lease` happens in the database, with its clock, so
+//! replicas with skewed clocks agree on who owns a record. Writes after `reserve` are fenced:
+//! they change a row only while it holds the caller's fence and is in progress.
+
+mod dialect;
+#[cfg(feature = "mysql")]
+pub(crate) mod mysql;
+#[cfg(feature = "postgres")]
+pub(crate) mod postgres;
+#[cfg(feature = "sqlite")]
+pub(crate) mod sqlite;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use sqlx::{AssertSqlSafe, SqlStr};
+
+pub use dialect::Dialect;
+use dialect::sealed::Sealed;
+use dialect::{Conflict, Driver, Inserted, Statement, Statements, Values};
+#[cfg(feature = "mysql")]
+pub use mysql::MySql;
+#[cfg(feature = "postgres")]
+pub use postgres::Postgres;
+#[cfg(feature = "sqlite")]
+pub use sqlite::{Sqlite, SqliteStoreOptions};
+
+use crate::Error;
+use crate::codec::Codec;
+use crate::error::StoreError;
+use crate::key::{Fingerprint, RecordId};
+use crate::store::{
+    Claim, Fence, Record, RecordState, Reservation, Store, StoredResult, TxStatements,
+};
+
+/// A [`Store`] in a SQL table, for the database `D` ([`Postgres`], [`MySql`] or [`Sqlite`]).
+///
+/// Use it by its database's name: [`PgStore`](crate::store::PgStore),
+/// [`MySqlStore`](crate::store::MySqlStore) or [`SqliteStore`](crate::store::SqliteStore).
+pub struct SqlStore<D: Dialect> {
+    pool: sqlx::Pool<D::Db>,
+    table: String,
+    lock_name: String,
+    sql: Arc<Statements>,
+}
+
+impl<D: Dialect> Clone for SqlStore<D> {
+    fn clone(&self) -> Self {
+        SqlStore {
+            pool: self.pool.clone(),
+            table: self.table.clone(),
+            lock_name: self.lock_name.clone(),
+            sql: self.sql.clone(),
+        }
+    }
+}
+
+impl<D: Dialect> std::fmt::Debug for SqlStore<D> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SqlStore")
+            .field("backend", &D::BACKEND)
+            .field("table", &self.table)
+            .finish_non_exhaustive()
+    }
+}
+
+type Connection<D> = <<D as Sealed>::Db as sqlx::Database>::Connection;
+
+impl<D: Dialect> SqlStore<D> {
+    /// Uses an existing pool (for example the application's own), keeping records in
+    /// `table`, which is created if missing.
+    pub async fn from_pool(pool: sqlx::Pool<D::Db>, table: &str) -> Result<SqlStore<D>, Error> {
+        check_table_name(table)?;
+        let store = SqlStore {
+            pool,
+            table: table.to_string(),
+            lock_name: D::lock_name(table),
+            sql: Arc::new(D::statements(table)),
+        };
+        store.migrate().await.map_err(unavailable)?;
+        Ok(store)
+    }
+
+    /// The connection pool.
+    pub fn pool(&self) -> &sqlx::Pool<D::Db> {
+        &self.pool
+    }
+
+    /// The records table.
+    pub fn table(&self) -> &str {
+        &self.table
+    }
+
+    fn lock(&self) -> Values<'_> {
+        Values {
+            lock_name: Some(&self.lock_name),
+            ..Values::default()
+        }
+    }
+
+    /// Brings the table to the newest migration, one replica at a time.
+    async fn migrate(&self) -> Result<(), sqlx::Error> {
+        let sql = &*self.sql;
+        let mut conn = self.pool.acquire().await?;
+        let mut tx = sqlx::Connection::begin_with(&mut *conn, D::BEGIN).await?;
+        // Replicas starting together would race on `CREATE TABLE`; one migrates at a time.
+        if let Some(lock) = &sql.lock {
+            let held = D::Db::fetch_integer(&mut tx, lock, self.lock()).await?;
+            if held != Some(1) {
+                return Err(sqlx::Error::Protocol(format!(
+                    "could not take the migration lock for table {}",
+                    self.table
+                )));
+            }
+        }
+        let done = match self.run_migrations(&mut tx).await {
+            Ok(()) => tx.commit().await,
+            Err(e) => {
+                drop(tx); // rolled back
+                Err(e)
+            }
+        };
+        if let Some(unlock) = &sql.unlock {
+            D::Db::execute(&mut conn, unlock, self.lock()).await?;
+        }
+        done
+    }
+
+    async fn run_migrations(&self, conn: &mut Connection<D>) -> Result<(), sqlx::Error> {
+        let sql = &*self.sql;
+        let table = Values {
+            table: Some(&self.table),
+            ..Values::default()
+        };
+        D::Db::execute(conn, &sql.create_schema, Values::default()).await?;
+        let recorded = D::Db::fetch_integer(conn, &sql.schema_version, table).await?;
+        // A table dropped by hand starts again from the first migration.
+        let exists = D::Db::fetch_integer(conn, &sql.table_exists, table).await? == Some(1);
+        let current = if exists { recorded.unwrap_or(0) } else { 0 };
+        for (step, version) in D::migrations().iter().zip(1i64..) {
+            if version <= current {
+                continue;
+            }
+            D::Db::execute_script(conn, statement(step, &self.table)).await?;
+            let record = Values {
+                version: Some(version),
+                ..table
+            };
+            D::Db::execute(conn, &sql.record_version, record).await?;
+        }
+        Ok(())
+    }
+
+    /// The record after an insert conflicted, read on `conn`.
+    async fn load_on(
+        &self,
+        conn: &mut Connection<D>,
+        st: &Statement,
+        id: &RecordId,
+    ) -> Result<Reservation, StoreError> {
+        Ok(
+            match D::Db::fetch_record(conn, st, Values::record(id)).await? {
+                Some(raw) => Reservation::Exists(raw.into_record()?),
+                None => Reservation::Vanished,
+            },
+        )
+    }
+
+    /// Insert if absent on `conn`; after a conflict, the record read with `load`.
+    async fn insert_then_load(
+        &self,
+        conn: &mut Connection<D>,
+        claim: &Claim<'_>,
+        load: &Statement,
+    ) -> Result<Reservation, StoreError> {
+        let sql = &*self.sql;
+        match D::Db::execute(conn, &sql.insert, Values::claim(claim)).await {
+            Ok(1) => Ok(Reservation::Acquired),
+            Ok(_) if sql.conflict == Conflict::NoRows => self.load_on(conn, load, claim.id).await,
+            Err(sqlx::Error::Database(e))
+                if sql.conflict == Conflict::Fails && e.is_unique_violation() =>
+            {
+                self.load_on(conn, load, claim.id).await
+            }
+            Ok(n) => Err(StoreError::msg(format!("the insert changed {n} rows"))),
+            Err(e) => Err(self.error(e)),
+        }
+    }
+
+    fn error(&self, e: sqlx::Error) -> StoreError {
+        store_error::<D>(e)
+    }
+
+    async fn acquire(&self) -> Result<sqlx::pool::PoolConnection<D::Db>, StoreError> {
+        self.pool.acquire().await.map_err(|e| self.error(e))
+    }
+}
+
+/// A sqlx error as a store error, marked as a lost conflict where the dialect says so.
+fn store_error<D: Dialect>(e: sqlx::Error) -> StoreError {
+    let conflict = D::is_conflict(&e);
+    StoreError::new(e).conflicting(conflict)
+}
+
+#[async_trait::async_trait]
+impl<D: Dialect> TxStatements<D::Db> for SqlStore<D> {
+    async fn reserve_in(
+        &self,
+        conn: &mut Connection<D>,
+        claim: &Claim<'_>,
+    ) -> Result<Reservation, StoreError> {
+        self.insert_then_load(conn, claim, &self.sql.load_in_transaction)
+            .await
+    }
+
+    async fn take_over_in(
+        &self,
+        conn: &mut Connection<D>,
+        claim: &Claim<'_>,
+        observed: Fence,
+    ) -> Result<bool, StoreError> {
+        let values = Values {
+            observed: Some(observed),
+            ..Values::claim(claim)
+        };
+        let done = D::Db::execute(conn, &self.sql.take_over, values).await;
+        Ok(done.map_err(|e| self.error(e))? == 1)
+    }
+
+    async fn finalize_in(
+        &self,
+        conn: &mut Connection<D>,
+        id: &RecordId,
+        fence: Fence,
+        result: &StoredResult,
+        ttl: Duration,
+    ) -> Result<bool, StoreError> {
+        let values = Values {
+            result: Some(result),
+            ttl: Some(ttl),
+            ..Values::fenced(id, fence)
+        };
+        let done = D::Db::execute(conn, &self.sql.finalize, values).await;
+        Ok(done.map_err(|e| self.error(e))? == 1)
+    }
+
+    async fn release_in(
+        &self,
+        conn: &mut Connection<D>,
+        id: &RecordId,
+        fence: Fence,
+    ) -> Result<bool, StoreError> {
+        let values = Values::fenced(id, fence);
+        let done = D::Db::execute(conn, &self.sql.release, values).await;
+        Ok(done.map_err(|e| self.error(e))? == 1)
+    }
+}
+
+#[async_trait::async_trait]
+impl<D: Dialect> Store for SqlStore<D> {
+    async fn reserve(&self, claim: &Claim<'_>) -> Result<Reservation, StoreError> {
+        let mut conn = self.acquire().await?;
+        let Some(one_statement) = &self.sql.insert_or_load else {
+            return self
+                .insert_then_load(&mut conn, claim, &self.sql.load)
+                .await;
+        };
+        let values = Values::claim(claim);
+        let inserted = D::Db::fetch_inserted(&mut conn, one_statement, values).await;
+        Ok(match inserted.map_err(|e| self.error(e))? {
+            Some(Inserted::Yes) => Reservation::Acquired,
+            Some(Inserted::No(raw)) => Reservation::Exists(raw.into_record()?),
+            // The insert conflicted with a row committed after the statement's snapshot, which
+            // the read could not see either: reserving again will find it.
+            None => Reservation::Vanished,
+        })
+    }
+
+    async fn load(&self, id: &RecordId) -> Result<Option<Record>, StoreError> {
+        let mut conn = self.acquire().await?;
+        let raw = D::Db::fetch_record(&mut conn, &self.sql.load, Values::record(id)).await;
+        raw.map_err(|e| self.error(e))?
+            .map(RawRecord::into_record)
+            .transpose()
+    }
+
+    async fn take_over(&self, claim: &Claim<'_>, observed: Fence) -> Result<bool, StoreError> {
+        let mut conn = self.acquire().await?;
+        self.take_over_in(&mut conn, claim, observed).await
+    }
+
+    async fn heartbeat(
+        &self,
+        id: &RecordId,
+        fence: Fence,
+        lease: Duration,
+    ) -> Result<bool, StoreError> {
+        let mut conn = self.acquire().await?;
+        let values = Values {
+            lease: Some(lease),
+            ..Values::fenced(id, fence)
+        };
+        let done = D::Db::execute(&mut conn, &self.sql.heartbeat, values).await;
+        Ok(done.map_err(|e| self.error(e))? == 1)
+    }
+
+    async fn finalize(
+        &self,
+        id: &RecordId,
+        fence: Fence,
+        result: &StoredResult,
+        ttl: Duration,
+    ) -> Result<bool, StoreError> {
+        let mut conn = self.acquire().await?;
+        self.finalize_in(&mut conn, id, fence, result, ttl).await
+    }
+
+    async fn release(&self, id: &RecordId, fence: Fence) -> Result<bool, StoreError> {
+        let mut conn = self.acquire().await?;
+        self.release_in(&mut conn, id, fence).await
+    }
+
+    async fn purge(&self, limit: u32) -> Result<u64, StoreError> {
+        let sql = &*self.sql;
+        let mut conn = self.acquire().await?;
+        let purged = async {
+            let mut tx = sqlx::Connection::begin_with(&mut *conn, D::BEGIN).await?;
+            // One replica purges a table at a time: the others find the lock taken and skip.
+            if let Some(try_lock) = &sql.try_lock
+                && D::Db::fetch_integer(&mut tx, try_lock, self.lock()).await? != Some(1)
+            {
+                return Ok(None);
+            }
+            let limit = Values {
+                limit: Some(i64::from(limit)),
+                ..Values::default()
+            };
+            let deleted = D::Db::execute(&mut tx, &sql.purge, limit).await?;
+            tx.commit().await?;
+            Ok(Some(deleted))
+        }
+        .await;
+        let purged = match purged {
+            Ok(None) => return Ok(0),
+            other => other,
+        };
+        if let Some(unlock) = &sql.unlock {
+            D::Db::execute(&mut conn, unlock, self.lock())
+                .await
+                .map_err(|e| self.error(e))?;
+        }
+        purged.map(|n| n.unwrap_or(0)).map_err(|e| self.error(e))
+    }
+
+    fn backend(&self) -> &'static str {
+        D::BACKEND
+    }
+
+    fn as_any(&self) -> Option<&dyn std::any::Any> {
+        Some(self)
+    }
+}
+
+/// Whether any compiled-in dialect reads `err` as a lost conflict with a concurrent
+/// transaction (for errors made into store errors without knowing their database).
+pub(crate) fn is_conflict(err: &sqlx::Error) -> bool {
+    #[cfg(feature = "postgres")]
+    if Postgres::is_conflict(err) {
+        return true;
+    }
+    #[cfg(feature = "mysql")]
+    if MySql::is_conflict(err) {
+        return true;
+    }
+    #[cfg(feature = "sqlite")]
+    if Sqlite::is_conflict(err) {
+        return true;
+    }
+    let _ = err;
+    false
+}
+
+#[cfg(any(feature = "postgres", feature = "mysql"))]
+/// How a server store (`PgStore`, `MySqlStore`) connects: its table, pool size, and how long
+/// a call waits for a connection.
+#[derive(Clone, Debug)]
+pub struct ServerStoreOptions {
+    pub(crate) table: String,
+    pub(crate) max_connections: u32,
+    pub(crate) acquire_timeout: Duration,
+}
+
+#[cfg(any(feature = "postgres", feature = "mysql"))]
+impl Default for ServerStoreOptions {
+    fn default() -> Self {
+        ServerStoreOptions {
+            table: crate::store::DEFAULT_TABLE.to_string(),
+            max_connections: 16,
+            acquire_timeout: Duration::from_secs(3),
+        }
+    }
+}
+
+/// The settings every SQL store's options have: `new`, `table` and `max_connections`.
+macro_rules! common_options {
+    ($options:ty, $defaults:literal) => {
+        impl $options {
+            #[doc = concat!("Default options: ", $defaults, ".")]
+            pub fn new() -> Self {
+                Self::default()
+            }
+
+            /// The table to keep records in (a plain identifier; created if missing).
+            pub fn table(mut self, table: impl Into<String>) -> Self {
+                self.table = table.into();
+                self
+            }
+
+            /// The size of the connection pool.
+            pub fn max_connections(mut self, n: u32) -> Self {
+                self.max_connections = n.max(1);
+                self
+            }
+        }
+    };
+}
+#[cfg(feature = "sqlite")]
+use common_options;
+
+#[cfg(any(feature = "postgres", feature = "mysql"))]
+common_options!(
+    ServerStoreOptions,
+    "table `idem_records`, 16 connections, 3 s to get a connection"
+);
+
+#[cfg(any(feature = "postgres", feature = "mysql"))]
+impl ServerStoreOptions {
+    /// How long a call waits for a connection before failing with `StoreUnavailable`. Keep it
+    /// short: while the database is away, callers should hear so quickly.
+    pub fn acquire_timeout(mut self, timeout: Duration) -> Self {
+        self.acquire_timeout = timeout;
+        self
+    }
+}
+
+#[cfg(any(feature = "postgres", feature = "mysql"))]
+impl<D: Dialect> SqlStore<D> {
+    /// Connects to a server at `url` with `options` and creates the records table if missing.
+    pub(crate) async fn connect_server(
+        url: &str,
+        options: &ServerStoreOptions,
+    ) -> Result<SqlStore<D>, Error> {
+        check_table_name(&options.table)?;
+        let connect: <Connection<D> as sqlx::Connection>::Options = url
+            .parse()
+            .map_err(|e| Error::Config(format!("invalid {} URL: {e}", D::NAME)))?;
+        let pool = sqlx::pool::PoolOptions::<D::Db>::new()
+            .max_connections(options.max_connections)
+            .acquire_timeout(options.acquire_timeout)
+            // No ping before each statement: it doubles the round trips of every statement (a
+            // heartbeat would cost two). A connection that died is found by the statement that
+            // uses it, which fails like any store error (fail closed) and drops the connection.
+            .test_before_acquire(false)
+            .connect_with(connect.clone())
+            .await;
+        let pool = match pool {
+            Ok(pool) => pool,
+            // The pool only says it timed out; one plain connection attempt says why
+            // ("connection refused", "password authentication failed", ...).
+            Err(sqlx::Error::PoolTimedOut) => {
+                return Err(
+                    match <Connection<D> as sqlx::Connection>::connect_with(&connect).await {
+                        Err(e) => unavailable(e),
+                        Ok(_) => unavailable(sqlx::Error::PoolTimedOut),
+                    },
+                );
+            }
+            Err(e) => return Err(unavailable(e)),
+        };
+        Self::from_pool(pool, &options.table).await
+    }
+}
+
+/// A store that could not be reached while it was being opened.
+pub(crate) fn unavailable(err: sqlx::Error) -> Error {
+    Error::StoreUnavailable {
+        function: "idem",
+        source: StoreError::new(err),
+    }
+}
+
+/// Checks a configured table name. It is spliced into SQL text (a table name cannot be a bind
+/// parameter), so only plain identifiers are accepted.
+pub(crate) fn check_table_name(name: &str) -> Result<(), Error> {
+    let mut chars = name.chars();
+    let first_ok = chars
+        .next()
+        .is_some_and(|c| c.is_ascii_alphabetic() || c == '_');
+    if first_ok && name.len() <= 48 && chars.all(|c| c.is_ascii_alphanumeric() || c == '_') {
+        Ok(())
+    } else {
+        Err(Error::Config(format!(
+            "table name {name:?} is not a plain identifier (letters, digits and `_`, at most 48, not starting with a digit)"
+        )))
+    }
+}
+
+/// A statement with the table name filled in, ready to hand to `sqlx::query` many times.
+pub(crate) fn statement(template: &str, table: &str) -> SqlStr {
+    let sql: Arc<str> = Arc::from(template.replace("{t}", table));
+    sqlx::SqlSafeStr::into_sql_str(AssertSqlSafe(sql))
+}
+
+/// The records table and its expiry index, for the dialects whose DDL differs only in column
+/// types: bytes, 64-bit integers, 32-bit integers and times. (MySQL, whose DDL also differs in
+/// shape, writes its own.)
+#[cfg(any(feature = "postgres", feature = "sqlite"))]
+pub(crate) fn records_table(bytes: &str, int64: &str, int32: &str, time: &str) -> String {
+    format!(
+        "CREATE TABLE IF NOT EXISTS {{t}} (
+            namespace {bytes} NOT NULL, key {bytes} NOT NULL, state TEXT NOT NULL,
+            fingerprint {bytes}, fence {int64} NOT NULL, owner TEXT NOT NULL,
+            lease_expires_at {time}, heartbeat_at {time}, attempts {int32} NOT NULL,
+            result {bytes}, codec TEXT,
+            created_at {time} NOT NULL, completed_at {time}, expires_at {time} NOT NULL,
+            PRIMARY KEY (namespace, key)
+        );
+        CREATE INDEX IF NOT EXISTS {{t}}_expires_at ON {{t}} (expires_at);"
+    )
+}
+
+/// Milliseconds as a duration; negative means "already past" and becomes zero.
+pub(crate) fn remaining(ms: i64) -> Duration {
+    Duration::from_millis(u64::try_from(ms).unwrap_or(0))
+}
+
+/// A duration as whole milliseconds for a bind parameter, rounded up so a lease of 0.5 ms
+/// is not stored as already over. Durations are capped at ten years by config parsing.
+pub(crate) fn millis(d: Duration) -> i64 {
+    let ms = d.as_millis() + u128::from(!d.subsec_nanos().is_multiple_of(1_000_000));
+    i64::try_from(ms).unwrap_or(i64::MAX)
+}
+
+/// The columns of a loaded row, as every dialect selects them, before interpretation.
+#[allow(unreachable_pub)] // named by the sealed dialect machinery; not reachable by users
+pub struct RawRecord {
+    pub(crate) state: String,
+    pub(crate) fingerprint: Option<Vec<u8>>,
+    pub(crate) fence: i64,
+    pub(crate) owner: String,
+    pub(crate) attempts: i64,
+    pub(crate) lease_remaining_ms: Option<i64>,
+    pub(crate) expires_in_ms: i64,
+    pub(crate) result: Option<Vec<u8>>,
+    pub(crate) codec: Option<String>,
+}
+
+impl RawRecord {
+    pub(crate) fn into_record(self) -> Result<Record, StoreError> {
+        let state = RecordState::parse(&self.state)
+            .ok_or_else(|| StoreError::msg(format!("unknown record state {:?}", self.state)))?;
+        let fingerprint = match self.fingerprint {
+            None => None,
+            Some(bytes) => Some(Fingerprint::from_bytes(&bytes).ok_or_else(|| {
+                StoreError::msg(format!(
+                    "fingerprint has {} bytes, expected 16",
+                    bytes.len()
+                ))
+            })?),
+        };
+        let result = match (self.result, self.codec) {
+            (Some(bytes), Some(codec)) => Some(StoredResult {
+                codec: codec.parse::<Codec>().map_err(StoreError::new)?,
+                bytes,
+            }),
+            _ => None,
+        };
+        Ok(Record {
+            state,
+            fingerprint,
+            fence: Fence::from_raw(self.fence),
+            owner: self.owner,
+            attempts: u32::try_from(self.attempts).unwrap_or(0),
+            lease_remaining: match state {
+                RecordState::InProgress => remaining(self.lease_remaining_ms.unwrap_or(0)),
+                RecordState::Completed => Duration::ZERO,
+            },
+            expires_in: remaining(self.expires_in_ms),
+            result,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn table_names_must_be_identifiers() {
+        for ok in ["idem_records", "_t", "Orders2"] {
+            assert!(check_table_name(ok).is_ok(), "{ok}");
+        }
+        for bad in [
+            "",
+            "1t",
+            "a-b",
+            "a b",
+            "t;drop table x",
+            "schema.t",
+            &"x".repeat(49),
+        ] {
+            assert!(check_table_name(bad).is_err(), "{bad}");
+        }
+    }
+
+    /// The placeholders in `sql`: the highest `$n`/`?n` index, or the number of bare `?`.
+    fn placeholders(sql: &str) -> usize {
+        let bytes = sql.as_bytes();
+        let (mut bare, mut highest) = (0, 0);
+        for (i, b) in bytes.iter().enumerate() {
+            if *b != b'$' && *b != b'?' {
+                continue;
+            }
+            let digits: String = sql[i + 1..]
+                .chars()
+                .take_while(char::is_ascii_digit)
+                .collect();
+            match digits.parse::<usize>() {
+                Ok(n) => highest = highest.max(n),
+                Err(_) if *b == b'?' => bare += 1,
+                Err(_) => {}
+            }
+        }
+        bare.max(highest)
+    }
+
+    fn each_statement(sql: &Statements) -> Vec<(&'static str, &Statement)> {
+        let mut all = vec![
+            ("insert", &sql.insert),
+            ("load", &sql.load),
+            ("load_in_transaction", &sql.load_in_transaction),
+            ("take_over", &sql.take_over),
+            ("heartbeat", &sql.heartbeat),
+            ("finalize", &sql.finalize),
+            ("release", &sql.release),
+            ("purge", &sql.purge),
+            ("create_schema", &sql.create_schema),
+            ("schema_version", &sql.schema_version),
+            ("table_exists", &sql.table_exists),
+            ("record_version", &sql.record_version),
+        ];
+        for (name, st) in [
+            ("insert_or_load", &sql.insert_or_load),
+            ("lock", &sql.lock),
+            ("try_lock", &sql.try_lock),
+            ("unlock", &sql.unlock),
+        ] {
+            if let Some(st) = st {
+                all.push((name, st));
+            }
+        }
+        all
+    }
+
+    /// Every statement binds exactly as many parameters as its text has placeholders, so a
+    /// dialect file cannot drift out of step with its parameter lists.
+    #[test]
+    fn every_statement_binds_each_placeholder() {
+        let mut dialects: Vec<(&str, Statements)> = Vec::new();
+        #[cfg(feature = "postgres")]
+        dialects.push(("postgres", Postgres::statements("t")));
+        #[cfg(feature = "mysql")]
+        dialects.push(("mysql", MySql::statements("t")));
+        #[cfg(feature = "sqlite")]
+        dialects.push(("sqlite", Sqlite::statements("t")));
+        for (dialect, sql) in &dialects {
+            for (name, st) in each_statement(sql) {
+                assert_eq!(
+                    placeholders(st.sql.as_str()),
+                    st.params.len(),
+                    "{dialect} {name}: {}",
+                    st.sql.as_str()
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn millis_round_up() {
+        assert_eq!(millis(Duration::from_micros(500)), 1);
+        assert_eq!(millis(Duration::from_millis(30)), 30);
+        assert_eq!(remaining(-5), Duration::ZERO);
+    }
+}

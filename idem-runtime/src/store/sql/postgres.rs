@@ -1,0 +1,221 @@
+//! PostgreSQL: the shared store for many replicas.
+//!
+//! The clock is `clock_timestamp()`: the time of the statement, not of the start of the
+//! transaction it runs in, which matters for transactional calls in a long transaction.
+//! `reserve` is one statement that inserts if absent and otherwise returns the existing row
+//! (one round trip for a replay); `take_over` is one compare-and-set `UPDATE`. Concurrent
+//! writers to one row are serialised by the row lock, and PostgreSQL re-checks the `WHERE`
+//! clause against the row a winner left behind, so of many concurrent takeovers exactly one
+//! matches. Migrations and purges take a transaction-scoped advisory lock.
+
+use super::dialect::{Conflict, Dialect, Param, Statement, Statements, sealed::Sealed};
+use super::{ServerStoreOptions, SqlStore};
+use crate::Error;
+
+use Param::{
+    Codec, Fence, Fingerprint, Key, Lease, Limit, Namespace, Observed, Owner, ResultBytes, Ttl,
+};
+
+/// PostgreSQL, for [`SqlStore`]: see [`PgStore`](crate::store::PgStore).
+#[derive(Clone, Copy, Debug)]
+pub struct Postgres;
+
+impl Dialect for Postgres {}
+
+const NOW: &str = "clock_timestamp()";
+
+/// The record columns, with the times as milliseconds left on the server's clock.
+const RECORD: &str = "state, fingerprint, fence, owner, attempts::BIGINT AS attempts,
+    (EXTRACT(EPOCH FROM (lease_expires_at - clock_timestamp())) * 1000)::BIGINT AS lease_remaining_ms,
+    (EXTRACT(EPOCH FROM (expires_at - clock_timestamp())) * 1000)::BIGINT AS expires_in_ms,
+    result, codec";
+
+/// `now + $n milliseconds`.
+fn plus(n: u8) -> String {
+    format!("{NOW} + ${n}::BIGINT * interval '1 millisecond'")
+}
+
+impl Sealed for Postgres {
+    type Db = sqlx::Postgres;
+    const BACKEND: &'static str = "postgres";
+    const NAME: &'static str = "PostgreSQL";
+    const BEGIN: &'static str = "BEGIN";
+
+    fn statements(t: &str) -> Statements {
+        let claim: &[Param] = &[Namespace, Key, Fingerprint, Fence, Owner, Lease];
+        let columns = "(namespace, key, state, fingerprint, fence, owner, lease_expires_at,
+            heartbeat_at, attempts, created_at, expires_at)";
+        let lease = plus(6);
+        let load = format!("SELECT {RECORD} FROM {{t}} WHERE namespace = $1 AND key = $2");
+        Statements {
+            // Inside a caller's transaction the common case is a first execution, and every
+            // statement is a round trip the caller's transaction pays for: a plain insert.
+            insert: Statement::new(
+                &format!(
+                    "INSERT INTO {{t}} {columns}
+                     VALUES ($1, $2, 'in_progress', $3, $4, $5, {lease}, {NOW}, 1, {NOW}, {lease})
+                     ON CONFLICT (namespace, key) DO NOTHING"
+                ),
+                t,
+                claim,
+            ),
+            conflict: Conflict::NoRows,
+            // The existing row is read first, so a replay costs a primary-key lookup and no
+            // insert attempt. (Both parts see the snapshot from before the statement: a row
+            // committed by a racing insert in the meantime makes the insert do nothing and is
+            // not visible to the read, so nothing comes back: `Vanished`, reserve again.)
+            insert_or_load: Some(Statement::new(
+                &format!(
+                    "WITH existing AS (
+                        SELECT {RECORD} FROM {{t}} WHERE namespace = $1 AND key = $2
+                    ), ins AS (
+                        INSERT INTO {{t}} {columns}
+                        SELECT $1::BYTEA, $2::BYTEA, 'in_progress', $3::BYTEA, $4::BIGINT, $5::TEXT,
+                            {lease}, {NOW}, 1, {NOW}, {lease}
+                        WHERE NOT EXISTS (SELECT 1 FROM existing)
+                        ON CONFLICT (namespace, key) DO NOTHING
+                        RETURNING 1
+                    )
+                    SELECT TRUE AS inserted, NULL::TEXT AS state, NULL::BYTEA AS fingerprint,
+                           NULL::BIGINT AS fence, NULL::TEXT AS owner, NULL::BIGINT AS attempts,
+                           NULL::BIGINT AS lease_remaining_ms, NULL::BIGINT AS expires_in_ms,
+                           NULL::BYTEA AS result, NULL::TEXT AS codec
+                    FROM ins
+                    UNION ALL
+                    SELECT FALSE, existing.* FROM existing"
+                ),
+                t,
+                claim,
+            )),
+            load: Statement::new(&load, t, &[Namespace, Key]),
+            // READ COMMITTED: a statement after the conflicting insert sees the committed row.
+            load_in_transaction: Statement::new(&load, t, &[Namespace, Key]),
+            take_over: Statement::new(
+                &format!(
+                    "UPDATE {{t}} SET state = 'in_progress', fingerprint = $3, fence = $4, owner = $5,
+                        lease_expires_at = {lease}, heartbeat_at = {NOW}, expires_at = {lease},
+                        attempts = CASE WHEN state = 'completed' THEN 1 ELSE attempts + 1 END,
+                        created_at = CASE WHEN state = 'completed' THEN {NOW} ELSE created_at END,
+                        result = NULL, codec = NULL, completed_at = NULL
+                     WHERE namespace = $1 AND key = $2 AND fence = $7
+                       AND ((state = 'in_progress' AND lease_expires_at <= {NOW})
+                         OR (state = 'completed' AND expires_at <= {NOW}))"
+                ),
+                t,
+                &[Namespace, Key, Fingerprint, Fence, Owner, Lease, Observed],
+            ),
+            heartbeat: Statement::new(
+                &format!(
+                    "UPDATE {{t}} SET lease_expires_at = {lease}, expires_at = {lease}, heartbeat_at = {NOW}
+                     WHERE namespace = $1 AND key = $2 AND fence = $3 AND state = 'in_progress'",
+                    lease = plus(4)
+                ),
+                t,
+                &[Namespace, Key, Fence, Lease],
+            ),
+            finalize: Statement::new(
+                &format!(
+                    "UPDATE {{t}} SET state = 'completed', result = $3, codec = $4, completed_at = {NOW},
+                        expires_at = {ttl}, lease_expires_at = NULL
+                     WHERE namespace = $1 AND key = $2 AND fence = $6 AND state = 'in_progress'",
+                    ttl = plus(5)
+                ),
+                t,
+                &[Namespace, Key, ResultBytes, Codec, Ttl, Fence],
+            ),
+            release: Statement::new(
+                "DELETE FROM {t} WHERE namespace = $1 AND key = $2 AND fence = $3 AND state = 'in_progress'",
+                t,
+                &[Namespace, Key, Fence],
+            ),
+            purge: Statement::new(
+                "DELETE FROM {t} WHERE ctid IN
+                    (SELECT ctid FROM {t} WHERE expires_at <= now() LIMIT $1)",
+                t,
+                &[Limit],
+            ),
+            lock: Some(Statement::new(
+                "SELECT 1::BIGINT FROM pg_advisory_xact_lock($1::TEXT::BIGINT)",
+                t,
+                &[Param::LockName],
+            )),
+            try_lock: Some(Statement::new(
+                "SELECT pg_try_advisory_xact_lock($1::TEXT::BIGINT)::INT::BIGINT",
+                t,
+                &[Param::LockName],
+            )),
+            unlock: None,
+            create_schema: Statement::new(
+                "CREATE TABLE IF NOT EXISTS idem_schema (table_name TEXT PRIMARY KEY, version INTEGER NOT NULL)",
+                t,
+                &[],
+            ),
+            schema_version: Statement::new(
+                "SELECT version::BIGINT FROM idem_schema WHERE table_name = $1",
+                t,
+                &[Param::TableName],
+            ),
+            table_exists: Statement::new(
+                "SELECT (to_regclass($1) IS NOT NULL)::INT::BIGINT",
+                t,
+                &[Param::TableName],
+            ),
+            record_version: Statement::new(
+                "INSERT INTO idem_schema (table_name, version) VALUES ($1, $2::BIGINT)
+                 ON CONFLICT (table_name) DO UPDATE SET version = excluded.version",
+                t,
+                &[Param::TableName, Param::Version],
+            ),
+        }
+    }
+
+    fn migrations() -> Vec<String> {
+        vec![
+            // 1: the records table and its expiry index.
+            super::records_table("BYTEA", "BIGINT", "INTEGER", "TIMESTAMPTZ"),
+            // 2: every record is written twice (reserved, then completed); room on each page
+            // lets the second write be a heap-only update, with no new index entries.
+            "ALTER TABLE {t} SET (fillfactor = 80);".into(),
+        ]
+    }
+
+    fn lock_name(table: &str) -> String {
+        // The advisory lock's key: 64 bits of a hash of the table name.
+        let digest = blake3::hash(format!("idem:{table}").as_bytes());
+        let mut bytes = [0u8; 8];
+        bytes.copy_from_slice(&digest.as_bytes()[..8]);
+        i64::from_le_bytes(bytes).to_string()
+    }
+
+    fn is_conflict(err: &sqlx::Error) -> bool {
+        // 40001: serialization failure; 40P01: deadlock; 55P03: lock timeout.
+        matches!(err, sqlx::Error::Database(db)
+            if matches!(db.code().as_deref(), Some("40001" | "40P01" | "55P03")))
+    }
+}
+
+/// A [`Store`](crate::store::Store) in a PostgreSQL table, shared by every replica that points
+/// at it (feature `postgres`).
+///
+/// ```no_run
+/// # async fn demo() -> Result<(), idem_runtime::Error> {
+/// use idem_runtime::{Idem, store::PgStore};
+/// let idem = Idem::builder()
+///     .store(PgStore::connect("postgres://app@db/app").await?)
+///     .executor_id(std::env::var("POD_NAME").ok())
+///     .install()?;
+/// # Ok(()) }
+/// ```
+pub type PgStore = SqlStore<Postgres>;
+
+impl SqlStore<Postgres> {
+    /// Connects to `url` with default options and creates the records table if missing.
+    pub async fn connect(url: &str) -> Result<PgStore, Error> {
+        Self::connect_with(url, ServerStoreOptions::default()).await
+    }
+
+    /// Connects to `url` with `options`.
+    pub async fn connect_with(url: &str, options: ServerStoreOptions) -> Result<PgStore, Error> {
+        Self::connect_server(url, &options).await
+    }
+}
