@@ -285,6 +285,7 @@ fn wrap(args: &Args, params: &Params, ret: &Type, inner: TokenStream) -> TokenSt
     let spec = Ident::new("__IDEM_SPEC", Span::mixed_site());
     let marker = Ident::new("__idem_here", Span::call_site());
     let call = Ident::new("__idem_call", Span::mixed_site());
+    let runtime_var = Ident::new("__idem_runtime", Span::mixed_site());
     let fp = Ident::new("__idem_fp", Span::mixed_site());
 
     let mut spec_init = quote!(#private::Spec::new());
@@ -364,7 +365,7 @@ fn wrap(args: &Args, params: &Params, ret: &Type, inner: TokenStream) -> TokenSt
     }
     let run = match &args.tx {
         None => {
-            quote_spanned!(ret_span=> #entry(&#spec, #marker, &[#(#types),*], #call, #inner).await)
+            quote_spanned!(ret_span=> #entry(&#spec, #marker, &[#(#types),*], #runtime_var, #call, #inner).await)
         }
         Some(tx) => {
             // The transaction is used before the body (reserve), by the body, and after it
@@ -380,7 +381,7 @@ fn wrap(args: &Args, params: &Params, ret: &Type, inner: TokenStream) -> TokenSt
             };
             quote_spanned! {ret_span=>
                 let #conn = #tx;
-                match #at::tx_begin(&#spec, #marker, &[#(#types),*], #call, &mut *#conn, #codec).await {
+                match #at::tx_begin(&#spec, #marker, &[#(#types),*], #runtime_var, #call, &mut *#conn, #codec).await {
                     #private::TxBegin::Done(#out) => #out,
                     #private::TxBegin::Run(#token) => {
                         let #out = {
@@ -396,11 +397,11 @@ fn wrap(args: &Args, params: &Params, ret: &Type, inner: TokenStream) -> TokenSt
     quote! {
         static #spec: #private::Spec = #spec_init;
         fn #marker() {}
+        let #runtime_var = #runtime;
         let #call = #private::Call {
             key: #key,
             scope: #scope,
             payload: #payload,
-            runtime: #runtime,
         };
         #run
     }

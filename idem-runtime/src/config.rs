@@ -1,60 +1,18 @@
-//! Startup: the [`Idem`] handle, its builder, and the serde-friendly [`IdemConfig`].
+//! Startup: the [`Idem`] handle's builder and the serde-friendly [`IdemConfig`].
 //!
 //! One `Idem` is installed per process with [`IdemBuilder::install`] and used by every
 //! `#[idempotent]` fn that does not name its own `runtime = ..`. Libraries and tests that
 //! want their own build one with [`IdemBuilder::build`] and pass it explicitly.
 
-use std::fmt;
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::Error;
 use crate::cache::LocalCache;
-use crate::engine::Flights;
+use crate::engine::{Engine, Settings};
 use crate::store::{MemoryStore, Store};
-
-static INSTALLED: OnceLock<Idem> = OnceLock::new();
-
-/// The idem runtime: a store, the local cache and the defaults the attribute falls back to.
-///
-/// Cheap to clone (a shared handle). Background work (purging expired records) runs on the
-/// tokio runtime it was built in, and stops when [`Idem::shutdown`] is called or the last
-/// handle is dropped.
-#[derive(Clone)]
-pub struct Idem {
-    pub(crate) inner: Arc<Inner>,
-}
-
-pub(crate) struct Inner {
-    pub(crate) store: Arc<dyn Store>,
-    pub(crate) cache: Option<LocalCache>,
-    pub(crate) settings: Settings,
-    pub(crate) flights: Flights,
-    stop: tokio::sync::watch::Sender<bool>,
-}
-
-/// The defaults an attribute's missing arguments take.
-#[derive(Clone, Debug)]
-pub(crate) struct Settings {
-    pub(crate) default_ttl: Duration,
-    pub(crate) default_lease: Duration,
-    pub(crate) default_wait: Duration,
-    pub(crate) max_result_bytes: usize,
-    pub(crate) executor_id: Arc<str>,
-    pub(crate) store_timeout: Duration,
-}
-
-impl fmt::Debug for Idem {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Idem")
-            .field("store", &self.inner.store.backend())
-            .field("local_cache", &self.inner.cache.is_some())
-            .field("settings", &self.inner.settings)
-            .finish()
-    }
-}
+use crate::{Error, Idem};
 
 impl Idem {
     /// Starts configuring a runtime.
@@ -62,58 +20,9 @@ impl Idem {
         IdemBuilder::default()
     }
 
-    /// The runtime installed with [`IdemBuilder::install`], if any.
-    pub fn installed() -> Option<&'static Idem> {
-        INSTALLED.get()
-    }
-
     /// Builds a runtime from an [`IdemConfig`], connecting to its store.
     pub async fn from_config(config: &IdemConfig) -> Result<Idem, Error> {
         config.builder().await?.build()
-    }
-
-    /// This process's executor id, written as the `owner` of the records it reserves.
-    pub fn executor_id(&self) -> &str {
-        &self.inner.settings.executor_id
-    }
-
-    /// The store this runtime writes to.
-    pub fn store(&self) -> &dyn Store {
-        &*self.inner.store
-    }
-
-    /// Deletes expired records now, in batches of `batch`, and returns how many it deleted.
-    /// The background task does the same every `purge_interval`.
-    pub async fn purge_expired(&self, batch: u32) -> Result<u64, Error> {
-        purge_all(&*self.inner.store, batch, self.inner.settings.store_timeout)
-            .await
-            .map_err(|source| Error::StoreUnavailable {
-                function: "idem::purge",
-                source,
-            })
-    }
-
-    /// Stops this runtime's background tasks. Calls still work; expired records are then
-    /// only removed by [`Idem::purge_expired`] or by being reused.
-    pub fn shutdown(&self) {
-        self.inner.stop.send_replace(true);
-    }
-}
-
-async fn purge_all(
-    store: &dyn Store,
-    batch: u32,
-    timeout: Duration,
-) -> Result<u64, crate::error::StoreError> {
-    let batch = batch.max(1);
-    let mut total = 0;
-    loop {
-        let n = crate::engine::store_call(store, "purge", timeout, store.purge(batch)).await?;
-        total += n;
-        if n < u64::from(batch) {
-            crate::metrics::purged(store.backend(), total);
-            return Ok(total);
-        }
     }
 }
 
@@ -316,66 +225,23 @@ impl IdemBuilder {
                 executor_id.len()
             )));
         }
-        let (stop, stopped) = tokio::sync::watch::channel(false);
-        let inner = Arc::new(Inner {
-            store,
-            cache: LocalCache::new(self.local_cache),
-            settings: Settings {
-                default_ttl: self.default_ttl,
-                default_lease: self.default_lease,
-                default_wait: self.default_wait,
-                max_result_bytes: self.max_result_bytes,
-                executor_id: executor_id.into(),
-                store_timeout: self.store_timeout,
-            },
-            flights: Flights::default(),
-            stop,
-        });
-        if let (Some(every), Ok(rt)) = (self.purge_interval, tokio::runtime::Handle::try_current())
-        {
-            rt.spawn(purge_loop(
-                inner.store.clone(),
-                every,
-                self.purge_batch,
-                self.store_timeout,
-                stopped,
-            ));
-        }
-        Ok(Idem { inner })
+        let settings = Settings {
+            default_ttl: self.default_ttl,
+            default_lease: self.default_lease,
+            default_wait: self.default_wait,
+            max_result_bytes: self.max_result_bytes,
+            executor_id: executor_id.into(),
+            store_timeout: self.store_timeout,
+        };
+        let engine = Engine::new(store, LocalCache::new(self.local_cache), settings);
+        let purge = self.purge_interval.map(|every| (every, self.purge_batch));
+        Ok(Idem::start(engine, purge))
     }
 
     /// Builds the runtime and installs it as the one `#[idempotent]` fns use. Fails if one
     /// is already installed.
     pub fn install(self) -> Result<Idem, Error> {
-        let idem = self.build()?;
-        INSTALLED.set(idem.clone()).map_err(|_| {
-            Error::Config(
-                "an idem runtime is already installed; install once at startup, or pass `runtime = ..` to the attribute".into(),
-            )
-        })?;
-        Ok(idem)
-    }
-}
-
-async fn purge_loop(
-    store: Arc<dyn Store>,
-    every: Duration,
-    batch: u32,
-    timeout: Duration,
-    mut stopped: tokio::sync::watch::Receiver<bool>,
-) {
-    loop {
-        tokio::select! {
-            _ = tokio::time::sleep(every) => {}
-            // Either `shutdown()` was called or every handle is gone (the sender dropped).
-            _ = stopped.changed() => return,
-        }
-        if *stopped.borrow() {
-            return;
-        }
-        if let Err(e) = purge_all(&*store, batch, timeout).await {
-            tracing::warn!(error = %e, backend = store.backend(), "idem: purging expired records failed; will retry");
-        }
+        self.build()?.install()
     }
 }
 
@@ -443,14 +309,25 @@ impl Default for IdemConfig {
             store: String::new(),
             table: crate::store::DEFAULT_TABLE.into(),
             local_cache: defaults::LOCAL_CACHE,
-            default_ttl: "PT24H".into(),
-            default_lease: "PT30S".into(),
-            default_wait: "PT5S".into(),
+            default_ttl: iso8601(defaults::TTL),
+            default_lease: iso8601(defaults::LEASE),
+            default_wait: iso8601(defaults::WAIT),
             max_result_bytes: defaults::MAX_RESULT_BYTES,
             executor_id: None,
-            purge_interval: Some("PT1M".into()),
-            store_timeout: "PT5S".into(),
+            purge_interval: Some(iso8601(defaults::PURGE_INTERVAL)),
+            store_timeout: iso8601(defaults::STORE_TIMEOUT),
         }
+    }
+}
+
+/// A duration as an ISO-8601 literal in its largest whole unit (`PT24H`, `PT30S`, `PT0.25S`).
+fn iso8601(d: Duration) -> String {
+    let ms = d.as_millis();
+    match ms {
+        _ if ms.is_multiple_of(3_600_000) => format!("PT{}H", ms / 3_600_000),
+        _ if ms.is_multiple_of(60_000) => format!("PT{}M", ms / 60_000),
+        _ if ms.is_multiple_of(1_000) => format!("PT{}S", ms / 1_000),
+        _ => format!("PT{}.{:03}S", ms / 1_000, ms % 1_000),
     }
 }
 
@@ -551,7 +428,10 @@ mod tests {
         let cfg: IdemConfig =
             serde_json::from_str(r#"{"store": "memory:", "default_ttl": "1h30m"}"#).expect("json");
         let idem = Idem::from_config(&cfg).await.expect("builds");
-        assert_eq!(idem.inner.settings.default_ttl, Duration::from_secs(5_400));
+        assert_eq!(
+            idem.engine().settings.default_ttl,
+            Duration::from_secs(5_400)
+        );
 
         let cfg: IdemConfig =
             serde_json::from_str(r#"{"store": "memory:", "default_lease": "P1Y"}"#).expect("json");
@@ -564,6 +444,23 @@ mod tests {
         let cfg: IdemConfig = serde_json::from_str(r#"{"store": "redis://x"}"#).expect("json");
         let msg = Idem::from_config(&cfg).await.unwrap_err().to_string();
         assert!(msg.contains("not a store URL"), "{msg}");
+    }
+
+    #[test]
+    fn default_durations_are_written_once() {
+        let config = IdemConfig::default();
+        assert_eq!(config.default_ttl, "PT24H");
+        assert_eq!(config.default_lease, "PT30S");
+        for (literal, d) in [
+            (config.default_ttl, defaults::TTL),
+            (config.store_timeout, defaults::STORE_TIMEOUT),
+            (
+                iso8601(Duration::from_millis(1_250)),
+                Duration::from_millis(1_250),
+            ),
+        ] {
+            assert_eq!(idem_duration::parse(&literal), Ok(d), "{literal}");
+        }
     }
 
     #[test]

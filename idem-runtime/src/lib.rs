@@ -16,22 +16,23 @@ mod error;
 #[cfg(feature = "axum")]
 pub mod http;
 mod key;
-mod lease;
 pub mod metrics;
 mod outcome;
+mod purge;
+mod runtime;
 pub mod store;
 
 #[doc(hidden)]
-#[path = "private.rs"]
 pub mod __private;
 
 pub use codec::{Codec, UnknownCodec};
-pub use config::{Idem, IdemBuilder, IdemConfig, IntoDuration, defaults};
+pub use config::{IdemBuilder, IdemConfig, IntoDuration, defaults};
 pub use error::{Error, StoreError};
 pub use key::{
     Fingerprint, IntoKey, KeyHash, MAX_KEY_BYTES, MAX_NAMESPACE_BYTES, MAX_SCOPE_BYTES, RecordId,
 };
 pub use outcome::{Outcome, observe};
+pub use runtime::Idem;
 
 #[cfg(feature = "_sql")]
 pub use engine::tx::TxDatabase;

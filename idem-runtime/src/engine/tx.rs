@@ -11,12 +11,17 @@
 //! The same decisions as the leased protocol apply to what `reserve` finds ([`decide`]).
 
 use std::marker::PhantomData;
+use std::sync::Arc;
+use std::time::Duration;
 
 use tracing::Instrument;
 
-use super::{Decision, Prepared, ResultCodec, decide, fail};
-use crate::__private::Site;
-use crate::codec::Codec;
+use super::Engine;
+use super::call::{Call, ResolvedCall};
+use super::decide::{Decision, decide};
+use super::record::ResultCodec;
+use super::replay::fail;
+use super::spec::{Site, Spec};
 use crate::error::StoreError;
 use crate::outcome::{self, Outcome};
 use crate::store::{Claim, Fence, RecordState, Reservation, StoredResult, TxStatements};
@@ -43,161 +48,176 @@ impl TxDatabase for sqlx::Sqlite {
     type Store = crate::store::SqliteStore;
 }
 
-/// What `begin` decided: run the body (`Ok`), or the answer without it (`Err`).
-type Begin<T, E, C> = Result<TxToken<C>, Result<T, E>>;
-
-/// A reservation held in the caller's transaction, between `begin` and `finish`.
-pub struct TxToken<C> {
-    site: &'static Site,
-    /// `None`: an `optional` fn without a key, running unprotected.
-    prepared: Option<Prepared>,
-    fence: Fence,
-    took_over: bool,
-    codec: PhantomData<C>,
-}
+/// What a duplicate that lost a conflict with a concurrent transaction is told to wait.
+const CONFLICT_RETRY_AFTER: Duration = Duration::from_millis(100);
 
 /// How many times `begin` re-reads a key whose row changed between two statements (a
 /// concurrent transaction committed or rolled back in between) before it gives up.
 const RACES: usize = 5;
 
-fn store_of<DB: TxDatabase>(p: &Prepared) -> Result<&DB::Store, Error> {
-    p.idem
-        .inner
-        .store
-        .as_any()
-        .and_then(|any| any.downcast_ref::<DB::Store>())
-        .ok_or_else(|| {
-            Error::Config(format!(
-                "`{}` joins a {} transaction (`tx = ..`), so its runtime's store must be that database's idem store, not `{}`",
-                p.site.path,
-                std::any::type_name::<DB>(),
-                p.idem.inner.store.backend()
-            ))
-        })
+/// What `begin` decided: the answer `O` without running the body, or a reservation to run
+/// it under.
+pub enum TxBegin<O, C> {
+    /// Answered without running the body (a replay, or an error).
+    Done(O),
+    /// The reservation is in the caller's transaction: run the body, then `finish`.
+    Run(TxToken<C>),
+}
+
+impl<O, C> TxBegin<O, C> {
+    /// The same decision with the answer turned into `P`.
+    pub(crate) fn map<P>(self, f: impl FnOnce(O) -> P) -> TxBegin<P, C> {
+        match self {
+            TxBegin::Done(out) => TxBegin::Done(f(out)),
+            TxBegin::Run(token) => TxBegin::Run(token),
+        }
+    }
+}
+
+/// A reservation held in the caller's transaction, between `begin` and `finish`.
+pub struct TxToken<C> {
+    site: &'static Site,
+    /// `None`: an `optional` fn without a key, running unprotected.
+    call: Option<ResolvedCall>,
+    fence: Fence,
+    outcome: Outcome,
+    codec: PhantomData<C>,
+}
+
+impl ResolvedCall {
+    fn tx_store<DB: TxDatabase>(&self) -> Result<&DB::Store, Error> {
+        let store = &self.engine.store;
+        store
+            .as_any()
+            .and_then(|any| any.downcast_ref::<DB::Store>())
+            .ok_or_else(|| {
+                Error::Config(format!(
+                    "`{}` joins a {} transaction (`tx = ..`), so its runtime's store must be that database's idem store, not `{}`",
+                    self.function(),
+                    std::any::type_name::<DB>(),
+                    store.backend()
+                ))
+            })
+    }
+
+    /// A failed statement: a conflict with a concurrent transaction (a deadlock, a
+    /// serialization failure, a lock timeout) is the caller's to retry, like a call still in
+    /// progress; anything else is the store being unavailable.
+    fn store_failed(&self, source: StoreError) -> Error {
+        if source.is_transaction_conflict() {
+            tracing::debug!(function = self.function(), error = %source,
+                "idem: the transaction lost a conflict with a concurrent one; retry it");
+            return self.in_progress(CONFLICT_RETRY_AFTER);
+        }
+        self.unavailable(source)
+    }
 }
 
 /// Reserves the record inside the caller's transaction, or answers without the body.
 pub(crate) async fn begin<T, E, C, DB>(
+    engine: &Arc<Engine>,
+    spec: &'static Spec,
     site: &'static Site,
-    prepared: Result<Option<Prepared>, Error>,
+    types: &[&'static str],
+    call: Call,
     conn: &mut DB::Connection,
-) -> Begin<T, E, C>
+) -> TxBegin<Result<T, E>, C>
 where
     E: From<Error>,
     C: ResultCodec<T, E>,
     DB: TxDatabase,
 {
-    let p = match prepared {
-        Ok(Some(p)) => p,
-        // `optional` and no key: the body runs unprotected, still inside the transaction.
-        Ok(None) => {
-            return Ok(TxToken {
-                site,
-                prepared: None,
-                fence: Fence::from_raw(0),
-                took_over: false,
-                codec: PhantomData,
-            });
-        }
-        Err(e) => return Err(Err(fail(site.path, e))),
+    let token = |call, fence, outcome| TxToken {
+        site,
+        call,
+        fence,
+        outcome,
+        codec: PhantomData,
     };
-    let span = super::span(site.path, &p.id);
-    reserve::<T, E, C, DB>(p, conn).instrument(span).await
+    let call = match call.resolve(engine, spec, site, types) {
+        Ok(Some(call)) => call,
+        // `optional` and no key: the body runs unprotected, still inside the transaction.
+        Ok(None) => return TxBegin::Run(token(None, Fence::from_raw(0), Outcome::Unprotected)),
+        Err(e) => return TxBegin::Done(Err(fail(site.path, e))),
+    };
+    let span = call.span();
+    match reserve::<T, E, C, DB>(&call, conn).instrument(span).await {
+        Ok((fence, outcome)) => TxBegin::Run(token(Some(call), fence, outcome)),
+        Err(done) => TxBegin::Done(done),
+    }
 }
 
-async fn reserve<T, E, C, DB>(p: Prepared, conn: &mut DB::Connection) -> Begin<T, E, C>
+/// The reservation's fence and how the body will have run, or the answer without it.
+async fn reserve<T, E, C, DB>(
+    call: &ResolvedCall,
+    conn: &mut DB::Connection,
+) -> Result<(Fence, Outcome), Result<T, E>>
 where
     E: From<Error>,
     C: ResultCodec<T, E>,
     DB: TxDatabase,
 {
-    let function = p.site.path;
-    if let Some(cache) = &p.idem.inner.cache
-        && let Some(hit) = cache.get(&p.id)
+    let function = call.function();
+    if let Some(cache) = &call.engine.cache
+        && let Some(hit) = cache.get(&call.id)
     {
-        return Err(replay::<T, E, C>(
-            &p,
-            hit.codec,
-            &hit.bytes,
-            hit.fingerprint.as_ref(),
-        ));
+        let stored = hit.fingerprint.as_ref();
+        return Err(call.replay::<T, E, C>(hit.codec, &hit.bytes, stored, Outcome::Replayed));
     }
-    let store = match store_of::<DB>(&p) {
-        Ok(s) => s,
-        Err(e) => return Err(Err(fail(function, e))),
-    };
+    let store = call.tx_store::<DB>().map_err(|e| Err(fail(function, e)))?;
     for _ in 0..RACES {
         let fence = Fence::random();
         let claim = Claim {
-            id: &p.id,
+            id: &call.id,
             fence,
-            owner: &p.idem.inner.settings.executor_id,
-            fingerprint: p.fingerprint.as_ref(),
+            owner: &call.engine.settings.executor_id,
+            fingerprint: call.fingerprint.as_ref(),
             // No lease in a transaction: others see the row only once committed, and a
             // committed row still in progress means its call stopped (cancelled, and the
             // transaction committed anyway). Such a row is reclaimable at once.
-            lease: std::time::Duration::ZERO,
+            lease: Duration::ZERO,
         };
         let record = match store.reserve_in(conn, &claim).await {
-            Ok(Reservation::Acquired) => return run(p, fence, false),
+            Ok(Reservation::Acquired) => return Ok((fence, Outcome::Executed)),
             Ok(Reservation::Vanished) => continue,
             Ok(Reservation::Exists(record)) => record,
-            Err(e) => return Err(Err(store_failed(function, &p, e))),
+            Err(e) => return Err(Err(fail(function, call.store_failed(e)))),
         };
-        match decide(&record, p.fingerprint.as_ref()) {
+        match decide(&record, call.fingerprint.as_ref()) {
             Decision::Replay => {
                 let Some(result) = record.result else {
                     let e = StoreError::msg("a completed record has no result");
-                    return Err(Err(unavailable(function, e)));
+                    return Err(Err(fail(function, call.unavailable(e))));
                 };
                 // Not cached: a row written earlier in this same transaction could still roll
                 // back, and nothing here can tell it from a committed one.
-                return Err(replay::<T, E, C>(
-                    &p,
-                    result.codec,
-                    &result.bytes,
-                    record.fingerprint.as_ref(),
-                ));
+                let stored = record.fingerprint.as_ref();
+                let out =
+                    call.replay::<T, E, C>(result.codec, &result.bytes, stored, Outcome::Replayed);
+                return Err(out);
             }
             Decision::PayloadMismatch => {
                 let e = Error::PayloadMismatch {
                     function,
-                    key: p.id.hash(),
+                    key: call.id.hash(),
                 };
                 return Err(Err(fail(function, e)));
             }
             Decision::TakeOver => match store.take_over_in(conn, &claim, record.fence).await {
-                Ok(true) => return run(p, fence, record.state == RecordState::InProgress),
+                Ok(true) if record.state == RecordState::InProgress => {
+                    return Ok((fence, Outcome::TookOver));
+                }
+                Ok(true) => return Ok((fence, Outcome::Executed)),
                 Ok(false) => continue,
-                Err(e) => return Err(Err(unavailable(function, e))),
+                Err(e) => return Err(Err(fail(function, call.unavailable(e)))),
             },
+            // A committed in-progress row: a leased call of the same record is running.
             Decision::Wait { retry_after } => {
-                // A committed in-progress row: a leased call of the same record is running.
-                let e = Error::InProgress {
-                    function,
-                    key: p.id.hash(),
-                    retry_after,
-                };
-                return Err(Err(fail(function, e)));
+                return Err(Err(fail(function, call.in_progress(retry_after))));
             }
         }
     }
-    let e = Error::InProgress {
-        function,
-        key: p.id.hash(),
-        retry_after: std::time::Duration::from_millis(100),
-    };
-    Err(Err(fail(function, e)))
-}
-
-fn run<T, E, C>(p: Prepared, fence: Fence, took_over: bool) -> Begin<T, E, C> {
-    Ok(TxToken {
-        site: p.site,
-        prepared: Some(p),
-        fence,
-        took_over,
-        codec: PhantomData,
-    })
+    Err(Err(fail(function, call.in_progress(CONFLICT_RETRY_AFTER))))
 }
 
 /// Records the body's outcome in the caller's transaction: its result, or (for an error that
@@ -213,21 +233,21 @@ where
     C: ResultCodec<T, E>,
     DB: TxDatabase,
 {
-    let Some(p) = token.prepared else {
+    let Some(call) = token.call else {
         metrics::call(&token.site.labels, Outcome::Unprotected);
         outcome::report(Outcome::Unprotected);
         return out;
     };
-    let span = super::span(p.site.path, &p.id);
-    record::<T, E, C, DB>(p, token.fence, token.took_over, conn, out)
+    let span = call.span();
+    record::<T, E, C, DB>(&call, token.fence, token.outcome, conn, out)
         .instrument(span)
         .await
 }
 
 async fn record<T, E, C, DB>(
-    p: Prepared,
+    call: &ResolvedCall,
     fence: Fence,
-    took_over: bool,
+    outcome: Outcome,
     conn: &mut DB::Connection,
     out: Result<T, E>,
 ) -> Result<T, E>
@@ -236,25 +256,20 @@ where
     C: ResultCodec<T, E>,
     DB: TxDatabase,
 {
-    let function = p.site.path;
-    let store = match store_of::<DB>(&p) {
+    let function = call.function();
+    let store = match call.tx_store::<DB>() {
         Ok(s) => s,
         Err(e) => return Err(fail(function, e)),
     };
-    let how = if took_over {
-        Outcome::TookOver
-    } else {
-        Outcome::Executed
-    };
-    let limit = p.idem.inner.settings.max_result_bytes;
+    let limit = call.engine.settings.max_result_bytes;
     let result = match C::encode(&out) {
         // An error that is not stored: whatever the caller does with its transaction, the
         // key must not stay reserved.
         None => {
-            if let Err(e) = store.release_in(conn, &p.id, fence).await {
+            if let Err(e) = store.release_in(conn, &call.id, fence).await {
                 tracing::debug!(function, error = %e, "idem: could not remove the reservation; it goes when the transaction rolls back");
             }
-            finished(&p, how);
+            call.finished(outcome);
             return out;
         }
         // Unlike a leased call, a transactional one can refuse to go on: the caller rolls
@@ -275,10 +290,11 @@ where
         }
         Some((codec, Ok(bytes))) => StoredResult { codec, bytes },
     };
-    let failure = match store.finalize_in(conn, &p.id, fence, &result, p.ttl).await {
+    let ttl = call.ttl;
+    let failure = match store.finalize_in(conn, &call.id, fence, &result, ttl).await {
         Ok(true) => {
             metrics::stored_bytes(function, result.bytes.len());
-            finished(&p, how);
+            call.finished(outcome);
             return out;
         }
         Ok(false) => StoreError::msg("the reservation changed inside the transaction"),
@@ -288,71 +304,8 @@ where
         // A stored error (`cache_errors`) that could not be recorded, usually because the
         // body's own failure aborted the transaction: the body's error is the news.
         tracing::debug!(function, error = %failure, "idem: could not record the error result");
-        finished(&p, how);
+        call.finished(outcome);
         return out;
     }
-    Err(store_failed(function, &p, failure))
-}
-
-fn replay<T, E, C>(
-    p: &Prepared,
-    codec: Codec,
-    bytes: &[u8],
-    stored: Option<&crate::key::Fingerprint>,
-) -> Result<T, E>
-where
-    E: From<Error>,
-    C: ResultCodec<T, E>,
-{
-    let function = p.site.path;
-    if let (Some(stored), Some(ours)) = (stored, p.fingerprint.as_ref())
-        && stored != ours
-    {
-        let e = Error::PayloadMismatch {
-            function,
-            key: p.id.hash(),
-        };
-        return Err(fail(function, e));
-    }
-    match C::decode(codec, bytes) {
-        Ok(out) => {
-            finished(p, Outcome::Replayed);
-            out
-        }
-        Err(message) => Err(fail(
-            function,
-            Error::Decode {
-                function,
-                key: p.id.hash(),
-                version: p.version,
-                message,
-            },
-        )),
-    }
-}
-
-fn finished(p: &Prepared, how: Outcome) {
-    metrics::call(&p.site.labels, how);
-    outcome::report(how);
-    tracing::Span::current().record("outcome", how.as_str());
-}
-
-fn unavailable<E: From<Error>>(function: &'static str, source: StoreError) -> E {
-    fail(function, Error::StoreUnavailable { function, source })
-}
-
-/// A failed statement: a conflict with a concurrent transaction (a deadlock, a serialization
-/// failure, a lock timeout) is the caller's to retry, like a call still in progress; anything
-/// else is the store being unavailable.
-fn store_failed<E: From<Error>>(function: &'static str, p: &Prepared, source: StoreError) -> E {
-    if source.is_transaction_conflict() {
-        tracing::debug!(function, error = %source, "idem: the transaction lost a conflict with a concurrent one; retry it");
-        let e = Error::InProgress {
-            function,
-            key: p.id.hash(),
-            retry_after: std::time::Duration::from_millis(100),
-        };
-        return fail(function, e);
-    }
-    unavailable(function, source)
+    Err(fail(function, call.store_failed(failure)))
 }

@@ -1,0 +1,249 @@
+//! Acquiring a record: reserve it, or find out why not (replay, wait, take over, refuse),
+//! and the guard that releases an owned reservation when its call stops without a result.
+
+use std::time::{Duration, Instant};
+
+use super::Engine;
+use super::call::ResolvedCall;
+use super::decide::{Decision, decide};
+use super::spec::OnConflict;
+use super::store_call;
+use crate::Error;
+use crate::error::StoreError;
+use crate::key::{Fingerprint, RecordId};
+use crate::store::{Claim, Fence, RecordState, Reservation, StoredResult};
+
+/// What the leader got from the store before running anything.
+pub(crate) enum Acquired<'a> {
+    /// The caller owns the record and runs the body.
+    Owned {
+        guard: OwnedRecord<'a>,
+        took_over: bool,
+        /// When the statement that started the lease was sent.
+        since: Instant,
+    },
+    /// The record is completed with this result.
+    Replay {
+        result: StoredResult,
+        fingerprint: Option<Fingerprint>,
+        expires_in: Duration,
+        waited: bool,
+    },
+}
+
+impl ResolvedCall {
+    /// Reserves the record, or finds out why not: replay, wait (until `deadline`), take over,
+    /// refuse.
+    pub(crate) async fn acquire(&self, deadline: Instant) -> Result<Acquired<'_>, Error> {
+        let store = &*self.engine.store;
+        let timeout = self.engine.settings.store_timeout;
+        let mut backoff = Backoff::default();
+        let mut waited = false;
+        let mut races = 0u32;
+        loop {
+            // Armed before the statement runs: if this call is dropped while `reserve` is in
+            // flight, the row it may have written is released instead of stuck for a lease.
+            let mut guard =
+                OwnedRecord::new(&self.engine, &self.id, Fence::random(), self.function());
+            let claim = Claim {
+                id: &self.id,
+                fence: guard.fence,
+                owner: &self.engine.settings.executor_id,
+                fingerprint: self.fingerprint.as_ref(),
+                lease: self.lease,
+            };
+            let since = Instant::now();
+            let reserved = store_call(store, "reserve", timeout, store.reserve(&claim)).await;
+            let record = match reserved {
+                Ok(Reservation::Acquired) => {
+                    return Ok(Acquired::Owned {
+                        guard,
+                        took_over: false,
+                        since,
+                    });
+                }
+                Ok(Reservation::Exists(record)) => {
+                    guard.disarm();
+                    record
+                }
+                Ok(Reservation::Vanished) => {
+                    guard.disarm();
+                    races += 1;
+                    self.pace_race(races, &mut backoff, deadline).await?;
+                    continue;
+                }
+                Err(e) => {
+                    // The store is failing; a release would fail too. If the insert did land,
+                    // its lease frees it.
+                    guard.disarm();
+                    return Err(self.unavailable(e));
+                }
+            };
+            match decide(&record, self.fingerprint.as_ref()) {
+                Decision::Replay => {
+                    let result = record.result.ok_or_else(|| {
+                        self.unavailable(StoreError::msg("a completed record has no result"))
+                    })?;
+                    return Ok(Acquired::Replay {
+                        result,
+                        fingerprint: record.fingerprint,
+                        expires_in: record.expires_in,
+                        waited,
+                    });
+                }
+                Decision::PayloadMismatch => {
+                    return Err(Error::PayloadMismatch {
+                        function: self.function(),
+                        key: self.id.hash(),
+                    });
+                }
+                Decision::TakeOver => {
+                    guard.rearm();
+                    let since = Instant::now();
+                    let take = store.take_over(&claim, record.fence);
+                    match store_call(store, "take_over", timeout, take).await {
+                        Ok(true) => {
+                            return Ok(Acquired::Owned {
+                                guard,
+                                took_over: record.state == RecordState::InProgress,
+                                since,
+                            });
+                        }
+                        Ok(false) => guard.disarm(),
+                        Err(e) => {
+                            guard.disarm();
+                            return Err(self.unavailable(e));
+                        }
+                    }
+                    races += 1;
+                    self.pace_race(races, &mut backoff, deadline).await?;
+                }
+                Decision::Wait { retry_after } => {
+                    let now = Instant::now();
+                    if self.on_conflict == OnConflict::Reject || now >= deadline {
+                        return Err(self.in_progress(retry_after));
+                    }
+                    waited = true;
+                    tokio::time::sleep(backoff.next().min(deadline - now)).await;
+                }
+            }
+        }
+    }
+
+    /// After losing a race (the record changed between two statements), go again at once a
+    /// few times, then back off so a pathological churn cannot spin.
+    async fn pace_race(
+        &self,
+        races: u32,
+        backoff: &mut Backoff,
+        deadline: Instant,
+    ) -> Result<(), Error> {
+        if races <= 3 {
+            return Ok(());
+        }
+        let now = Instant::now();
+        if now >= deadline {
+            return Err(self.in_progress(backoff.next()));
+        }
+        tokio::time::sleep(backoff.next().min(deadline - now)).await;
+        Ok(())
+    }
+}
+
+/// Exponential backoff with jitter for polling an in-progress record: 5 ms doubling to
+/// 250 ms, each pause drawn from [50%, 100%] of the step so waiters spread out.
+#[derive(Default)]
+pub(crate) struct Backoff {
+    step: u32,
+}
+
+impl Backoff {
+    pub(crate) fn next(&mut self) -> Duration {
+        let base = Duration::from_millis(5) * 2u32.pow(self.step.min(6));
+        self.step = self.step.saturating_add(1);
+        let cap = base.min(Duration::from_millis(250));
+        cap.mul_f64(0.5 + fastrand::f64() * 0.5)
+    }
+}
+
+/// An owned reservation. Dropped while armed (the body panicked, or the call's future was
+/// dropped mid-body) it releases the record in the background, so the key is free again
+/// at once instead of after the lease.
+pub(crate) struct OwnedRecord<'a> {
+    engine: &'a Engine,
+    id: &'a RecordId,
+    pub(crate) fence: Fence,
+    function: &'static str,
+    armed: bool,
+}
+
+impl<'a> OwnedRecord<'a> {
+    fn new(engine: &'a Engine, id: &'a RecordId, fence: Fence, function: &'static str) -> Self {
+        OwnedRecord {
+            engine,
+            id,
+            fence,
+            function,
+            armed: true,
+        }
+    }
+
+    pub(crate) fn disarm(&mut self) {
+        self.armed = false;
+    }
+
+    fn rearm(&mut self) {
+        self.armed = true;
+    }
+
+    pub(crate) async fn release(&mut self) {
+        let store = &*self.engine.store;
+        let timeout = self.engine.settings.store_timeout;
+        // Still armed while the statement runs: dropped mid-release, the guard releases again.
+        let release = store.release(self.id, self.fence);
+        if let Err(e) = store_call(store, "release", timeout, release).await {
+            tracing::warn!(function = self.function, key = %self.id.hash(), error = %e,
+                "idem: could not release the key; it frees itself when the lease runs out");
+        }
+        self.armed = false;
+    }
+}
+
+impl Drop for OwnedRecord<'_> {
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
+        let store = self.engine.store.clone();
+        let timeout = self.engine.settings.store_timeout;
+        let (id, fence, function) = (self.id.clone(), self.fence, self.function);
+        match tokio::runtime::Handle::try_current() {
+            Ok(rt) => {
+                rt.spawn(async move {
+                    let release = store.release(&id, fence);
+                    if let Err(e) = store_call(&*store, "release", timeout, release).await {
+                        tracing::warn!(function, key = %id.hash(), error = %e,
+                            "idem: could not release an abandoned key; it frees itself when the lease runs out");
+                    }
+                });
+            }
+            Err(_) => tracing::warn!(function, key = %id.hash(),
+                "idem: call abandoned outside a tokio runtime; the key frees itself when the lease runs out"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_and_is_capped() {
+        let mut b = Backoff::default();
+        let first = b.next();
+        assert!(first <= Duration::from_millis(5));
+        for _ in 0..20 {
+            assert!(b.next() <= Duration::from_millis(250));
+        }
+    }
+}
