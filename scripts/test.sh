@@ -18,6 +18,8 @@ for features in "" "sqlite" "postgres" "mysql" "axum"; do
   echo "== cargo clippy -p idem-runtime --no-default-features --features '$features'"
   cargo clippy -p idem-runtime --no-default-features --features "$features" -- -D warnings
 done
+echo "== module imports point one way (no cycles)"
+python3 scripts/import-graph.py
 echo "== cargo doc (broken links are errors)"
 RUSTDOCFLAGS="-D warnings" cargo doc --no-deps -p idem-runtime --all-features
 echo "== cargo test"

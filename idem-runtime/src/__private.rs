@@ -10,9 +10,10 @@ use std::future::Future;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
+pub use crate::codec::{ResultCodec, ValuesAndErrors, ValuesOnly};
 #[cfg(feature = "_sql")]
 pub use crate::engine::tx::{TxBegin, TxDatabase, TxToken};
-pub use crate::engine::{Call, Payload, ResultCodec, Scope, Spec, ValuesAndErrors, ValuesOnly};
+pub use crate::engine::{Call, Payload, Scope, Spec};
 use crate::key::IntoKey;
 pub use crate::key::{FingerprintArg, Fingerprinter};
 use crate::{Error, Idem};

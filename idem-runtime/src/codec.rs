@@ -68,6 +68,59 @@ impl FromStr for Codec {
     }
 }
 
+/// How a fn's results are stored: its `Ok` values only, or its `Err` values too.
+pub trait ResultCodec<T, E> {
+    /// What to store for `out`; `None` when it is not stored (an `Err` of a fn that does not
+    /// cache errors).
+    fn encode(out: &Result<T, E>) -> Option<(Codec, Result<Vec<u8>, String>)>;
+    /// The stored result back.
+    fn decode(codec: Codec, bytes: &[u8]) -> Result<Result<T, E>, String>;
+}
+
+/// Stores `Ok` values; an `Err` releases the key so a retry runs again.
+pub struct ValuesOnly;
+
+impl<T: Serialize + DeserializeOwned, E> ResultCodec<T, E> for ValuesOnly {
+    fn encode(out: &Result<T, E>) -> Option<(Codec, Result<Vec<u8>, String>)> {
+        match out {
+            Ok(v) => Some((Codec::Json, encode(v))),
+            Err(_) => None,
+        }
+    }
+
+    fn decode(codec: Codec, bytes: &[u8]) -> Result<Result<T, E>, String> {
+        match codec {
+            Codec::Json => decode(bytes).map(Ok),
+            Codec::JsonError => {
+                Err("the record holds a stored error, but this fn no longer caches errors".into())
+            }
+        }
+    }
+}
+
+/// Stores `Ok` and `Err` values (`cache_errors = true`).
+pub struct ValuesAndErrors;
+
+impl<T, E> ResultCodec<T, E> for ValuesAndErrors
+where
+    T: Serialize + DeserializeOwned,
+    E: Serialize + DeserializeOwned,
+{
+    fn encode(out: &Result<T, E>) -> Option<(Codec, Result<Vec<u8>, String>)> {
+        Some(match out {
+            Ok(v) => (Codec::Json, encode(v)),
+            Err(e) => (Codec::JsonError, encode(e)),
+        })
+    }
+
+    fn decode(codec: Codec, bytes: &[u8]) -> Result<Result<T, E>, String> {
+        match codec {
+            Codec::Json => decode(bytes).map(Ok),
+            Codec::JsonError => decode(bytes).map(Err),
+        }
+    }
+}
+
 pub(crate) fn encode<T: Serialize + ?Sized>(value: &T) -> Result<Vec<u8>, String> {
     serde_json::to_vec(value).map_err(|e| e.to_string())
 }

@@ -236,6 +236,7 @@ impl Error {
 pub struct StoreError {
     inner: Arc<dyn std::error::Error + Send + Sync>,
     conflict: bool,
+    timed_out: bool,
 }
 
 impl StoreError {
@@ -244,6 +245,7 @@ impl StoreError {
         StoreError {
             inner: Arc::new(err),
             conflict: false,
+            timed_out: false,
         }
     }
 
@@ -260,6 +262,19 @@ impl StoreError {
     pub(crate) fn conflicting(mut self, conflict: bool) -> Self {
         self.conflict = conflict;
         self
+    }
+
+    /// A statement that got no answer in time: it may or may not have been applied.
+    pub(crate) fn timed_out(message: String) -> Self {
+        StoreError {
+            timed_out: true,
+            ..StoreError::msg(message)
+        }
+    }
+
+    /// Whether the statement got no answer in time, so it may have been applied after all.
+    pub(crate) fn is_timeout(&self) -> bool {
+        self.timed_out
     }
 
     /// A store error described by a message alone.
@@ -291,13 +306,5 @@ impl fmt::Display for StoreError {
 impl std::error::Error for StoreError {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
         self.inner.source()
-    }
-}
-
-#[cfg(feature = "_sql")]
-impl From<sqlx::Error> for StoreError {
-    fn from(err: sqlx::Error) -> Self {
-        let conflict = crate::store::sql::is_conflict(&err);
-        StoreError::new(err).conflicting(conflict)
     }
 }

@@ -1,10 +1,12 @@
 // The README's examples are complete programs that use the SQLite store and the axum layer;
-// they are the crate docs (and doctests) when those features are on, as on docs.rs.
+// they are the crate docs (and doctests) when those features are on (docs.rs builds with all
+// features, see Cargo.toml).
 #![cfg_attr(all(feature = "sqlite", feature = "axum"), doc = include_str!("../../README.md"))]
 #![cfg_attr(
     not(all(feature = "sqlite", feature = "axum")),
     doc = "Make async functions safe to retry with `#[idempotent]`. The full guide is the README (built into these docs with the `sqlite` and `axum` features)."
 )]
+#![cfg_attr(docsrs, feature(doc_cfg))]
 
 mod cache;
 mod codec;

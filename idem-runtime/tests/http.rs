@@ -751,3 +751,154 @@ async fn layer_namespaces_that_differ_only_in_escapes_are_apart() {
     }
     assert_eq!(count.load(SeqCst), 2);
 }
+
+/// A server whose finalizes can be slowed past the store timeout, for the break-off paths.
+async fn slow_finalize_server() -> (String, Arc<support::Instrumented>, Arc<AtomicUsize>) {
+    let store = support::Instrumented::new(Arc::new(MemoryStore::new()));
+    let idem = Idem::builder()
+        .shared_store(store.clone())
+        .store_timeout("PT1S")
+        .build()
+        .unwrap();
+    let runs = Arc::new(AtomicUsize::new(0));
+    let layer = IdempotencyLayer::new(idem).reject_conflicts();
+    let (r1, r2, r3) = (runs.clone(), runs.clone(), runs.clone());
+    let router = Router::new()
+        .route(
+            "/chunked",
+            post(move || async move {
+                r1.fetch_add(1, SeqCst);
+                let chunks = ["one ", "two ", "three"].map(|c| Ok::<_, std::io::Error>(c));
+                Body::from_stream(futures_util::stream::iter(chunks))
+            })
+            .layer(layer.clone()),
+        )
+        .route(
+            "/sized",
+            post(move || async move {
+                r2.fetch_add(1, SeqCst);
+                ([("content-length", "11")], "hello world")
+            })
+            .layer(layer.clone()),
+        )
+        .route(
+            "/empty",
+            post(move || async move {
+                r3.fetch_add(1, SeqCst);
+                StatusCode::NO_CONTENT
+            })
+            .layer(layer),
+        );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, router).await });
+    (format!("http://{addr}"), store, runs)
+}
+
+/// The piece that completes a response (the end of a chunked body, the last chunk of a body
+/// with a `Content-Length`, the head of a response without a body) waits for the record: a
+/// request sent again as soon as the first one's response is complete is replayed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_kind_of_response_completes_after_its_record() {
+    let (url, _store, runs) = slow_finalize_server().await;
+    let client = reqwest::Client::new();
+    for path in ["/chunked", "/sized", "/empty"] {
+        for i in 0..50 {
+            let key = format!("{path}-{i}");
+            let send = || {
+                client
+                    .post(format!("{url}{path}"))
+                    .header("Idempotency-Key", &key)
+                    .send()
+            };
+            let first = send().await.unwrap();
+            let status = first.status();
+            let body = first.bytes().await.unwrap();
+            let second = send().await.unwrap();
+            assert_eq!(
+                second.status(),
+                status,
+                "{path}: a finished request was called in progress"
+            );
+            assert_eq!(second.headers()["idempotent-replayed"], "true");
+            assert_eq!(second.bytes().await.unwrap(), body);
+        }
+    }
+    assert_eq!(runs.load(SeqCst), 150);
+}
+
+/// A response whose record cannot be written in time is not completed: a streamed body is
+/// broken off (the client sees an error, not a short body) and a response without a body is
+/// replaced by the 503 problem. The client's retry then gets the recorded response.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_response_that_cannot_be_recorded_is_broken_off() {
+    let (url, store, runs) = slow_finalize_server().await;
+    let client = reqwest::Client::new();
+    support::Instrumented::set(&store.finalize_stall, Duration::from_millis(1_500));
+    for path in ["/chunked", "/sized"] {
+        let resp = client
+            .post(format!("{url}{path}"))
+            .header("Idempotency-Key", path)
+            .send()
+            .await
+            .unwrap();
+        assert!(
+            resp.bytes().await.is_err(),
+            "{path}: an unrecorded response must not arrive complete"
+        );
+    }
+    let empty = client
+        .post(format!("{url}/empty"))
+        .header("Idempotency-Key", "empty")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(empty.status(), 503);
+    support::Instrumented::set(&store.finalize_stall, Duration::ZERO);
+    // Recording went on in the background: the retries are replays of what the routes did.
+    tokio::time::sleep(Duration::from_millis(2_000)).await;
+    for path in ["/chunked", "/sized", "/empty"] {
+        let key = if path == "/empty" { "empty" } else { path };
+        let retry = client
+            .post(format!("{url}{path}"))
+            .header("Idempotency-Key", key)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(retry.headers()["idempotent-replayed"], "true", "{path}");
+    }
+    assert_eq!(runs.load(SeqCst), 3, "each route ran once");
+}
+
+/// An HTTP/1.0 client cannot tell a body broken off from a complete one (the body ends when
+/// the connection closes), so it gets the whole response once it is recorded, or an error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_1_0_clients_get_the_whole_response_or_an_error() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (url, store, _runs) = slow_finalize_server().await;
+    let addr = url.trim_start_matches("http://").to_string();
+    let raw = |key: &'static str| {
+        let addr = addr.clone();
+        async move {
+            let mut conn = tokio::net::TcpStream::connect(addr).await.unwrap();
+            let request = format!(
+                "POST /chunked HTTP/1.0\r\nIdempotency-Key: {key}\r\nContent-Length: 0\r\n\r\n"
+            );
+            conn.write_all(request.as_bytes()).await.unwrap();
+            let mut response = String::new();
+            conn.read_to_string(&mut response).await.unwrap();
+            response
+        }
+    };
+    let ok = raw("h10-ok").await;
+    assert!(ok.starts_with("HTTP/1.0 200"), "{ok}");
+    assert!(
+        ok.to_ascii_lowercase().contains("content-length: 13"),
+        "{ok}"
+    );
+    assert!(ok.ends_with("one two three"), "{ok}");
+    support::Instrumented::set(&store.finalize_stall, Duration::from_millis(1_500));
+    let unrecorded = raw("h10-slow").await;
+    assert!(unrecorded.starts_with("HTTP/1.0 503"), "{unrecorded}");
+    assert!(!unrecorded.contains("one two three"), "{unrecorded}");
+}

@@ -226,6 +226,10 @@ struct Proxied {
 }
 
 async fn proxied(postgres: bool) -> Option<Proxied> {
+    proxied_with(postgres, 16).await
+}
+
+async fn proxied_with(postgres: bool, connections: u32) -> Option<Proxied> {
     let (url, port) = if postgres {
         (support::postgres_url(), 5432)
     } else {
@@ -235,12 +239,18 @@ async fn proxied(postgres: bool) -> Option<Proxied> {
     let (table, at) = (support::unique_table(), through(&url, proxy.addr));
     let wait = Duration::from_secs(1);
     let store: Result<Arc<dyn Store>, Error> = if postgres {
-        let options = PgStoreOptions::new().table(&table).acquire_timeout(wait);
+        let options = PgStoreOptions::new()
+            .table(&table)
+            .acquire_timeout(wait)
+            .max_connections(connections);
         PgStore::connect_with(&at, options)
             .await
             .map(|s| Arc::new(s) as _)
     } else {
-        let options = MySqlStoreOptions::new().table(&table).acquire_timeout(wait);
+        let options = MySqlStoreOptions::new()
+            .table(&table)
+            .acquire_timeout(wait)
+            .max_connections(connections);
         MySqlStore::connect_with(&at, options)
             .await
             .map(|s| Arc::new(s) as _)
@@ -261,6 +271,48 @@ async fn proxied(postgres: bool) -> Option<Proxied> {
             None
         }
     }
+}
+
+/// Regression: a statement that timed out left its connection to the pool, where sqlx pinged
+/// it with no time limit before reuse. Connections black-holed mid-life (the path to the
+/// database dies silently, new connections still get through) then held every slot of the
+/// pool for as long as TCP took to give up, and every call failed although the database was
+/// reachable. Now a connection whose statement was abandoned is closed, and calls recover.
+async fn dead_connections(store: Arc<dyn Store>, proxy: Proxy) {
+    let idem = Idem::builder()
+        .shared_store(store)
+        .store_timeout("PT1S")
+        .local_cache(0)
+        .build()
+        .unwrap();
+    let bodies = Arc::new(AtomicUsize::new(0));
+    // A warm pool: every connection open.
+    let warm: Vec<_> = (0..4)
+        .map(|key| {
+            let (idem, bodies) = (idem.clone(), bodies.clone());
+            tokio::spawn(async move { charge(&idem, &bodies, key).await })
+        })
+        .collect();
+    for w in warm {
+        w.await.unwrap().unwrap();
+    }
+    proxy.stall_existing().await;
+    let mut failures = 0;
+    for key in 100.. {
+        match charge(&idem, &bodies, key).await {
+            Ok(v) => {
+                assert_eq!(v, key * 10);
+                break;
+            }
+            Err(AppError::Idem(Error::StoreUnavailable { .. })) => failures += 1,
+            Err(e) => panic!("key {key}: {e:?}"),
+        }
+        assert!(
+            failures < 30,
+            "the pool never recovered from its dead connections"
+        );
+    }
+    println!("dead connections: {failures} calls failed before the pool recovered");
 }
 
 macro_rules! on_both_databases {
@@ -286,4 +338,20 @@ macro_rules! on_both_databases {
 on_both_databases! {
     outage => postgres_goes_away_and_comes_back, mariadb_goes_away_and_comes_back;
     partition => postgres_partition_fails_calls_instead_of_hanging, mariadb_partition_fails_calls_instead_of_hanging;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_connections_that_die_silently_are_replaced() {
+    if let Some(p) = proxied_with(true, 4).await {
+        dead_connections(p.store, p.proxy).await;
+        drop_table(&p.url, &p.table).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mariadb_connections_that_die_silently_are_replaced() {
+    if let Some(p) = proxied_with(false, 4).await {
+        dead_connections(p.store, p.proxy).await;
+        drop_table(&p.url, &p.table).await;
+    }
 }

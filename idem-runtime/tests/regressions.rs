@@ -275,3 +275,47 @@ async fn drop_pg_table(url: &str, table: &str) {
     let sql = sqlx::AssertSqlSafe(format!("DROP TABLE IF EXISTS {table}"));
     sqlx::raw_sql(sql).execute(&mut c).await.unwrap();
 }
+
+#[idempotent(key = key, runtime = idem, skip(runs, hold), lease = "300ms", wait = "PT10S", name = "tests::short_lease")]
+async fn short_lease(
+    idem: &Idem,
+    runs: &AtomicUsize,
+    hold: Duration,
+    key: u32,
+) -> Result<usize, AppError> {
+    let run = runs.fetch_add(1, SeqCst) + 1;
+    tokio::time::sleep(hold).await;
+    Ok(run)
+}
+
+/// A heartbeat found the reservation taken over, and the finalize's outcome is still unknown
+/// when the caller must answer: the caller is told `LeaseLost`, never `Ok`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_lease_with_an_unknown_finalize_is_lease_lost() {
+    let store = Instrumented::new(Arc::new(idem_runtime::store::MemoryStore::new()));
+    let replica = |timeout: &str| {
+        Idem::builder()
+            .shared_store(store.clone())
+            .store_timeout(timeout)
+            .build()
+            .unwrap()
+    };
+    let (a, b) = (replica("PT1S"), replica("PT5S"));
+    let runs = Arc::new(AtomicUsize::new(0));
+    // A's heartbeats cannot get through, so its lease runs out and B takes the key over.
+    Instrumented::set(&store.heartbeat_lag, Duration::from_secs(5));
+    let r = runs.clone();
+    let first =
+        tokio::spawn(async move { short_lease(&a, &r, Duration::from_millis(1_200), 1).await });
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let second = short_lease(&b, &runs, Duration::from_millis(50), 1).await;
+    assert_eq!(second.unwrap(), 2, "B took over and ran the body");
+    // Now A's heartbeats get through and find the record B's; its finalize then outlasts its
+    // store timeout.
+    Instrumented::set(&store.heartbeat_lag, Duration::ZERO);
+    Instrumented::set(&store.finalize_stall, Duration::from_millis(1_500));
+    match first.await.unwrap() {
+        Err(AppError::Idem(Error::LeaseLost { .. })) => {}
+        other => panic!("A lost its reservation: {other:?}"),
+    }
+}

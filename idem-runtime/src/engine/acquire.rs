@@ -73,9 +73,12 @@ impl ResolvedCall {
                     continue;
                 }
                 Err(e) => {
-                    // The store is failing; a release would fail too. If the insert did land,
-                    // its lease frees it.
-                    guard.disarm();
+                    // A statement that timed out may still land: the guard, still armed,
+                    // releases it in the background (fenced, so harmless if it did not). One
+                    // that failed outright wrote nothing.
+                    if !e.is_timeout() {
+                        guard.disarm();
+                    }
                     return Err(self.unavailable(e));
                 }
             };
@@ -111,7 +114,9 @@ impl ResolvedCall {
                         }
                         Ok(false) => guard.disarm(),
                         Err(e) => {
-                            guard.disarm();
+                            if !e.is_timeout() {
+                                guard.disarm();
+                            }
                             return Err(self.unavailable(e));
                         }
                     }

@@ -44,13 +44,13 @@ use std::time::{Duration, Instant};
 use tracing::Instrument;
 
 use crate::cache::LocalCache;
+use crate::codec::ResultCodec;
 use crate::error::StoreError;
 use crate::outcome::Outcome;
 use crate::store::Store;
 use crate::{Error, metrics};
 pub use call::{Call, Payload, Scope};
 use flight::{Answer, Flights, LeaderSlot, Role};
-pub use record::{ResultCodec, ValuesAndErrors, ValuesOnly};
 pub(crate) use replay::fail;
 pub(crate) use spec::Site;
 pub use spec::Spec;
@@ -252,7 +252,7 @@ pub(crate) async fn store_call<T>(
     metrics::timed(store, op, async {
         match tokio::time::timeout(limit, fut).await {
             Ok(out) => out,
-            Err(_elapsed) => Err(StoreError::msg(format!(
+            Err(_elapsed) => Err(StoreError::timed_out(format!(
                 "no answer from the store within {limit:?} ({op}); it may be unreachable"
             ))),
         }

@@ -5,73 +5,17 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use serde::Serialize;
-use serde::de::DeserializeOwned;
-
 use super::acquire::OwnedRecord;
 use super::call::ResolvedCall;
 use super::flight::{Answer, LeaderSlot};
 use super::replay::fail;
 use super::store_call;
-use crate::codec::{self, Codec};
+use crate::codec::ResultCodec;
 use crate::error::StoreError;
 use crate::key::{Fingerprint, RecordId};
 use crate::outcome::Outcome;
 use crate::store::{Claim, Fence, RecordState, Reservation, StoredResult};
 use crate::{Error, metrics};
-
-/// How a fn's results are stored: its `Ok` values only, or its `Err` values too.
-pub trait ResultCodec<T, E> {
-    /// What to store for `out`; `None` when it is not stored (an `Err` of a fn that does not
-    /// cache errors).
-    fn encode(out: &Result<T, E>) -> Option<(Codec, Result<Vec<u8>, String>)>;
-    /// The stored result back.
-    fn decode(codec: Codec, bytes: &[u8]) -> Result<Result<T, E>, String>;
-}
-
-/// Stores `Ok` values; an `Err` releases the key so a retry runs again.
-pub struct ValuesOnly;
-
-impl<T: Serialize + DeserializeOwned, E> ResultCodec<T, E> for ValuesOnly {
-    fn encode(out: &Result<T, E>) -> Option<(Codec, Result<Vec<u8>, String>)> {
-        match out {
-            Ok(v) => Some((Codec::Json, codec::encode(v))),
-            Err(_) => None,
-        }
-    }
-
-    fn decode(codec: Codec, bytes: &[u8]) -> Result<Result<T, E>, String> {
-        match codec {
-            Codec::Json => codec::decode(bytes).map(Ok),
-            Codec::JsonError => {
-                Err("the record holds a stored error, but this fn no longer caches errors".into())
-            }
-        }
-    }
-}
-
-/// Stores `Ok` and `Err` values (`cache_errors = true`).
-pub struct ValuesAndErrors;
-
-impl<T, E> ResultCodec<T, E> for ValuesAndErrors
-where
-    T: Serialize + DeserializeOwned,
-    E: Serialize + DeserializeOwned,
-{
-    fn encode(out: &Result<T, E>) -> Option<(Codec, Result<Vec<u8>, String>)> {
-        Some(match out {
-            Ok(v) => (Codec::Json, codec::encode(v)),
-            Err(e) => (Codec::JsonError, codec::encode(e)),
-        })
-    }
-
-    fn decode(codec: Codec, bytes: &[u8]) -> Result<Result<T, E>, String> {
-        match codec {
-            Codec::Json => codec::decode(bytes).map(Ok),
-            Codec::JsonError => codec::decode(bytes).map(Err),
-        }
-    }
-}
 
 impl ResolvedCall {
     /// Records the body's output `out` for the record `guard` owns, and answers the caller

@@ -5,9 +5,9 @@
 use tracing::Span;
 
 use super::call::ResolvedCall;
-use super::record::ResultCodec;
 use super::spec::Site;
 use crate::codec::Codec;
+use crate::codec::ResultCodec;
 use crate::key::Fingerprint;
 use crate::outcome::{self, Outcome};
 use crate::{Error, metrics};

@@ -26,7 +26,8 @@ use super::key::key_from;
 use super::problem::{error_response, problem};
 use super::stored::StoredResponse;
 use crate::Error;
-use crate::engine::{Call, Payload, Scope, ValuesOnly};
+use crate::codec::ValuesOnly;
+use crate::engine::{Call, Payload, Scope};
 use crate::key::Fingerprinter;
 use crate::outcome::observe;
 

@@ -51,6 +51,8 @@ pub struct Instrumented {
     pub release_lag: std::sync::Mutex<Duration>,
     /// Time each heartbeat takes to reach the store (a slow request).
     pub heartbeat_lag: std::sync::Mutex<Duration>,
+    /// Time each finalize takes to reach the store (a slow request).
+    pub finalize_stall: std::sync::Mutex<Duration>,
     /// The next finalize commits, but its reply is lost (the caller sees an error).
     pub lose_finalize_reply: AtomicBool,
 }
@@ -69,6 +71,7 @@ impl Instrumented {
             finalize_lag: Default::default(),
             release_lag: Default::default(),
             heartbeat_lag: Default::default(),
+            finalize_stall: Default::default(),
             lose_finalize_reply: AtomicBool::new(false),
         })
     }
@@ -137,6 +140,7 @@ impl Store for Instrumented {
     ) -> Result<bool, StoreError> {
         self.check()?;
         self.finalizes.fetch_add(1, Ordering::SeqCst);
+        Self::lag(&self.finalize_stall).await;
         let out = self.inner.finalize(id, fence, result, ttl).await;
         Self::lag(&self.finalize_lag).await;
         if self.lose_finalize_reply.swap(false, Ordering::SeqCst) {

@@ -24,8 +24,14 @@ struct State {
 pub struct Proxy {
     pub addr: SocketAddr,
     state: Arc<State>,
-    conns: Arc<Mutex<Vec<JoinHandle<()>>>>,
+    conns: Arc<Mutex<Vec<Conn>>>,
     _accept: JoinHandle<()>,
+}
+
+/// One proxied connection: its pumps, and its own stall switch.
+struct Conn {
+    task: JoinHandle<()>,
+    stalled: watch::Sender<bool>,
 }
 
 impl Proxy {
@@ -37,7 +43,7 @@ impl Proxy {
             stalled: watch::channel(false).0,
             latency: std::sync::Mutex::new(Duration::ZERO),
         });
-        let conns: Arc<Mutex<Vec<JoinHandle<()>>>> = Arc::default();
+        let conns: Arc<Mutex<Vec<Conn>>> = Arc::default();
         let (st, cs) = (state.clone(), conns.clone());
         let accept = tokio::spawn(async move {
             loop {
@@ -49,17 +55,18 @@ impl Proxy {
                     continue;
                 }
                 let st = st.clone();
-                let conn = tokio::spawn(async move {
+                let (stalled, own) = watch::channel(false);
+                let task = tokio::spawn(async move {
                     let Ok(server) = TcpStream::connect(upstream).await else {
                         return;
                     };
                     let (cr, cw) = client.into_split();
                     let (sr, sw) = server.into_split();
-                    let up = pump(cr, sw, st.clone());
-                    let down = pump(sr, cw, st);
+                    let up = pump(cr, sw, st.clone(), own.clone());
+                    let down = pump(sr, cw, st, own);
                     tokio::join!(up, down);
                 });
-                cs.lock().await.push(conn);
+                cs.lock().await.push(Conn { task, stalled });
             }
         });
         Proxy {
@@ -74,7 +81,7 @@ impl Proxy {
     pub async fn cut(&self) {
         self.state.cut.store(true, SeqCst);
         for conn in self.conns.lock().await.drain(..) {
-            conn.abort();
+            conn.task.abort();
         }
     }
 
@@ -93,6 +100,13 @@ impl Proxy {
         self.state.stalled.send_replace(false);
     }
 
+    /// Black-holes the connections open now, for good; new ones go through.
+    pub async fn stall_existing(&self) {
+        for conn in self.conns.lock().await.iter() {
+            conn.stalled.send_replace(true);
+        }
+    }
+
     /// Delays every byte by `one_way` in each direction.
     pub fn set_latency(&self, one_way: Duration) {
         *self.state.latency.lock().expect("latency") = one_way;
@@ -105,6 +119,7 @@ async fn pump(
     mut from: tokio::net::tcp::OwnedReadHalf,
     mut to: tokio::net::tcp::OwnedWriteHalf,
     state: Arc<State>,
+    mut own: watch::Receiver<bool>,
 ) {
     let (tx, mut rx) = mpsc::unbounded_channel::<(Instant, Vec<u8>)>();
     let st = state.clone();
@@ -130,6 +145,7 @@ async fn pump(
         while let Some((due, bytes)) = rx.recv().await {
             tokio::time::sleep_until(due).await;
             let _ = stalled.wait_for(|s| !s).await;
+            let _ = own.wait_for(|s| !s).await;
             if to.write_all(&bytes).await.is_err() {
                 return;
             }

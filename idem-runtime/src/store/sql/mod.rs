@@ -11,11 +11,13 @@
 //! replicas with skewed clocks agree on who owns a record. Writes after `reserve` are fenced:
 //! they change a row only while it holds the caller's fence and is in progress.
 
+mod connect;
 mod dialect;
 #[cfg(feature = "mysql")]
 pub(crate) mod mysql;
 #[cfg(feature = "postgres")]
 pub(crate) mod postgres;
+mod record;
 #[cfg(feature = "sqlite")]
 pub(crate) mod sqlite;
 
@@ -24,6 +26,9 @@ use std::time::Duration;
 
 use sqlx::{AssertSqlSafe, SqlStr};
 
+#[cfg(any(feature = "postgres", feature = "mysql"))]
+pub use connect::ServerStoreOptions;
+pub(crate) use connect::{check_table_name, unavailable};
 pub use dialect::Dialect;
 use dialect::sealed::Sealed;
 use dialect::{Conflict, Driver, Inserted, Statement, Statements, Values};
@@ -35,12 +40,10 @@ pub use postgres::Postgres;
 pub use sqlite::{Sqlite, SqliteStoreOptions};
 
 use crate::Error;
-use crate::codec::Codec;
 use crate::error::StoreError;
-use crate::key::{Fingerprint, RecordId};
-use crate::store::{
-    Claim, Fence, Record, RecordState, Reservation, Store, StoredResult, TxStatements,
-};
+use crate::key::RecordId;
+use crate::store::{Claim, Fence, Record, Reservation, Store, StoredResult, TxStatements};
+pub(crate) use record::{RawRecord, millis};
 
 /// A [`Store`] in a SQL table, for the database `D` ([`Postgres`], [`MySql`] or [`Sqlite`]).
 ///
@@ -73,7 +76,7 @@ impl<D: Dialect> std::fmt::Debug for SqlStore<D> {
     }
 }
 
-type Connection<D> = <<D as Sealed>::Db as sqlx::Database>::Connection;
+pub(crate) type Connection<D> = <<D as Sealed>::Db as sqlx::Database>::Connection;
 
 impl<D: Dialect> SqlStore<D> {
     /// Uses an existing pool (for example the application's own), keeping records in
@@ -200,8 +203,100 @@ impl<D: Dialect> SqlStore<D> {
         store_error::<D>(e)
     }
 
-    async fn acquire(&self) -> Result<sqlx::pool::PoolConnection<D::Db>, StoreError> {
-        self.pool.acquire().await.map_err(|e| self.error(e))
+    async fn checkout(&self) -> Result<Checkout<D>, StoreError> {
+        let conn = self.pool.acquire().await.map_err(|e| self.error(e))?;
+        Ok(Checkout {
+            conn,
+            finished: false,
+        })
+    }
+
+    async fn reserve_on(
+        &self,
+        conn: &mut Connection<D>,
+        claim: &Claim<'_>,
+    ) -> Result<Reservation, StoreError> {
+        let Some(one_statement) = &self.sql.insert_or_load else {
+            return self.insert_then_load(conn, claim, &self.sql.load).await;
+        };
+        let values = Values::claim(claim);
+        let inserted = D::Db::fetch_inserted(conn, one_statement, values).await;
+        Ok(match inserted.map_err(|e| self.error(e))? {
+            Some(Inserted::Yes) => Reservation::Acquired,
+            Some(Inserted::No(raw)) => Reservation::Exists(raw.into_record()?),
+            // The insert conflicted with a row committed after the statement's snapshot, which
+            // the read could not see either: reserving again will find it.
+            None => Reservation::Vanished,
+        })
+    }
+
+    /// Deletes up to `limit` expired rows, if this replica gets the purge lock.
+    async fn purge_on(&self, conn: &mut Connection<D>, limit: u32) -> Result<u64, sqlx::Error> {
+        let sql = &*self.sql;
+        let purged = async {
+            let mut tx = sqlx::Connection::begin_with(&mut *conn, D::BEGIN).await?;
+            // One replica purges a table at a time: the others find the lock taken and skip.
+            if let Some(try_lock) = &sql.try_lock
+                && D::Db::fetch_integer(&mut tx, try_lock, self.lock()).await? != Some(1)
+            {
+                return Ok(None);
+            }
+            let limit = Values {
+                limit: Some(i64::from(limit)),
+                ..Values::default()
+            };
+            let deleted = D::Db::execute(&mut tx, &sql.purge, limit).await?;
+            tx.commit().await?;
+            Ok(Some(deleted))
+        }
+        .await;
+        let deleted = match purged {
+            Ok(None) => return Ok(0),
+            Ok(Some(n)) => Ok(n),
+            Err(e) => Err(e),
+        };
+        if let Some(unlock) = &sql.unlock {
+            D::Db::execute(conn, unlock, self.lock()).await?;
+        }
+        deleted
+    }
+}
+
+/// A pooled connection lent to one verb. If the verb's future is dropped before it finishes
+/// (its statement timed out, or its caller went away), the connection may be mid-statement or
+/// stuck on a dead socket: it is closed rather than returned to the pool, where sqlx would
+/// ping it, with no time limit, before anyone could use it again.
+struct Checkout<D: Dialect> {
+    conn: sqlx::pool::PoolConnection<D::Db>,
+    finished: bool,
+}
+
+impl<D: Dialect> Checkout<D> {
+    /// The verb is done with the connection: it goes back to the pool.
+    fn finish<T>(mut self, out: T) -> T {
+        self.finished = true;
+        out
+    }
+}
+
+impl<D: Dialect> std::ops::Deref for Checkout<D> {
+    type Target = Connection<D>;
+    fn deref(&self) -> &Connection<D> {
+        &self.conn
+    }
+}
+
+impl<D: Dialect> std::ops::DerefMut for Checkout<D> {
+    fn deref_mut(&mut self) -> &mut Connection<D> {
+        &mut self.conn
+    }
+}
+
+impl<D: Dialect> Drop for Checkout<D> {
+    fn drop(&mut self) {
+        if !self.finished {
+            self.conn.close_on_drop();
+        }
     }
 }
 
@@ -268,34 +363,22 @@ impl<D: Dialect> TxStatements<D::Db> for SqlStore<D> {
 #[async_trait::async_trait]
 impl<D: Dialect> Store for SqlStore<D> {
     async fn reserve(&self, claim: &Claim<'_>) -> Result<Reservation, StoreError> {
-        let mut conn = self.acquire().await?;
-        let Some(one_statement) = &self.sql.insert_or_load else {
-            return self
-                .insert_then_load(&mut conn, claim, &self.sql.load)
-                .await;
-        };
-        let values = Values::claim(claim);
-        let inserted = D::Db::fetch_inserted(&mut conn, one_statement, values).await;
-        Ok(match inserted.map_err(|e| self.error(e))? {
-            Some(Inserted::Yes) => Reservation::Acquired,
-            Some(Inserted::No(raw)) => Reservation::Exists(raw.into_record()?),
-            // The insert conflicted with a row committed after the statement's snapshot, which
-            // the read could not see either: reserving again will find it.
-            None => Reservation::Vanished,
-        })
+        let mut conn = self.checkout().await?;
+        let out = self.reserve_on(&mut conn, claim).await;
+        conn.finish(out)
     }
 
     async fn load(&self, id: &RecordId) -> Result<Option<Record>, StoreError> {
-        let mut conn = self.acquire().await?;
+        let mut conn = self.checkout().await?;
         let raw = D::Db::fetch_record(&mut conn, &self.sql.load, Values::record(id)).await;
-        raw.map_err(|e| self.error(e))?
-            .map(RawRecord::into_record)
-            .transpose()
+        let raw = conn.finish(raw).map_err(|e| self.error(e))?;
+        raw.map(RawRecord::into_record).transpose()
     }
 
     async fn take_over(&self, claim: &Claim<'_>, observed: Fence) -> Result<bool, StoreError> {
-        let mut conn = self.acquire().await?;
-        self.take_over_in(&mut conn, claim, observed).await
+        let mut conn = self.checkout().await?;
+        let out = self.take_over_in(&mut conn, claim, observed).await;
+        conn.finish(out)
     }
 
     async fn heartbeat(
@@ -304,13 +387,13 @@ impl<D: Dialect> Store for SqlStore<D> {
         fence: Fence,
         lease: Duration,
     ) -> Result<bool, StoreError> {
-        let mut conn = self.acquire().await?;
+        let mut conn = self.checkout().await?;
         let values = Values {
             lease: Some(lease),
             ..Values::fenced(id, fence)
         };
         let done = D::Db::execute(&mut conn, &self.sql.heartbeat, values).await;
-        Ok(done.map_err(|e| self.error(e))? == 1)
+        Ok(conn.finish(done).map_err(|e| self.error(e))? == 1)
     }
 
     async fn finalize(
@@ -320,45 +403,21 @@ impl<D: Dialect> Store for SqlStore<D> {
         result: &StoredResult,
         ttl: Duration,
     ) -> Result<bool, StoreError> {
-        let mut conn = self.acquire().await?;
-        self.finalize_in(&mut conn, id, fence, result, ttl).await
+        let mut conn = self.checkout().await?;
+        let out = self.finalize_in(&mut conn, id, fence, result, ttl).await;
+        conn.finish(out)
     }
 
     async fn release(&self, id: &RecordId, fence: Fence) -> Result<bool, StoreError> {
-        let mut conn = self.acquire().await?;
-        self.release_in(&mut conn, id, fence).await
+        let mut conn = self.checkout().await?;
+        let out = self.release_in(&mut conn, id, fence).await;
+        conn.finish(out)
     }
 
     async fn purge(&self, limit: u32) -> Result<u64, StoreError> {
-        let sql = &*self.sql;
-        let mut conn = self.acquire().await?;
-        let purged = async {
-            let mut tx = sqlx::Connection::begin_with(&mut *conn, D::BEGIN).await?;
-            // One replica purges a table at a time: the others find the lock taken and skip.
-            if let Some(try_lock) = &sql.try_lock
-                && D::Db::fetch_integer(&mut tx, try_lock, self.lock()).await? != Some(1)
-            {
-                return Ok(None);
-            }
-            let limit = Values {
-                limit: Some(i64::from(limit)),
-                ..Values::default()
-            };
-            let deleted = D::Db::execute(&mut tx, &sql.purge, limit).await?;
-            tx.commit().await?;
-            Ok(Some(deleted))
-        }
-        .await;
-        let purged = match purged {
-            Ok(None) => return Ok(0),
-            other => other,
-        };
-        if let Some(unlock) = &sql.unlock {
-            D::Db::execute(&mut conn, unlock, self.lock())
-                .await
-                .map_err(|e| self.error(e))?;
-        }
-        purged.map(|n| n.unwrap_or(0)).map_err(|e| self.error(e))
+        let mut conn = self.checkout().await?;
+        let out = self.purge_on(&mut conn, limit).await;
+        conn.finish(out).map_err(|e| self.error(e))
     }
 
     fn backend(&self) -> &'static str {
@@ -367,6 +426,14 @@ impl<D: Dialect> Store for SqlStore<D> {
 
     fn as_any(&self) -> Option<&dyn std::any::Any> {
         Some(self)
+    }
+}
+
+impl From<sqlx::Error> for StoreError {
+    /// A sqlx error, marked as a lost conflict if any compiled-in dialect reads it as one.
+    fn from(err: sqlx::Error) -> Self {
+        let conflict = is_conflict(&err);
+        StoreError::new(err).conflicting(conflict)
     }
 }
 
@@ -387,131 +454,6 @@ pub(crate) fn is_conflict(err: &sqlx::Error) -> bool {
     }
     let _ = err;
     false
-}
-
-#[cfg(any(feature = "postgres", feature = "mysql"))]
-/// How a server store (`PgStore`, `MySqlStore`) connects: its table, pool size, and how long
-/// a call waits for a connection.
-#[derive(Clone, Debug)]
-pub struct ServerStoreOptions {
-    pub(crate) table: String,
-    pub(crate) max_connections: u32,
-    pub(crate) acquire_timeout: Duration,
-}
-
-#[cfg(any(feature = "postgres", feature = "mysql"))]
-impl Default for ServerStoreOptions {
-    fn default() -> Self {
-        ServerStoreOptions {
-            table: crate::store::DEFAULT_TABLE.to_string(),
-            max_connections: 16,
-            acquire_timeout: Duration::from_secs(3),
-        }
-    }
-}
-
-/// The settings every SQL store's options have: `new`, `table` and `max_connections`.
-macro_rules! common_options {
-    ($options:ty, $defaults:literal) => {
-        impl $options {
-            #[doc = concat!("Default options: ", $defaults, ".")]
-            pub fn new() -> Self {
-                Self::default()
-            }
-
-            /// The table to keep records in (a plain identifier; created if missing).
-            pub fn table(mut self, table: impl Into<String>) -> Self {
-                self.table = table.into();
-                self
-            }
-
-            /// The size of the connection pool.
-            pub fn max_connections(mut self, n: u32) -> Self {
-                self.max_connections = n.max(1);
-                self
-            }
-        }
-    };
-}
-#[cfg(feature = "sqlite")]
-use common_options;
-
-#[cfg(any(feature = "postgres", feature = "mysql"))]
-common_options!(
-    ServerStoreOptions,
-    "table `idem_records`, 16 connections, 3 s to get a connection"
-);
-
-#[cfg(any(feature = "postgres", feature = "mysql"))]
-impl ServerStoreOptions {
-    /// How long a call waits for a connection before failing with `StoreUnavailable`. Keep it
-    /// short: while the database is away, callers should hear so quickly.
-    pub fn acquire_timeout(mut self, timeout: Duration) -> Self {
-        self.acquire_timeout = timeout;
-        self
-    }
-}
-
-#[cfg(any(feature = "postgres", feature = "mysql"))]
-impl<D: Dialect> SqlStore<D> {
-    /// Connects to a server at `url` with `options` and creates the records table if missing.
-    pub(crate) async fn connect_server(
-        url: &str,
-        options: &ServerStoreOptions,
-    ) -> Result<SqlStore<D>, Error> {
-        check_table_name(&options.table)?;
-        let connect: <Connection<D> as sqlx::Connection>::Options = url
-            .parse()
-            .map_err(|e| Error::Config(format!("invalid {} URL: {e}", D::NAME)))?;
-        let pool = sqlx::pool::PoolOptions::<D::Db>::new()
-            .max_connections(options.max_connections)
-            .acquire_timeout(options.acquire_timeout)
-            // No ping before each statement: it doubles the round trips of every statement (a
-            // heartbeat would cost two). A connection that died is found by the statement that
-            // uses it, which fails like any store error (fail closed) and drops the connection.
-            .test_before_acquire(false)
-            .connect_with(connect.clone())
-            .await;
-        let pool = match pool {
-            Ok(pool) => pool,
-            // The pool only says it timed out; one plain connection attempt says why
-            // ("connection refused", "password authentication failed", ...).
-            Err(sqlx::Error::PoolTimedOut) => {
-                return Err(
-                    match <Connection<D> as sqlx::Connection>::connect_with(&connect).await {
-                        Err(e) => unavailable(e),
-                        Ok(_) => unavailable(sqlx::Error::PoolTimedOut),
-                    },
-                );
-            }
-            Err(e) => return Err(unavailable(e)),
-        };
-        Self::from_pool(pool, &options.table).await
-    }
-}
-
-/// A store that could not be reached while it was being opened.
-pub(crate) fn unavailable(err: sqlx::Error) -> Error {
-    Error::StoreUnavailable {
-        function: "idem",
-        source: StoreError::new(err),
-    }
-}
-
-/// Checks a configured table name. It is spliced into SQL text (a table name cannot be a bind
-/// parameter), so only plain identifiers are accepted.
-pub(crate) fn check_table_name(name: &str) -> Result<(), Error> {
-    let mut chars = name.chars();
-    let first_ok = chars
-        .next()
-        .is_some_and(|c| c.is_ascii_alphabetic() || c == '_');
-    if first_ok && name.len() <= 48 && chars.all(|c| c.is_ascii_alphanumeric() || c == '_') {
-        Ok(())
-    } else {
-        Err(Error::Config(format!(
-            "table name {name:?} is not a plain identifier (letters, digits and `_`, at most 48, not starting with a digit)"
-        )))
-    }
 }
 
 /// A statement with the table name filled in, ready to hand to `sqlx::query` many times.
@@ -538,89 +480,9 @@ pub(crate) fn records_table(bytes: &str, int64: &str, int32: &str, time: &str) -
     )
 }
 
-/// Milliseconds as a duration; negative means "already past" and becomes zero.
-pub(crate) fn remaining(ms: i64) -> Duration {
-    Duration::from_millis(u64::try_from(ms).unwrap_or(0))
-}
-
-/// A duration as whole milliseconds for a bind parameter, rounded up so a lease of 0.5 ms
-/// is not stored as already over. Durations are capped at ten years by config parsing.
-pub(crate) fn millis(d: Duration) -> i64 {
-    let ms = d.as_millis() + u128::from(!d.subsec_nanos().is_multiple_of(1_000_000));
-    i64::try_from(ms).unwrap_or(i64::MAX)
-}
-
-/// The columns of a loaded row, as every dialect selects them, before interpretation.
-#[allow(unreachable_pub)] // named by the sealed dialect machinery; not reachable by users
-pub struct RawRecord {
-    pub(crate) state: String,
-    pub(crate) fingerprint: Option<Vec<u8>>,
-    pub(crate) fence: i64,
-    pub(crate) owner: String,
-    pub(crate) attempts: i64,
-    pub(crate) lease_remaining_ms: Option<i64>,
-    pub(crate) expires_in_ms: i64,
-    pub(crate) result: Option<Vec<u8>>,
-    pub(crate) codec: Option<String>,
-}
-
-impl RawRecord {
-    pub(crate) fn into_record(self) -> Result<Record, StoreError> {
-        let state = RecordState::parse(&self.state)
-            .ok_or_else(|| StoreError::msg(format!("unknown record state {:?}", self.state)))?;
-        let fingerprint = match self.fingerprint {
-            None => None,
-            Some(bytes) => Some(Fingerprint::from_bytes(&bytes).ok_or_else(|| {
-                StoreError::msg(format!(
-                    "fingerprint has {} bytes, expected 16",
-                    bytes.len()
-                ))
-            })?),
-        };
-        let result = match (self.result, self.codec) {
-            (Some(bytes), Some(codec)) => Some(StoredResult {
-                codec: codec.parse::<Codec>().map_err(StoreError::new)?,
-                bytes,
-            }),
-            _ => None,
-        };
-        Ok(Record {
-            state,
-            fingerprint,
-            fence: Fence::from_raw(self.fence),
-            owner: self.owner,
-            attempts: u32::try_from(self.attempts).unwrap_or(0),
-            lease_remaining: match state {
-                RecordState::InProgress => remaining(self.lease_remaining_ms.unwrap_or(0)),
-                RecordState::Completed => Duration::ZERO,
-            },
-            expires_in: remaining(self.expires_in_ms),
-            result,
-        })
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn table_names_must_be_identifiers() {
-        for ok in ["idem_records", "_t", "Orders2"] {
-            assert!(check_table_name(ok).is_ok(), "{ok}");
-        }
-        for bad in [
-            "",
-            "1t",
-            "a-b",
-            "a b",
-            "t;drop table x",
-            "schema.t",
-            &"x".repeat(49),
-        ] {
-            assert!(check_table_name(bad).is_err(), "{bad}");
-        }
-    }
 
     /// The placeholders in `sql`: the highest `$n`/`?n` index, or the number of bare `?`.
     fn placeholders(sql: &str) -> usize {
@@ -692,12 +554,5 @@ mod tests {
                 );
             }
         }
-    }
-
-    #[test]
-    fn millis_round_up() {
-        assert_eq!(millis(Duration::from_micros(500)), 1);
-        assert_eq!(millis(Duration::from_millis(30)), 30);
-        assert_eq!(remaining(-5), Duration::ZERO);
     }
 }

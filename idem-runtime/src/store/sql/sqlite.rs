@@ -169,7 +169,7 @@ impl Default for SqliteStoreOptions {
     }
 }
 
-super::common_options!(
+super::connect::common_options!(
     SqliteStoreOptions,
     "table `idem_records`, 4 connections, 5 s busy timeout, durable commits"
 );
@@ -256,7 +256,12 @@ impl SqlStore<Sqlite> {
     }
 }
 
-/// `SQLITE_BUSY`: another connection holds a lock this one cannot wait for.
+/// `SQLITE_BUSY`, or one of its extended codes (`SQLITE_BUSY_RECOVERY` after a crash,
+/// `SQLITE_BUSY_SNAPSHOT`): another connection holds a lock this one cannot wait for.
 fn is_locked(e: &sqlx::Error) -> bool {
-    matches!(e, sqlx::Error::Database(db) if db.code().as_deref() == Some("5"))
+    let sqlx::Error::Database(db) = e else {
+        return false;
+    };
+    let code = db.code().and_then(|c| c.parse::<i32>().ok());
+    code.is_some_and(|c| c & 0xff == 5)
 }
