@@ -768,7 +768,7 @@ async fn slow_finalize_server() -> (String, Arc<support::Instrumented>, Arc<Atom
             "/chunked",
             post(move || async move {
                 r1.fetch_add(1, SeqCst);
-                let chunks = ["one ", "two ", "three"].map(|c| Ok::<_, std::io::Error>(c));
+                let chunks = ["one ", "two ", "three"].map(Ok::<_, std::io::Error>);
                 Body::from_stream(futures_util::stream::iter(chunks))
             })
             .layer(layer.clone()),
