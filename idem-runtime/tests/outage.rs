@@ -296,6 +296,9 @@ async fn dead_connections(store: Arc<dyn Store>, proxy: Proxy) {
     for w in warm {
         w.await.unwrap().unwrap();
     }
+    // Idle in the pool (sqlx pings each connection as it comes back: let that finish), then
+    // the path to the database dies silently under them.
+    tokio::time::sleep(Duration::from_millis(300)).await;
     proxy.stall_existing().await;
     let mut failures = 0;
     for key in 100.. {
