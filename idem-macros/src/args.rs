@@ -4,29 +4,37 @@ use std::time::Duration;
 
 use proc_macro2::Span;
 use quote::ToTokens;
+use syn::ext::IdentExt;
 use syn::parse::{Parse, ParseStream};
 use syn::punctuated::Punctuated;
 use syn::{Expr, Ident, LitBool, LitInt, LitStr, Path, Token};
 
-mod kw {
-    syn::custom_keyword!(key);
-    syn::custom_keyword!(optional);
-    syn::custom_keyword!(ttl);
-    syn::custom_keyword!(scope);
-    syn::custom_keyword!(skip);
-    syn::custom_keyword!(skip_all);
-    syn::custom_keyword!(fingerprint);
-    syn::custom_keyword!(lease);
-    syn::custom_keyword!(on_conflict);
-    syn::custom_keyword!(wait);
-    syn::custom_keyword!(cache_errors);
-    syn::custom_keyword!(version);
-    syn::custom_keyword!(runtime);
-    syn::custom_keyword!(name);
-    syn::custom_keyword!(tx);
-}
+/// Every argument, in the order the "expected one of" list names them.
+const ARGUMENTS: [&str; 16] = [
+    "key",
+    "optional",
+    "ttl",
+    "scope",
+    "skip",
+    "skip_all",
+    "fingerprint",
+    "lease",
+    "on_conflict",
+    "wait",
+    "cache_errors",
+    "version",
+    "runtime",
+    "name",
+    "tx",
+    "crate",
+];
 
-const VALID: &str = "`key`, `optional`, `ttl`, `scope`, `skip`, `skip_all`, `fingerprint`, `lease`, `on_conflict`, `wait`, `cache_errors`, `version`, `runtime`, `name`, `tx`, `crate`";
+/// What a duplicate does while the first call runs: `on_conflict = "wait" | "reject"`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum OnConflict {
+    Wait,
+    Reject,
+}
 
 /// A duration literal, already checked.
 pub(crate) struct DurationArg {
@@ -44,7 +52,7 @@ pub(crate) struct Args {
     pub(crate) skip_all: bool,
     pub(crate) fingerprint: Option<Expr>,
     pub(crate) lease: Option<DurationArg>,
-    pub(crate) reject: Option<bool>,
+    pub(crate) on_conflict: Option<OnConflict>,
     pub(crate) wait: Option<DurationArg>,
     pub(crate) cache_errors: bool,
     pub(crate) version: Option<u32>,
@@ -96,7 +104,7 @@ impl Args {
         if let Some(tx) = &self.tx {
             let leased = [
                 ("lease", self.lease.is_some()),
-                ("on_conflict", self.reject.is_some()),
+                ("on_conflict", self.on_conflict.is_some()),
                 ("wait", self.wait.is_some()),
             ];
             for (arg, given) in leased {
@@ -110,7 +118,7 @@ impl Args {
                 }
             }
         }
-        if let (Some(true), Some(_)) = (self.reject, &self.wait) {
+        if let (Some(OnConflict::Reject), Some(_)) = (self.on_conflict, &self.wait) {
             push(syn::Error::new(
                 Span::call_site(),
                 "`#[idempotent]`: `wait` has no effect with `on_conflict = \"reject\"`; remove one of them",
@@ -138,126 +146,105 @@ impl Parse for Args {
 }
 
 impl Args {
+    /// One `name`, `name = value` or `name(..)` argument.
     fn parse_one(&mut self, input: ParseStream<'_>) -> syn::Result<()> {
-        let lookahead = input.lookahead1();
-        if lookahead.peek(kw::key) {
-            let k = input.parse::<kw::key>()?;
-            self.set_once("key", k.span)?;
-            input.parse::<Token![=]>()?;
-            self.key = Some(input.parse()?);
-        } else if lookahead.peek(kw::optional) {
-            let k = input.parse::<kw::optional>()?;
-            self.set_once("optional", k.span)?;
-            self.optional = parse_flag(input)?;
-        } else if lookahead.peek(kw::ttl) {
-            let k = input.parse::<kw::ttl>()?;
-            self.set_once("ttl", k.span)?;
-            self.ttl = Some(parse_duration(input, "ttl")?);
-        } else if lookahead.peek(kw::scope) {
-            let k = input.parse::<kw::scope>()?;
-            self.set_once("scope", k.span)?;
-            input.parse::<Token![=]>()?;
-            self.scope = Some(input.parse()?);
-        } else if lookahead.peek(kw::skip_all) {
-            let k = input.parse::<kw::skip_all>()?;
-            self.set_once("skip_all", k.span)?;
-            self.skip_all = true;
-        } else if lookahead.peek(kw::skip) {
-            let k = input.parse::<kw::skip>()?;
-            self.set_once("skip", k.span)?;
-            let content;
-            syn::parenthesized!(content in input);
-            let names = Punctuated::<Ident, Token![,]>::parse_terminated(&content)?;
-            self.skip = Some(names.into_iter().collect());
-        } else if lookahead.peek(kw::fingerprint) {
-            let k = input.parse::<kw::fingerprint>()?;
-            self.set_once("fingerprint", k.span)?;
-            input.parse::<Token![=]>()?;
-            self.fingerprint = Some(input.parse()?);
-        } else if lookahead.peek(kw::lease) {
-            let k = input.parse::<kw::lease>()?;
-            self.set_once("lease", k.span)?;
-            self.lease = Some(parse_duration(input, "lease")?);
-        } else if lookahead.peek(kw::on_conflict) {
-            let k = input.parse::<kw::on_conflict>()?;
-            self.set_once("on_conflict", k.span)?;
-            input.parse::<Token![=]>()?;
-            let lit: LitStr = input.parse()?;
-            self.reject = Some(match lit.value().as_str() {
-                "wait" => false,
-                "reject" => true,
-                other => {
-                    return Err(syn::Error::new(
-                        lit.span(),
-                        format!(
-                            "`#[idempotent]`: `on_conflict` is \"wait\" or \"reject\", not {other:?}"
-                        ),
-                    ));
-                }
-            });
-        } else if lookahead.peek(kw::wait) {
-            let k = input.parse::<kw::wait>()?;
-            self.set_once("wait", k.span)?;
-            self.wait = Some(parse_duration(input, "wait")?);
-        } else if lookahead.peek(kw::cache_errors) {
-            let k = input.parse::<kw::cache_errors>()?;
-            self.set_once("cache_errors", k.span)?;
-            self.cache_errors = parse_flag(input)?;
-        } else if lookahead.peek(kw::version) {
-            let k = input.parse::<kw::version>()?;
-            self.set_once("version", k.span)?;
-            input.parse::<Token![=]>()?;
-            let lit: LitInt = input.parse()?;
-            self.version = Some(lit.base10_parse::<u32>().map_err(|_| {
-                syn::Error::new(
-                    lit.span(),
-                    "`#[idempotent]`: `version` is a whole number from 0 to 4294967295",
-                )
-            })?);
-        } else if lookahead.peek(kw::runtime) {
-            let k = input.parse::<kw::runtime>()?;
-            self.set_once("runtime", k.span)?;
-            input.parse::<Token![=]>()?;
-            self.runtime = Some(input.parse()?);
-        } else if lookahead.peek(kw::name) {
-            let k = input.parse::<kw::name>()?;
-            self.set_once("name", k.span)?;
-            input.parse::<Token![=]>()?;
-            let lit: LitStr = input.parse()?;
-            if lit.value().trim().is_empty() {
-                return Err(syn::Error::new(
-                    lit.span(),
-                    "`#[idempotent]`: `name` must not be empty",
-                ));
-            }
-            self.name = Some(lit);
-        } else if lookahead.peek(kw::tx) {
-            let k = input.parse::<kw::tx>()?;
-            self.set_once("tx", k.span)?;
-            input.parse::<Token![=]>()?;
-            self.tx = Some(input.parse().map_err(|e| {
-                syn::Error::new(
-                    e.span(),
-                    "`#[idempotent]`: `tx` names the fn's `&mut sqlx::Transaction` argument, e.g. `tx = tx`",
-                )
-            })?);
-        } else if lookahead.peek(Token![crate]) {
-            let k = input.parse::<Token![crate]>()?;
-            self.set_once("crate", k.span)?;
-            input.parse::<Token![=]>()?;
-            self.krate = Some(input.parse()?);
-        } else {
+        let known = input.fork().call(Ident::parse_any).ok().filter(|name| {
+            let name = name.to_string();
+            ARGUMENTS.contains(&name.as_str())
+        });
+        let Some(name) = known else {
             let unknown: proc_macro2::TokenTree = input.parse()?;
+            let valid: Vec<String> = ARGUMENTS.iter().map(|a| format!("`{a}`")).collect();
             return Err(syn::Error::new_spanned(
                 &unknown,
                 format!(
-                    "`#[idempotent]`: unknown argument `{}`; expected one of {VALID}",
-                    unknown.to_token_stream()
+                    "`#[idempotent]`: unknown argument `{}`; expected one of {}",
+                    unknown.to_token_stream(),
+                    valid.join(", ")
                 ),
             ));
+        };
+        input.call(Ident::parse_any)?;
+        let arg = name.to_string();
+        self.set_once(&arg, name.span())?;
+        match arg.as_str() {
+            "key" => self.key = Some(parse_value(input)?),
+            "scope" => self.scope = Some(parse_value(input)?),
+            "fingerprint" => self.fingerprint = Some(parse_value(input)?),
+            "runtime" => self.runtime = Some(parse_value(input)?),
+            "crate" => self.krate = Some(parse_value(input)?),
+            "optional" => self.optional = parse_flag(input)?,
+            "cache_errors" => self.cache_errors = parse_flag(input)?,
+            "skip_all" => self.skip_all = true,
+            "ttl" => self.ttl = Some(parse_duration(input, "ttl")?),
+            "lease" => self.lease = Some(parse_duration(input, "lease")?),
+            "wait" => self.wait = Some(parse_duration(input, "wait")?),
+            "skip" => {
+                let content;
+                syn::parenthesized!(content in input);
+                let names = Punctuated::<Ident, Token![,]>::parse_terminated(&content)?;
+                self.skip = Some(names.into_iter().collect());
+            }
+            "on_conflict" => self.on_conflict = Some(parse_on_conflict(input)?),
+            "version" => self.version = Some(parse_version(input)?),
+            "name" => self.name = Some(parse_name(input)?),
+            _ => self.tx = Some(parse_tx(input)?),
         }
         Ok(())
     }
+}
+
+/// `= <value>`.
+fn parse_value<T: Parse>(input: ParseStream<'_>) -> syn::Result<T> {
+    input.parse::<Token![=]>()?;
+    input.parse()
+}
+
+/// `= "wait"` or `= "reject"`.
+fn parse_on_conflict(input: ParseStream<'_>) -> syn::Result<OnConflict> {
+    let lit: LitStr = parse_value(input)?;
+    match lit.value().as_str() {
+        "wait" => Ok(OnConflict::Wait),
+        "reject" => Ok(OnConflict::Reject),
+        other => Err(syn::Error::new(
+            lit.span(),
+            format!("`#[idempotent]`: `on_conflict` is \"wait\" or \"reject\", not {other:?}"),
+        )),
+    }
+}
+
+/// `= N`, a `u32`.
+fn parse_version(input: ParseStream<'_>) -> syn::Result<u32> {
+    let lit: LitInt = parse_value(input)?;
+    lit.base10_parse::<u32>().map_err(|_| {
+        syn::Error::new(
+            lit.span(),
+            "`#[idempotent]`: `version` is a whole number from 0 to 4294967295",
+        )
+    })
+}
+
+/// `= "record.path"`, not empty.
+fn parse_name(input: ParseStream<'_>) -> syn::Result<LitStr> {
+    let lit: LitStr = parse_value(input)?;
+    if lit.value().trim().is_empty() {
+        return Err(syn::Error::new(
+            lit.span(),
+            "`#[idempotent]`: `name` must not be empty",
+        ));
+    }
+    Ok(lit)
+}
+
+/// `= tx`, the name of the transaction argument.
+fn parse_tx(input: ParseStream<'_>) -> syn::Result<Ident> {
+    input.parse::<Token![=]>()?;
+    input.parse().map_err(|e| {
+        syn::Error::new(
+            e.span(),
+            "`#[idempotent]`: `tx` names the fn's `&mut sqlx::Transaction` argument, e.g. `tx = tx`",
+        )
+    })
 }
 
 /// A bare flag (`optional`) or `flag = true/false`.
@@ -320,7 +307,7 @@ mod tests {
         assert_eq!(a.lease.map(|d| d.millis), Some(30_000));
         assert_eq!(a.wait.map(|d| d.millis), Some(2_000));
         assert_eq!(a.version, Some(3));
-        assert_eq!(a.reject, Some(false));
+        assert_eq!(a.on_conflict, Some(OnConflict::Wait));
         assert_eq!(a.skip.map(|s| s.len()), Some(2));
     }
 

@@ -11,7 +11,7 @@ use syn::{
     TypeParamBound,
 };
 
-use crate::args::Args;
+use crate::args::{Args, OnConflict};
 
 pub(crate) fn idempotent(attr: TokenStream, item: TokenStream) -> TokenStream {
     let func: ItemFn = match syn::parse2(item.clone()) {
@@ -272,25 +272,57 @@ fn bindings(pat: &Pat, out: &mut Vec<Ident>) {
     }
 }
 
-/// `{ static SPEC; fn marker; let call = ..; run(&SPEC, marker, call, inner).await }`
+/// Where `__private` is, every token carrying a span: an error about a call into the runtime
+/// is then reported on the user's tokens that caused it.
+struct Private<'a>(&'a Option<syn::Path>);
+
+impl Private<'_> {
+    fn at(&self, span: Span) -> TokenStream {
+        match self.0 {
+            Some(path) => quote_spanned!(span=> #path::__private),
+            None => quote_spanned!(span=> ::idem_runtime::__private),
+        }
+    }
+}
+
+/// `{ static SPEC; fn marker; let runtime = ..; let call = ..; run(&SPEC, marker, types,
+/// runtime, call, inner).await }`
 fn wrap(args: &Args, params: &Params, ret: &Type, inner: TokenStream) -> TokenStream {
-    let ret_span = ret.span();
-    // `::idem_runtime::__private`, every token carrying `span`: an error about a call into
-    // the runtime is then reported on the user's tokens that caused it.
-    let private_at = |span: Span| match &args.krate {
-        Some(path) => quote_spanned!(span=> #path::__private),
-        None => quote_spanned!(span=> ::idem_runtime::__private),
-    };
-    let private = private_at(Span::call_site());
+    let private = Private(&args.krate);
+    let here = private.at(Span::call_site());
     let spec = Ident::new("__IDEM_SPEC", Span::mixed_site());
     let marker = Ident::new("__idem_here", Span::call_site());
     let call = Ident::new("__idem_call", Span::mixed_site());
-    let runtime_var = Ident::new("__idem_runtime", Span::mixed_site());
-    let fp = Ident::new("__idem_fp", Span::mixed_site());
+    let runtime = Ident::new("__idem_runtime", Span::mixed_site());
+    let spec_init = spec_init(args, &here);
+    let call_init = call_init(args, params, &private);
+    let runtime_init = match &args.runtime {
+        Some(r) => {
+            let at = private.at(r.span());
+            quote_spanned!(r.span()=> ::core::option::Option::Some(#at::runtime(&(#r))))
+        }
+        None => quote!(::core::option::Option::None),
+    };
+    let types = instantiation_types(args, params);
+    let head = quote!(&#spec, #marker, &[#(#types),*], #runtime, #call);
+    let run = match &args.tx {
+        None => leased_call(args, &private, ret, head, inner),
+        Some(tx) => transactional_call(args, &private, ret, head, tx, inner),
+    };
+    quote! {
+        static #spec: #here::Spec = #spec_init;
+        fn #marker() {}
+        let #runtime = #runtime_init;
+        let #call = #call_init;
+        #run
+    }
+}
 
-    let mut spec_init = quote!(#private::Spec::new());
+/// The `Spec` the attribute's arguments make, as a `const` expression.
+fn spec_init(args: &Args, private: &TokenStream) -> TokenStream {
+    let mut spec = quote!(#private::Spec::new());
     if let Some(name) = &args.name {
-        spec_init.extend(quote!(.name(#name)));
+        spec.extend(quote!(.name(#name)));
     }
     for (method, value) in [
         ("ttl_ms", &args.ttl),
@@ -300,60 +332,56 @@ fn wrap(args: &Args, params: &Params, ret: &Type, inner: TokenStream) -> TokenSt
         if let Some(d) = value {
             let method = format_ident!("{method}");
             let ms = d.millis;
-            spec_init.extend(quote!(.#method(#ms)));
+            spec.extend(quote!(.#method(#ms)));
         }
     }
-    if args.reject == Some(true) {
-        spec_init.extend(quote!(.reject()));
+    if args.on_conflict == Some(OnConflict::Reject) {
+        spec.extend(quote!(.reject()));
     }
     if let Some(v) = args.version {
-        spec_init.extend(quote!(.version(#v)));
+        spec.extend(quote!(.version(#v)));
     }
     if args.optional {
-        spec_init.extend(quote!(.optional()));
+        spec.extend(quote!(.optional()));
     }
+    spec
+}
 
+/// `Call { key, scope, payload }`, each evaluated from the fn's arguments before the body
+/// moves them.
+fn call_init(args: &Args, params: &Params, private: &Private<'_>) -> TokenStream {
+    let here = private.at(Span::call_site());
+    let fp = Ident::new("__idem_fp", Span::mixed_site());
     let key = args
         .key
         .as_ref()
-        .map(|k| quote_spanned!(k.span()=> #private::key(&(#k))));
+        .map(|k| quote_spanned!(k.span()=> #here::key(&(#k))));
     let scope = match &args.scope {
-        Some(s) => quote_spanned!(s.span()=> #private::scope(&(#s))),
-        None => quote!(#private::Scope::Unscoped),
+        Some(s) => quote_spanned!(s.span()=> #here::scope(&(#s))),
+        None => quote!(#here::Scope::Unscoped),
     };
     let payload = match (&args.fingerprint, args.skip_all) {
-        (Some(f), _) => quote_spanned!(f.span()=> #private::Payload::of(&(#f))),
-        (None, true) => quote!(#private::Payload::Unchecked),
+        (Some(f), _) => quote_spanned!(f.span()=> #here::Payload::of(&(#f))),
+        (None, true) => quote!(#here::Payload::Unchecked),
         (None, false) => {
             let feeds = params
                 .fingerprinted
                 .iter()
                 .map(|a| quote_spanned!(a.span()=> #fp.arg(&#a);));
             quote!({
-                let mut #fp = #private::Fingerprinter::new();
+                let mut #fp = #here::Fingerprinter::new();
                 #(#feeds)*
-                #private::Payload::from(#fp.finish())
+                #here::Payload::from(#fp.finish())
             })
         }
     };
-    let runtime = match &args.runtime {
-        Some(r) => {
-            let at = private_at(r.span());
-            quote_spanned!(r.span()=> ::core::option::Option::Some(#at::runtime(&(#r))))
-        }
-        None => quote!(::core::option::Option::None),
-    };
-    // The entry point is spanned on the return type: an unsupported return type is reported
-    // there, with the message of `IdempotentOutput`.
-    let at = private_at(ret_span);
-    let entry = if args.cache_errors {
-        quote_spanned!(ret_span=> #at::run_caching_errors)
-    } else {
-        quote_spanned!(ret_span=> #at::run)
-    };
-    // `Self` and the type parameters name the instantiation: a trait's default method run for
-    // two implementers (or a generic fn for two types) keeps two sets of records. An explicit
-    // `name` is the whole namespace.
+    quote!(#here::Call { key: #key, scope: #scope, payload: #payload })
+}
+
+/// `Self` and the type parameters name the instantiation: a trait's default method run for
+/// two implementers (or a generic fn for two types) keeps two sets of records. An explicit
+/// `name` is the whole namespace.
+fn instantiation_types(args: &Args, params: &Params) -> Vec<TokenStream> {
     let mut types = Vec::new();
     if args.name.is_none() {
         if params.has_receiver {
@@ -363,47 +391,62 @@ fn wrap(args: &Args, params: &Params, ret: &Type, inner: TokenStream) -> TokenSt
             types.push(quote!(::core::any::type_name::<#t>()));
         }
     }
-    let run = match &args.tx {
-        None => {
-            quote_spanned!(ret_span=> #entry(&#spec, #marker, &[#(#types),*], #runtime_var, #call, #inner).await)
-        }
-        Some(tx) => {
-            // The transaction is used before the body (reserve), by the body, and after it
-            // (record the result): the body gets a reborrow under the argument's own name.
-            let conn = Ident::new("__idem_tx", Span::mixed_site());
-            let token = Ident::new("__idem_token", Span::mixed_site());
-            let out = Ident::new("__idem_out", Span::mixed_site());
-            let at = private_at(ret_span);
-            let codec = if args.cache_errors {
-                quote!(#private::ValuesAndErrors)
-            } else {
-                quote!(#private::ValuesOnly)
-            };
-            quote_spanned! {ret_span=>
-                let #conn = #tx;
-                match #at::tx_begin(&#spec, #marker, &[#(#types),*], #runtime_var, #call, &mut *#conn, #codec).await {
-                    #private::TxBegin::Done(#out) => #out,
-                    #private::TxBegin::Run(#token) => {
-                        let #out = {
-                            let #tx = &mut *#conn;
-                            (#inner).await
-                        };
-                        #at::tx_finish(#token, &mut *#conn, #out).await
-                    }
-                }
+    types
+}
+
+/// `run(..head.., inner).await`: the entry point is spanned on the return type, so an
+/// unsupported return type is reported there, with the message of `IdempotentOutput`.
+fn leased_call(
+    args: &Args,
+    private: &Private<'_>,
+    ret: &Type,
+    head: TokenStream,
+    inner: TokenStream,
+) -> TokenStream {
+    let ret_span = ret.span();
+    let at = private.at(ret_span);
+    let entry = if args.cache_errors {
+        quote_spanned!(ret_span=> #at::run_caching_errors)
+    } else {
+        quote_spanned!(ret_span=> #at::run)
+    };
+    quote_spanned!(ret_span=> #entry(#head, #inner).await)
+}
+
+/// `tx_begin`, the body, `tx_finish`: the transaction is used before the body (reserve), by
+/// the body, and after it (record the result), so the body gets a reborrow under the
+/// argument's own name.
+fn transactional_call(
+    args: &Args,
+    private: &Private<'_>,
+    ret: &Type,
+    head: TokenStream,
+    tx: &Ident,
+    inner: TokenStream,
+) -> TokenStream {
+    let ret_span = ret.span();
+    let here = private.at(Span::call_site());
+    let at = private.at(ret_span);
+    let conn = Ident::new("__idem_tx", Span::mixed_site());
+    let token = Ident::new("__idem_token", Span::mixed_site());
+    let out = Ident::new("__idem_out", Span::mixed_site());
+    let codec = if args.cache_errors {
+        quote!(#here::ValuesAndErrors)
+    } else {
+        quote!(#here::ValuesOnly)
+    };
+    quote_spanned! {ret_span=>
+        let #conn = #tx;
+        match #at::tx_begin(#head, &mut *#conn, #codec).await {
+            #here::TxBegin::Done(#out) => #out,
+            #here::TxBegin::Run(#token) => {
+                let #out = {
+                    let #tx = &mut *#conn;
+                    (#inner).await
+                };
+                #at::tx_finish(#token, &mut *#conn, #out).await
             }
         }
-    };
-    quote! {
-        static #spec: #private::Spec = #spec_init;
-        fn #marker() {}
-        let #runtime_var = #runtime;
-        let #call = #private::Call {
-            key: #key,
-            scope: #scope,
-            payload: #payload,
-        };
-        #run
     }
 }
 

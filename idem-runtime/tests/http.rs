@@ -902,3 +902,51 @@ async fn http_1_0_clients_get_the_whole_response_or_an_error() {
     assert!(unrecorded.starts_with("HTTP/1.0 503"), "{unrecorded}");
     assert!(!unrecorded.contains("one two three"), "{unrecorded}");
 }
+
+/// A stored response that does not decode into a valid one is an error, never a made-up
+/// response (it used to be replayed as an empty 200).
+#[tokio::test]
+async fn a_stored_response_that_does_not_decode_is_a_500_problem() {
+    use idem_runtime::store::{Claim, Fence, Reservation, StoredResult};
+    let store = Arc::new(MemoryStore::new());
+    let s = serve(store.clone()).await;
+    let garbage: [&[u8]; 4] = [
+        br#"{"status":999,"headers":[],"body":{"Text":"x"}}"#,
+        br#"{"status":201,"headers":[],"body":{"Base64":"not base64!"}}"#,
+        br#"{"status":201,"headers":[["bad header","x"]],"body":{"Text":"x"}}"#,
+        b"not json",
+    ];
+    for (i, bytes) in garbage.into_iter().enumerate() {
+        let key = format!("garbled-{i}");
+        let id = idem_runtime::RecordId::new("anonymous POST /orders/http/v0", key.as_str());
+        let fence = Fence::random();
+        let claim = Claim {
+            id: &id,
+            fence,
+            owner: "test",
+            fingerprint: None,
+            lease: Duration::from_secs(30),
+        };
+        assert!(matches!(
+            store.reserve(&claim).await.unwrap(),
+            Reservation::Acquired
+        ));
+        let result = StoredResult {
+            codec: idem_runtime::Codec::Json,
+            bytes: bytes.to_vec(),
+        };
+        assert!(
+            store
+                .finalize(&id, fence, &result, Duration::from_secs(60))
+                .await
+                .unwrap()
+        );
+        let json = problem(s.post("/orders", Some(&key), "{}").await, 500).await;
+        assert_eq!(json["type"], "urn:idem:problem:decode", "{json}");
+    }
+    assert_eq!(
+        s.app.orders.load(SeqCst),
+        0,
+        "nothing ran and nothing was made up"
+    );
+}

@@ -11,7 +11,7 @@ use super::store_call;
 use crate::Error;
 use crate::error::StoreError;
 use crate::key::{Fingerprint, RecordId};
-use crate::store::{Claim, Fence, RecordState, Reservation, StoredResult};
+use crate::store::{Claim, Fence, Record, RecordState, Reservation, StoredResult};
 
 /// What the leader got from the store before running anything.
 pub(crate) enum Acquired<'a> {
@@ -45,20 +45,20 @@ impl ResolvedCall {
             // flight, the row it may have written is released instead of stuck for a lease.
             let mut guard =
                 OwnedRecord::new(&self.engine, &self.id, Fence::random(), self.function());
-            let claim = Claim {
-                id: &self.id,
-                fence: guard.fence,
-                owner: &self.engine.settings.executor_id,
-                fingerprint: self.fingerprint.as_ref(),
-                lease: self.lease,
-            };
             let since = Instant::now();
-            let reserved = store_call(store, "reserve", timeout, store.reserve(&claim)).await;
+            let reserved = store_call(
+                store,
+                "reserve",
+                timeout,
+                store.reserve(&self.claim(guard.fence)),
+            )
+            .await;
             let record = match reserved {
                 Ok(Reservation::Acquired) => {
+                    let took_over = false;
                     return Ok(Acquired::Owned {
                         guard,
-                        took_over: false,
+                        took_over,
                         since,
                     });
                 }
@@ -72,15 +72,7 @@ impl ResolvedCall {
                     self.pace_race(races, &mut backoff, deadline).await?;
                     continue;
                 }
-                Err(e) => {
-                    // A statement that timed out may still land: the guard, still armed,
-                    // releases it in the background (fenced, so harmless if it did not). One
-                    // that failed outright wrote nothing.
-                    if !e.is_timeout() {
-                        guard.disarm();
-                    }
-                    return Err(self.unavailable(e));
-                }
+                Err(e) => return Err(self.write_failed(guard, e)),
             };
             match decide(&record, self.fingerprint.as_ref()) {
                 Decision::Replay => {
@@ -101,24 +93,8 @@ impl ResolvedCall {
                     });
                 }
                 Decision::TakeOver => {
-                    guard.rearm();
-                    let since = Instant::now();
-                    let take = store.take_over(&claim, record.fence);
-                    match store_call(store, "take_over", timeout, take).await {
-                        Ok(true) => {
-                            return Ok(Acquired::Owned {
-                                guard,
-                                took_over: record.state == RecordState::InProgress,
-                                since,
-                            });
-                        }
-                        Ok(false) => guard.disarm(),
-                        Err(e) => {
-                            if !e.is_timeout() {
-                                guard.disarm();
-                            }
-                            return Err(self.unavailable(e));
-                        }
+                    if let Some(owned) = self.take_over(guard, &record).await? {
+                        return Ok(owned);
                     }
                     races += 1;
                     self.pace_race(races, &mut backoff, deadline).await?;
@@ -133,6 +109,57 @@ impl ResolvedCall {
                 }
             }
         }
+    }
+
+    /// This call's claim on its record, with a fresh `fence`.
+    fn claim(&self, fence: Fence) -> Claim<'_> {
+        Claim {
+            id: &self.id,
+            fence,
+            owner: &self.engine.settings.executor_id,
+            fingerprint: self.fingerprint.as_ref(),
+            lease: self.lease,
+        }
+    }
+
+    /// Takes over an abandoned or expired `record` (a compare-and-set on its fence). `None`:
+    /// another caller changed it first.
+    async fn take_over<'a>(
+        &'a self,
+        mut guard: OwnedRecord<'a>,
+        record: &Record,
+    ) -> Result<Option<Acquired<'a>>, Error> {
+        let store = &*self.engine.store;
+        let timeout = self.engine.settings.store_timeout;
+        guard.rearm();
+        let since = Instant::now();
+        let claim = self.claim(guard.fence);
+        let take = store.take_over(&claim, record.fence);
+        match store_call(store, "take_over", timeout, take).await {
+            Ok(true) => {
+                let took_over = record.state == RecordState::InProgress;
+                Ok(Some(Acquired::Owned {
+                    guard,
+                    took_over,
+                    since,
+                }))
+            }
+            Ok(false) => {
+                guard.disarm();
+                Ok(None)
+            }
+            Err(e) => Err(self.write_failed(guard, e)),
+        }
+    }
+
+    /// A reservation or takeover that failed. One that timed out may still land: the guard,
+    /// left armed, releases it in the background (fenced, so harmless if it did not). One
+    /// that failed outright wrote nothing.
+    fn write_failed(&self, mut guard: OwnedRecord<'_>, e: StoreError) -> Error {
+        if !e.is_timeout() {
+            guard.disarm();
+        }
+        self.unavailable(e)
     }
 
     /// After losing a race (the record changed between two statements), go again at once a

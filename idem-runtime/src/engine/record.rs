@@ -17,6 +17,17 @@ use crate::outcome::Outcome;
 use crate::store::{Claim, Fence, RecordState, Reservation, StoredResult};
 use crate::{Error, metrics};
 
+/// What becomes of a body's output before anything is stored.
+enum Encoded {
+    /// An error the fn does not store: the key is released.
+    NotStored,
+    /// A result that cannot be stored (too large, or failing to encode): returned anyway,
+    /// and the key released. Concurrent followers get the bytes when there are some.
+    Unstorable(Option<(crate::codec::Codec, Vec<u8>)>),
+    /// The result to store.
+    Store(StoredResult),
+}
+
 impl ResolvedCall {
     /// Records the body's output `out` for the record `guard` owns, and answers the caller
     /// and the followers waiting in `slot`. `lost`: a heartbeat found the reservation taken.
@@ -32,39 +43,27 @@ impl ResolvedCall {
         E: From<Error>,
         C: ResultCodec<T, E>,
     {
-        let fence = guard.fence;
-        let Some((codec, encoded)) = C::encode(&out) else {
-            // An error that is not stored: free the key so the next attempt runs the body.
-            guard.release().await;
-            slot.finish(Answer::Retry);
-            self.finished(outcome);
-            return out;
-        };
-        let bytes = match encoded {
-            Ok(bytes) if bytes.len() <= self.engine.settings.max_result_bytes => bytes,
-            Ok(bytes) => {
-                tracing::error!(
-                    function = self.function(),
-                    bytes = bytes.len(),
-                    limit = self.engine.settings.max_result_bytes,
-                    "idem: result is larger than max_result_bytes; returned but not stored, so a retry will run the body again"
-                );
-                metrics::not_stored(self.function(), "too_large");
+        let result = match self.encode::<T, E, C>(&out) {
+            Encoded::Store(result) => result,
+            Encoded::NotStored => {
+                // An error that is not stored: free the key so the next attempt runs the body.
                 guard.release().await;
-                // Callers already waiting here are concurrent with this call: give them its result.
-                slot.finish(Answer::Completed {
-                    codec,
-                    bytes: bytes.into(),
-                    fingerprint: self.fingerprint,
-                });
+                slot.finish(Answer::Retry);
                 self.finished(outcome);
                 return out;
             }
-            Err(e) => {
-                tracing::error!(function = self.function(), error = %e, "idem: result could not be encoded; returned but not stored");
-                metrics::not_stored(self.function(), "encode");
+            Encoded::Unstorable(bytes) => {
                 guard.release().await;
-                slot.finish(Answer::Retry);
+                // Callers already waiting here are concurrent with this call: give them its
+                // result, when there is one to give.
+                slot.finish(match bytes {
+                    Some((codec, bytes)) => Answer::Completed {
+                        codec,
+                        bytes: bytes.into(),
+                        fingerprint: self.fingerprint,
+                    },
+                    None => Answer::Retry,
+                });
                 self.finished(outcome);
                 return out;
             }
@@ -73,25 +72,15 @@ impl ResolvedCall {
         // must lead to the result being stored, never to the key being released. The store
         // writes run in their own task, which finishes even if this future is dropped.
         guard.disarm();
-        let bytes: Arc<[u8]> = bytes.into();
-        let result = StoredResult {
-            codec,
-            bytes: bytes.to_vec(),
-        };
-        let stored = self.store_result(fence, result, lost).await;
+        let (codec, bytes): (_, Arc<[u8]>) = (result.codec, result.bytes.as_slice().into());
         // Only a recorded value is ever returned as `Ok`: the record is what every other
         // caller of this key gets, so an unrecorded value could contradict it.
-        let error = match stored {
+        let error = match self.store_result(guard.fence, result, lost).await {
             Stored::Yes => {
                 metrics::stored_bytes(self.function(), bytes.len());
                 if let Some(cache) = &self.engine.cache {
-                    cache.insert(
-                        self.id.clone(),
-                        codec,
-                        bytes.clone(),
-                        self.fingerprint,
-                        self.ttl,
-                    );
+                    let id = self.id.clone();
+                    cache.insert(id, codec, bytes.clone(), self.fingerprint, self.ttl);
                 }
                 slot.finish(Answer::Completed {
                     codec,
@@ -103,19 +92,13 @@ impl ResolvedCall {
             }
             // Someone took the record over: their result is the one that counts. (Counted
             // and logged by whoever found out first: a heartbeat, or the task.)
-            Stored::Lost => Error::LeaseLost {
-                function: self.function(),
-                key: self.id.hash(),
-            },
+            Stored::Lost => self.lease_lost(),
             // Still unknown, but a heartbeat already found the record taken: whatever the
             // task finds out, this value is not the one others will be given.
-            Stored::Pending if lost => Error::LeaseLost {
-                function: self.function(),
-                key: self.id.hash(),
-            },
-            // The store is slow or away. The task keeps trying; a retry with this key gets the
-            // recorded value (this one, once it lands) or, if the reservation lapsed first, runs
-            // the body again.
+            Stored::Pending if lost => self.lease_lost(),
+            // The store is slow or away. The task keeps trying; a retry with this key gets
+            // the recorded value (this one, once it lands) or, if the reservation lapsed
+            // first, runs the body again.
             Stored::Pending => {
                 tracing::warn!(function = self.function(), key = %self.id.hash(),
                     "idem: the result is not recorded yet; the caller is told to retry, and recording goes on in the background");
@@ -131,6 +114,40 @@ impl ResolvedCall {
             other => Answer::Failed(other.clone()),
         });
         Err(fail(self.function(), error))
+    }
+
+    /// The body's output as it would be stored, checked against the size limit.
+    fn encode<T, E, C: ResultCodec<T, E>>(&self, out: &Result<T, E>) -> Encoded {
+        let Some((codec, encoded)) = C::encode(out) else {
+            return Encoded::NotStored;
+        };
+        let function = self.function();
+        let limit = self.engine.settings.max_result_bytes;
+        match encoded {
+            Ok(bytes) if bytes.len() <= limit => Encoded::Store(StoredResult { codec, bytes }),
+            Ok(bytes) => {
+                tracing::error!(
+                    function,
+                    bytes = bytes.len(),
+                    limit,
+                    "idem: result is larger than max_result_bytes; returned but not stored, so a retry will run the body again"
+                );
+                metrics::not_stored(function, "too_large");
+                Encoded::Unstorable(Some((codec, bytes)))
+            }
+            Err(e) => {
+                tracing::error!(function, error = %e, "idem: result could not be encoded; returned but not stored");
+                metrics::not_stored(function, "encode");
+                Encoded::Unstorable(None)
+            }
+        }
+    }
+
+    fn lease_lost(&self) -> Error {
+        Error::LeaseLost {
+            function: self.function(),
+            key: self.id.hash(),
+        }
     }
 
     /// Stores the result in a task of its own, so it completes even if the caller is

@@ -355,7 +355,6 @@ where
     let (method, version) = (parts.method.clone(), parts.version);
     let request = Request::from_parts(parts, Body::from(bytes));
     let (parts, mut body) = into_response(inner.oneshot(request).await).into_parts();
-    let hold = |piece| *tail.lock().unwrap_or_else(|p| p.into_inner()) = Some(Held(Some(piece)));
     let stored = (config.store_status)(parts.status);
     let status = parts.status;
     let headers = config
@@ -366,103 +365,152 @@ where
             values.map(move |v| (name.clone(), v.clone()))
         })
         .collect();
-    let mut length_left = declared_length(&parts);
-    // A response that is not stored is not copied, only streamed.
-    let mut kept = stored.then(BytesMut::new);
-    let mut client = if complete_at_head(&method, &parts) {
-        hold(Piece::Whole(
-            head,
-            Response::from_parts(parts, Body::empty()),
-        ));
+    let mut copy = Copier {
+        length_left: declared_length(&parts),
+        // A response that is not stored is not copied, only streamed.
+        kept: stored.then(BytesMut::new),
+        max: config.max_response_bytes,
+        hung_up: false,
+        tail: &tail,
+        client: Client::Gone,
+    };
+    copy.client = if complete_at_head(&method, &parts) {
+        hold(
+            &tail,
+            Piece::Whole(head, Response::from_parts(parts, Body::empty())),
+        );
         Client::Gone
     } else if version <= Version::HTTP_10 && stored {
         Client::Holding(head, parts)
     } else {
         Client::streaming(head, parts)
     };
-    let mut hung_up = false;
     while let Some(frame) = body.frame().await {
-        let data = match frame.map(http_body::Frame::into_data) {
-            Ok(Ok(data)) => data,
-            Ok(Err(_trailers)) => continue,
-            Err(e) => {
-                tracing::warn!(error = %e, "idem: the response body failed; not stored");
-                match client {
-                    Client::Streaming(tx) => drop(tx.send(Err(e)).await),
-                    Client::Holding(head, _) => {
-                        drop(head.send(StatusCode::BAD_GATEWAY.into_response()))
-                    }
-                    Client::Gone => {}
+        match frame.map(http_body::Frame::into_data) {
+            Ok(Ok(data)) => {
+                if !copy.chunk(data).await {
+                    return Err(NotStored::Sent);
                 }
+            }
+            Ok(Err(_trailers)) => {}
+            Err(e) => {
+                copy.failed(e).await;
                 return Err(NotStored::Sent);
             }
-        };
-        if let Some(buf) = &mut kept {
-            if buf.len() + data.len() <= config.max_response_bytes {
-                buf.extend_from_slice(&data);
-            } else {
-                let limit = config.max_response_bytes;
-                tracing::warn!(
-                    limit,
-                    "idem: response body too large to store; sent but not stored"
-                );
-                crate::metrics::not_stored("http", "too_large");
-                let sent_so_far = std::mem::take(buf).freeze();
-                kept = None;
-                // Not stored, so not held either: stream what there is, then the rest.
-                if let Client::Holding(head, parts) = client {
-                    client = Client::streaming(head, parts);
-                    if let Client::Streaming(tx) = &client {
-                        let _ = tx.send(Ok(sent_so_far)).await;
-                    }
-                }
-            }
-        }
-        if hung_up && kept.is_none() {
-            // The client is gone and nothing is being stored: nothing left to do.
-            return Err(NotStored::Sent);
-        }
-        if !matches!(client, Client::Streaming(_)) {
-            continue;
-        }
-        if let Some(left) = &mut length_left {
-            *left = left.saturating_sub(data.len() as u64);
-            if *left == 0
-                && let Client::Streaming(tx) = std::mem::replace(&mut client, Client::Gone)
-            {
-                // The chunk that completes the declared length waits for the record.
-                hold(Piece::LastChunk(tx, data));
-                continue;
-            }
-        }
-        if let Client::Streaming(tx) = &client
-            && tx.send(Ok(data)).await.is_err()
-        {
-            client = Client::Gone;
-            hung_up = true;
         }
     }
-    let Some(kept) = kept.map(BytesMut::freeze) else {
-        if let Client::Streaming(tx) = client {
-            hold(Piece::End(tx));
-        }
-        return Err(NotStored::Sent);
-    };
-    match client {
-        Client::Streaming(tx) => hold(Piece::End(tx)),
-        Client::Holding(head, parts) => {
-            hold(Piece::Whole(
-                head,
-                Response::from_parts(parts, Body::from(kept.clone())),
-            ));
-        }
-        Client::Gone => {}
-    }
+    let body = copy.finish().ok_or(NotStored::Sent)?;
     Ok(StoredResponse {
         status,
         headers,
-        body: kept,
+        body,
     })
+}
+
+/// The route's body on its way to its client and into the record.
+struct Copier<'t> {
+    client: Client,
+    /// The copy being kept for the record; `None` once it is not stored.
+    kept: Option<BytesMut>,
+    max: usize,
+    /// What is left of the length the headers declare, if they do.
+    length_left: Option<u64>,
+    hung_up: bool,
+    tail: &'t Mutex<Option<Held>>,
+}
+
+/// Leaves `piece` for the caller to send (or break off) once the record is settled.
+fn hold(tail: &Mutex<Option<Held>>, piece: Piece) {
+    *tail.lock().unwrap_or_else(|p| p.into_inner()) = Some(Held(Some(piece)));
+}
+
+impl Copier<'_> {
+    /// Takes the next chunk of the body. `false`: nothing is left to do with the rest (the
+    /// client is gone and nothing is being stored).
+    async fn chunk(&mut self, data: Bytes) -> bool {
+        self.keep(&data).await;
+        if self.hung_up && self.kept.is_none() {
+            return false;
+        }
+        if !matches!(self.client, Client::Streaming(_)) {
+            return true;
+        }
+        if let Some(left) = &mut self.length_left {
+            *left = left.saturating_sub(data.len() as u64);
+            if *left == 0
+                && let Client::Streaming(tx) = std::mem::replace(&mut self.client, Client::Gone)
+            {
+                // The chunk that completes the declared length waits for the record.
+                hold(self.tail, Piece::LastChunk(tx, data));
+                return true;
+            }
+        }
+        if let Client::Streaming(tx) = &self.client
+            && tx.send(Ok(data)).await.is_err()
+        {
+            self.client = Client::Gone;
+            self.hung_up = true;
+        }
+        true
+    }
+
+    /// Adds `data` to the copy for the record, unless that grows past the limit: then the
+    /// response is not stored, and not held either, so what was held goes out now.
+    async fn keep(&mut self, data: &Bytes) {
+        let Some(buf) = &mut self.kept else {
+            return;
+        };
+        if buf.len() + data.len() <= self.max {
+            buf.extend_from_slice(data);
+            return;
+        }
+        tracing::warn!(
+            limit = self.max,
+            "idem: response body too large to store; sent but not stored"
+        );
+        crate::metrics::not_stored("http", "too_large");
+        let so_far = std::mem::take(buf).freeze();
+        self.kept = None;
+        if !matches!(self.client, Client::Holding(..)) {
+            return;
+        }
+        if let Client::Holding(head, parts) = std::mem::replace(&mut self.client, Client::Gone) {
+            self.client = Client::streaming(head, parts);
+        }
+        if let Client::Streaming(tx) = &self.client {
+            let _ = tx.send(Ok(so_far)).await;
+        }
+    }
+
+    /// The body failed: its client gets the failure, not a complete response.
+    async fn failed(self, e: axum::Error) {
+        tracing::warn!(error = %e, "idem: the response body failed; not stored");
+        match self.client {
+            Client::Streaming(tx) => drop(tx.send(Err(e)).await),
+            Client::Holding(head, _) => drop(head.send(StatusCode::BAD_GATEWAY.into_response())),
+            Client::Gone => {}
+        }
+    }
+
+    /// The body ended: hold the piece that completes it, and return the copy to store.
+    fn finish(self) -> Option<Bytes> {
+        let Copier {
+            client, kept, tail, ..
+        } = self;
+        let kept = kept.map(BytesMut::freeze);
+        let last = match (client, &kept) {
+            (Client::Streaming(tx), _) => Some(Piece::End(tx)),
+            (Client::Holding(head, parts), Some(body)) => {
+                let whole = Response::from_parts(parts, Body::from(body.clone()));
+                Some(Piece::Whole(head, whole))
+            }
+            (Client::Holding(..) | Client::Gone, _) => None,
+        };
+        if let Some(piece) = last {
+            hold(tail, piece);
+        }
+        kept
+    }
 }
 
 /// The client's end of a response body being copied by `run_route`.

@@ -63,8 +63,11 @@ impl TryFrom<StoredForm> for StoredResponse {
     type Error = String;
 
     fn try_from(form: StoredForm) -> Result<Self, String> {
+        // RFC 9110 defines 100 to 599; the `http` crate would take any three digits.
         let status = StatusCode::from_u16(form.status)
-            .map_err(|_| format!("stored status {} is not an HTTP status", form.status))?;
+            .ok()
+            .filter(|s| s.as_u16() <= 599)
+            .ok_or_else(|| format!("stored status {} is not an HTTP status", form.status))?;
         let headers = form
             .headers
             .into_iter()
