@@ -110,8 +110,11 @@ async fn run() {
             return;
         }
     };
+    // The same pool settings as idem's own (no ping before each statement), so the floor is
+    // the best one-call-at-a-time code, not a slower pool.
     let raw_pool = sqlx::postgres::PgPoolOptions::new()
         .max_connections(POOL)
+        .test_before_acquire(false)
         .connect(&url)
         .await
         .expect("raw pool");

@@ -10,7 +10,15 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use crate::cache::LocalCache;
-use crate::engine::{Engine, Settings};
+use crate::engine::{BatchLimits, Engine, Settings};
+
+/// Group commit's bounds when it is on: the [`defaults`].
+const DEFAULT_BATCHING: BatchLimits = BatchLimits {
+    max_rows: defaults::BATCH_MAX_ROWS,
+    max_bytes: defaults::BATCH_MAX_BYTES,
+    max_in_flight: defaults::BATCH_CONCURRENCY,
+    max_queued: defaults::BATCH_QUEUE,
+};
 use crate::store::{MemoryStore, Store};
 use crate::{Error, Idem};
 
@@ -49,6 +57,7 @@ pub struct IdemBuilder {
     purge_interval: Option<Duration>,
     purge_batch: u32,
     store_timeout: Duration,
+    batching: Option<BatchLimits>,
     error: Option<Error>,
 }
 
@@ -65,6 +74,7 @@ impl Default for IdemBuilder {
             purge_interval: Some(defaults::PURGE_INTERVAL),
             purge_batch: defaults::PURGE_BATCH,
             store_timeout: defaults::STORE_TIMEOUT,
+            batching: Some(DEFAULT_BATCHING),
             error: None,
         }
     }
@@ -90,6 +100,15 @@ pub mod defaults {
     pub const PURGE_BATCH: u32 = 1_000;
     /// How long one store statement may take before the call gives up on it: 5 seconds.
     pub const STORE_TIMEOUT: Duration = Duration::from_secs(5);
+    /// Group commit: the most calls one batched statement carries.
+    pub const BATCH_MAX_ROWS: usize = 128;
+    /// Group commit: the most result bytes one batch of finalizes carries: 4 MiB.
+    pub const BATCH_MAX_BYTES: usize = 4 << 20;
+    /// Group commit: how many batches of one verb may be in flight at once.
+    pub const BATCH_CONCURRENCY: usize = 4;
+    /// Group commit: how many statements of one verb may wait for a batch before callers
+    /// wait for room.
+    pub const BATCH_QUEUE: usize = 4_096;
 }
 
 /// Something that names a duration: a `Duration`, or a string with the attribute's rules
@@ -184,6 +203,38 @@ impl IdemBuilder {
         self
     }
 
+    /// Group commit (on by default, for the SQL stores): concurrent calls' reservations,
+    /// results, heartbeats and releases share one statement and one commit. `false` sends
+    /// each call's statement on its own.
+    pub fn group_commit(mut self, on: bool) -> Self {
+        self.batching = match (on, self.batching) {
+            (true, None) => Some(DEFAULT_BATCHING),
+            (true, some) => some,
+            (false, _) => None,
+        };
+        self
+    }
+
+    /// Group commit: the most calls one batch carries (default 128), and the most result
+    /// bytes one batch of finalizes carries (default 4 MiB; a larger single result still goes,
+    /// alone).
+    pub fn batch_max(mut self, rows: usize, bytes: usize) -> Self {
+        if let Some(b) = &mut self.batching {
+            b.max_rows = rows.max(1);
+            b.max_bytes = bytes;
+        }
+        self
+    }
+
+    /// Group commit: how many batches of one verb may be in flight at once (default 4). One
+    /// keeps batches largest; more lowers latency when calls arrive steadily.
+    pub fn batch_concurrency(mut self, batches: usize) -> Self {
+        if let Some(b) = &mut self.batching {
+            b.max_in_flight = batches.max(1);
+        }
+        self
+    }
+
     /// How often expired records are purged in the background; `None` turns purging off.
     pub fn purge_interval(mut self, every: Option<Duration>) -> Self {
         self.purge_interval = every;
@@ -232,6 +283,7 @@ impl IdemBuilder {
             max_result_bytes: self.max_result_bytes,
             executor_id: executor_id.into(),
             store_timeout: self.store_timeout,
+            batching: self.batching,
         };
         let engine = Engine::new(store, LocalCache::new(self.local_cache), settings);
         let purge = self.purge_interval.map(|every| (every, self.purge_batch));

@@ -277,6 +277,11 @@ impl StoreError {
         self.timed_out
     }
 
+    /// The underlying error, if it is a `T`.
+    pub(crate) fn downcast_ref<T: std::error::Error + 'static>(&self) -> Option<&T> {
+        self.inner.downcast_ref::<T>()
+    }
+
     /// A store error described by a message alone.
     pub fn msg(message: impl Into<String>) -> Self {
         #[derive(Debug)]

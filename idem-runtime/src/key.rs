@@ -100,7 +100,9 @@ impl<T: IntoKey> IntoKey for Option<T> {
 /// Built by the engine; a [`Store`](crate::store::Store) reads it and writes both parts as
 /// bytes. The namespace is at most [`MAX_NAMESPACE_BYTES`] bytes and the key at most
 /// [`MAX_KEY_BYTES`].
-#[derive(Clone, PartialEq, Eq, Hash)]
+/// Records order by namespace, then key, byte for byte: the order of the stores' primary
+/// key, in which batches lock rows.
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct RecordId {
     namespace: Arc<str>,
     key: String,

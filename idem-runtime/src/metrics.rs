@@ -7,7 +7,8 @@
 //! | `idem_takeovers_total` | counter | `function` | reservations taken over after their lease ran out (a replica died mid-body) |
 //! | `idem_leases_lost_total` | counter | `function` | bodies whose reservation was taken over while they ran (their result is not the recorded one) |
 //! | `idem_results_not_stored_total` | counter | `function`, `reason` | results not recorded: `too_large`, `encode` (returned anyway), `store` (recording gave up), `lease_lost` (another owner's is recorded) |
-//! | `idem_store_seconds` | histogram | `backend`, `op` | latency of each store statement |
+//! | `idem_store_seconds` | histogram | `backend`, `op` | latency of each store statement (a batch's, under group commit) |
+//! | `idem_store_batch_size` | histogram | `backend`, `op` | calls carried by each batch (group commit) |
 //! | `idem_stored_bytes` | histogram | `function` | size of stored results |
 //! | `idem_purged_records_total` | counter | `backend` | expired records deleted |
 //!
@@ -94,6 +95,19 @@ pub(crate) fn stored_bytes(function: &'static str, bytes: usize) {
 
 pub(crate) fn purged(backend: &'static str, n: u64) {
     metrics::counter!("idem_purged_records_total", "backend" => backend).increment(n);
+}
+
+/// One batch of group commit: its size and how long its statement took.
+pub(crate) fn batch(
+    backend: &'static str,
+    op: &'static str,
+    rows: usize,
+    took: std::time::Duration,
+) {
+    metrics::histogram!("idem_store_batch_size", "backend" => backend, "op" => op)
+        .record(rows as f64);
+    metrics::histogram!("idem_store_seconds", "backend" => backend, "op" => op)
+        .record(took.as_secs_f64());
 }
 
 /// Runs one store statement and records its latency.

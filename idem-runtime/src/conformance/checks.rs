@@ -8,7 +8,10 @@ use super::{
 };
 use crate::codec::Codec;
 use crate::key::Fingerprint;
-use crate::store::{Fence, RecordState, Reservation, Store, StoredResult};
+use crate::key::RecordId;
+use crate::store::{
+    Claim, Fence, Finalize, Heartbeat, RecordState, Release, Reservation, Store, StoredResult,
+};
 
 /// The first reserve inserts an in-progress record; a second finds it, with its fence.
 pub async fn reserve_acquires_an_absent_record_once(store: &dyn Store) {
@@ -434,4 +437,186 @@ pub async fn fingerprints_and_results_round_trip(store: &dyn Store) {
     acquire(store, &without, LEASE).await;
     let rec = store.load(&without).await.expect("load").expect("present");
     assert_eq!(rec.fingerprint, None);
+}
+
+/// A batch of reservations answers each claim as it would be answered alone: absent records
+/// are acquired, an in-progress one is found with its owner's fence, a completed one with
+/// its result; two claims on one record in one batch never both acquire it.
+pub async fn a_batch_of_reservations_answers_each_claim(store: &dyn Store) {
+    let ns = ns();
+    let (running, done) = (id(&ns, "running"), id(&ns, "done"));
+    let running_fence = acquire(store, &running, LEASE).await;
+    let done_fence = acquire(store, &done, LEASE).await;
+    let stored = result(b"42");
+    assert!(
+        store
+            .finalize(&done, done_fence, &stored, TTL)
+            .await
+            .expect("finalize")
+    );
+    let fresh: Vec<RecordId> = (0..5).map(|i| id(&ns, &format!("fresh-{i}"))).collect();
+    let twice = id(&ns, "twice");
+    let fences: Vec<Fence> = (0..10).map(|_| Fence::random()).collect();
+    let mut claims: Vec<Claim<'_>> = fresh
+        .iter()
+        .zip(&fences)
+        .map(|(r, f)| claim(r, *f, None, LEASE))
+        .collect();
+    claims.push(claim(&running, fences[5], None, LEASE));
+    claims.push(claim(&done, fences[6], None, LEASE));
+    claims.push(claim(&twice, fences[7], None, LEASE));
+    claims.push(claim(&twice, fences[8], None, LEASE));
+    let answers = store.reserve_many(&claims).await;
+    assert_eq!(answers.len(), claims.len(), "one answer per claim");
+    for (i, answer) in answers[..5].iter().enumerate() {
+        assert!(
+            matches!(answer, Ok(Reservation::Acquired)),
+            "fresh {i}: {answer:?}"
+        );
+        let rec = store.load(&fresh[i]).await.expect("load").expect("present");
+        assert_eq!(
+            rec.fence, fences[i],
+            "fresh {i} holds its own claim's fence"
+        );
+    }
+    match &answers[5] {
+        Ok(Reservation::Exists(rec)) => {
+            assert_eq!(rec.state, RecordState::InProgress);
+            assert_eq!(rec.fence, running_fence);
+        }
+        other => panic!("in progress: {other:?}"),
+    }
+    match &answers[6] {
+        Ok(Reservation::Exists(rec)) => {
+            assert_eq!(rec.state, RecordState::Completed);
+            assert_eq!(rec.result.as_ref(), Some(&stored));
+        }
+        other => panic!("completed: {other:?}"),
+    }
+    let acquired = answers[7..]
+        .iter()
+        .filter(|a| matches!(a, Ok(Reservation::Acquired)))
+        .count();
+    assert_eq!(
+        acquired,
+        1,
+        "one of two claims on one record acquires it: {:?}",
+        &answers[7..]
+    );
+    assert!(
+        answers[7..].iter().all(|a| matches!(
+            a,
+            Ok(Reservation::Acquired | Reservation::Exists(_) | Reservation::Vanished)
+        )),
+        "{:?}",
+        &answers[7..]
+    );
+}
+
+/// Batched finalizes, heartbeats and releases are each fenced on their own item: a stale
+/// owner's item in a batch is refused while the others in the batch are written.
+pub async fn batched_writes_are_fenced_item_by_item(store: &dyn Store) {
+    let ns = ns();
+    let records: Vec<RecordId> = (0..4).map(|i| id(&ns, &format!("k{i}"))).collect();
+    let mut fences = Vec::new();
+    for r in &records {
+        fences.push(acquire(store, r, SHORT).await);
+    }
+    // Record 0 is abandoned and taken over: its first owner's writes must be refused.
+    tokio::time::sleep(PAST_SHORT).await;
+    let stale = fences[0];
+    let taker = Fence::random();
+    let rec0 = &records[0];
+    assert!(
+        store
+            .take_over(&claim(rec0, taker, None, LEASE), stale)
+            .await
+            .expect("take over")
+    );
+    for (r, f) in records.iter().zip(&fences).skip(1) {
+        assert!(
+            store.heartbeat(r, *f, LEASE).await.expect("heartbeat"),
+            "{r:?} kept alive"
+        );
+    }
+    let beats: Vec<Heartbeat<'_>> = records
+        .iter()
+        .zip(&fences)
+        .map(|(r, f)| Heartbeat {
+            id: r,
+            fence: *f,
+            lease: LEASE,
+        })
+        .collect();
+    let answers: Vec<bool> = store
+        .heartbeat_many(&beats)
+        .await
+        .into_iter()
+        .map(|a| a.expect("heartbeat"))
+        .collect();
+    assert_eq!(answers, [false, true, true, true]);
+
+    let stored = result(b"\"done\"");
+    let finals: Vec<Finalize<'_>> = records[..3]
+        .iter()
+        .zip(&fences)
+        .map(|(r, f)| Finalize {
+            id: r,
+            fence: *f,
+            result: &stored,
+            ttl: TTL,
+        })
+        .collect();
+    let answers: Vec<bool> = store
+        .finalize_many(&finals)
+        .await
+        .into_iter()
+        .map(|a| a.expect("finalize"))
+        .collect();
+    assert_eq!(
+        answers,
+        [false, true, true],
+        "the stale owner's finalize alone is refused"
+    );
+    let rec0 = store.load(rec0).await.expect("load").expect("present");
+    assert_eq!(
+        (rec0.state, rec0.fence),
+        (RecordState::InProgress, taker),
+        "the new owner's record is untouched"
+    );
+    let rec1 = store
+        .load(&records[1])
+        .await
+        .expect("load")
+        .expect("present");
+    assert_eq!(rec1.result.as_ref(), Some(&stored));
+
+    let releases = [
+        Release {
+            id: &records[0],
+            fence: stale,
+        },
+        Release {
+            id: &records[2],
+            fence: fences[2],
+        },
+        Release {
+            id: &records[3],
+            fence: fences[3],
+        },
+    ];
+    let answers: Vec<bool> = store
+        .release_many(&releases)
+        .await
+        .into_iter()
+        .map(|a| a.expect("release"))
+        .collect();
+    assert_eq!(
+        answers,
+        [false, false, true],
+        "stale: refused; completed: not released; owned: released"
+    );
+    assert!(store.load(&records[0]).await.expect("load").is_some());
+    assert!(store.load(&records[2]).await.expect("load").is_some());
+    assert!(store.load(&records[3]).await.expect("load").is_none());
 }

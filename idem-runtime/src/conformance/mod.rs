@@ -49,7 +49,9 @@ macro_rules! store_conformance_tests {
             purge_respects_its_limit,
             keys_are_compared_byte_for_byte,
             namespaces_keep_records_apart,
-            fingerprints_and_results_round_trip
+            fingerprints_and_results_round_trip,
+            a_batch_of_reservations_answers_each_claim,
+            batched_writes_are_fenced_item_by_item
         );
     };
     (@each required $make:expr; $($check:ident),*) => {$(

@@ -1,6 +1,7 @@
 //! Acquiring a record: reserve it, or find out why not (replay, wait, take over, refuse),
 //! and the guard that releases an owned reservation when its call stops without a result.
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::Engine;
@@ -35,8 +36,6 @@ impl ResolvedCall {
     /// Reserves the record, or finds out why not: replay, wait (until `deadline`), take over,
     /// refuse.
     pub(crate) async fn acquire(&self, deadline: Instant) -> Result<Acquired<'_>, Error> {
-        let store = &*self.engine.store;
-        let timeout = self.engine.settings.store_timeout;
         let mut backoff = Backoff::default();
         let mut waited = false;
         let mut races = 0u32;
@@ -46,13 +45,7 @@ impl ResolvedCall {
             let mut guard =
                 OwnedRecord::new(&self.engine, &self.id, Fence::random(), self.function());
             let since = Instant::now();
-            let reserved = store_call(
-                store,
-                "reserve",
-                timeout,
-                store.reserve(&self.claim(guard.fence)),
-            )
-            .await;
+            let reserved = self.engine.reserve(&self.claim(guard.fence)).await;
             let record = match reserved {
                 Ok(Reservation::Acquired) => {
                     let took_over = false;
@@ -202,7 +195,7 @@ impl Backoff {
 /// dropped mid-body) it releases the record in the background, so the key is free again
 /// at once instead of after the lease.
 pub(crate) struct OwnedRecord<'a> {
-    engine: &'a Engine,
+    engine: &'a Arc<Engine>,
     id: &'a RecordId,
     pub(crate) fence: Fence,
     function: &'static str,
@@ -210,7 +203,12 @@ pub(crate) struct OwnedRecord<'a> {
 }
 
 impl<'a> OwnedRecord<'a> {
-    fn new(engine: &'a Engine, id: &'a RecordId, fence: Fence, function: &'static str) -> Self {
+    fn new(
+        engine: &'a Arc<Engine>,
+        id: &'a RecordId,
+        fence: Fence,
+        function: &'static str,
+    ) -> Self {
         OwnedRecord {
             engine,
             id,
@@ -229,11 +227,8 @@ impl<'a> OwnedRecord<'a> {
     }
 
     pub(crate) async fn release(&mut self) {
-        let store = &*self.engine.store;
-        let timeout = self.engine.settings.store_timeout;
         // Still armed while the statement runs: dropped mid-release, the guard releases again.
-        let release = store.release(self.id, self.fence);
-        if let Err(e) = store_call(store, "release", timeout, release).await {
+        if let Err(e) = self.engine.release(self.id, self.fence).await {
             tracing::warn!(function = self.function, key = %self.id.hash(), error = %e,
                 "idem: could not release the key; it frees itself when the lease runs out");
         }
@@ -246,14 +241,12 @@ impl Drop for OwnedRecord<'_> {
         if !self.armed {
             return;
         }
-        let store = self.engine.store.clone();
-        let timeout = self.engine.settings.store_timeout;
+        let engine = self.engine.clone();
         let (id, fence, function) = (self.id.clone(), self.fence, self.function);
         match tokio::runtime::Handle::try_current() {
             Ok(rt) => {
                 rt.spawn(async move {
-                    let release = store.release(&id, fence);
-                    if let Err(e) = store_call(&*store, "release", timeout, release).await {
+                    if let Err(e) = engine.release(&id, fence).await {
                         tracing::warn!(function, key = %id.hash(), error = %e,
                             "idem: could not release an abandoned key; it frees itself when the lease runs out");
                     }

@@ -19,7 +19,6 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use super::call::ResolvedCall;
-use super::store_call;
 use crate::error::StoreError;
 use crate::metrics;
 use crate::store::Fence;
@@ -58,7 +57,7 @@ pub(crate) async fn with_heartbeat<F: Future>(
 
 /// Heartbeats forever; returns once one finds the record no longer held by `fence`.
 async fn beat_until_lost(call: &ResolvedCall, fence: Fence, since: Instant) {
-    let store = &*call.engine.store;
+    let engine = &call.engine;
     let lease = call.lease;
     let every = (lease / 3).max(Duration::from_millis(5));
     let retry = (lease / 10).max(Duration::from_millis(5));
@@ -79,10 +78,8 @@ async fn beat_until_lost(call: &ResolvedCall, fence: Fence, since: Instant) {
         match event {
             None => {
                 let sent = Instant::now();
-                let beat = store.heartbeat(&call.id, fence, lease);
-                in_flight.push(Box::pin(async move {
-                    (sent, store_call(store, "heartbeat", bound, beat).await)
-                }));
+                let beat = engine.heartbeat(&call.id, fence, lease, bound);
+                in_flight.push(Box::pin(async move { (sent, beat.await) }));
                 due = sent + every;
             }
             Some((_, Ok(true))) => {}

@@ -27,6 +27,7 @@
 //! Stores only execute statements; everything is decided here from what they return.
 
 mod acquire;
+mod batch;
 mod call;
 mod decide;
 mod flight;
@@ -46,9 +47,12 @@ use tracing::Instrument;
 use crate::cache::LocalCache;
 use crate::codec::ResultCodec;
 use crate::error::StoreError;
+use crate::key::RecordId;
 use crate::outcome::Outcome;
-use crate::store::Store;
+use crate::store::{Claim, Fence, Reservation, Store, StoredResult};
 use crate::{Error, metrics};
+pub(crate) use batch::BatchLimits;
+use batch::{Batcher, OwnedClaim};
 pub use call::{Call, Payload, Scope};
 use flight::{Answer, Flights, LeaderSlot, Role};
 pub(crate) use replay::fail;
@@ -64,6 +68,8 @@ pub(crate) struct Settings {
     pub(crate) max_result_bytes: usize,
     pub(crate) executor_id: Arc<str>,
     pub(crate) store_timeout: Duration,
+    /// Group commit's bounds; `None` sends each statement on its own.
+    pub(crate) batching: Option<BatchLimits>,
 }
 
 /// What every call of one runtime shares: the store, the local cache, the settings, and the
@@ -73,6 +79,8 @@ pub(crate) struct Engine {
     pub(crate) cache: Option<LocalCache>,
     pub(crate) settings: Settings,
     flights: Flights,
+    /// Group commit, for a store that batches.
+    batcher: Option<Arc<Batcher>>,
 }
 
 impl Engine {
@@ -81,12 +89,83 @@ impl Engine {
         cache: Option<LocalCache>,
         settings: Settings,
     ) -> Engine {
+        let batcher = match settings.batching {
+            Some(limits) if store.group_commit() => {
+                let timeout = settings.store_timeout;
+                Some(Arc::new(Batcher::new(store.clone(), timeout, limits)))
+            }
+            _ => None,
+        };
         Engine {
             store,
             cache,
             settings,
             flights: Flights::default(),
+            batcher,
         }
+    }
+
+    /// `Store::reserve`, through group commit where the store batches, bounded in time.
+    pub(crate) async fn reserve(&self, claim: &Claim<'_>) -> Result<Reservation, StoreError> {
+        let timeout = self.settings.store_timeout;
+        let Some(batcher) = &self.batcher else {
+            return store_call(&*self.store, "reserve", timeout, self.store.reserve(claim)).await;
+        };
+        let claim = OwnedClaim {
+            id: claim.id.clone(),
+            fence: claim.fence,
+            owner: self.settings.executor_id.clone(),
+            fingerprint: claim.fingerprint.copied(),
+            lease: claim.lease,
+        };
+        bounded("reserve", timeout, batcher.reserve(claim)).await
+    }
+
+    /// `Store::finalize`, through group commit where the store batches, bounded in time.
+    pub(crate) async fn finalize(
+        &self,
+        id: &RecordId,
+        fence: Fence,
+        result: &StoredResult,
+        ttl: Duration,
+    ) -> Result<bool, StoreError> {
+        let timeout = self.settings.store_timeout;
+        let Some(batcher) = &self.batcher else {
+            let finalize = self.store.finalize(id, fence, result, ttl);
+            return store_call(&*self.store, "finalize", timeout, finalize).await;
+        };
+        let finalize = batcher.finalize(id.clone(), fence, result.clone(), ttl);
+        bounded("finalize", timeout, finalize).await
+    }
+
+    /// `Store::heartbeat`, through group commit where the store batches, bounded by `limit`.
+    pub(crate) async fn heartbeat(
+        &self,
+        id: &RecordId,
+        fence: Fence,
+        lease: Duration,
+        limit: Duration,
+    ) -> Result<bool, StoreError> {
+        let Some(batcher) = &self.batcher else {
+            let beat = self.store.heartbeat(id, fence, lease);
+            return store_call(&*self.store, "heartbeat", limit, beat).await;
+        };
+        bounded(
+            "heartbeat",
+            limit,
+            batcher.heartbeat(id.clone(), fence, lease),
+        )
+        .await
+    }
+
+    /// `Store::release`, through group commit where the store batches, bounded in time.
+    pub(crate) async fn release(&self, id: &RecordId, fence: Fence) -> Result<bool, StoreError> {
+        let timeout = self.settings.store_timeout;
+        let Some(batcher) = &self.batcher else {
+            let release = self.store.release(id, fence);
+            return store_call(&*self.store, "release", timeout, release).await;
+        };
+        bounded("release", timeout, batcher.release(id.clone(), fence)).await
     }
 
     /// Runs one idempotent call: resolve its record, then local cache, single flight,
@@ -249,13 +328,19 @@ pub(crate) async fn store_call<T>(
     limit: Duration,
     fut: impl Future<Output = Result<T, StoreError>>,
 ) -> Result<T, StoreError> {
-    metrics::timed(store, op, async {
-        match tokio::time::timeout(limit, fut).await {
-            Ok(out) => out,
-            Err(_elapsed) => Err(StoreError::timed_out(format!(
-                "no answer from the store within {limit:?} ({op}); it may be unreachable"
-            ))),
-        }
-    })
-    .await
+    metrics::timed(store, op, bounded(op, limit, fut)).await
+}
+
+/// `fut`, or a timeout error after `limit`.
+async fn bounded<T>(
+    op: &'static str,
+    limit: Duration,
+    fut: impl Future<Output = Result<T, StoreError>>,
+) -> Result<T, StoreError> {
+    match tokio::time::timeout(limit, fut).await {
+        Ok(out) => out,
+        Err(_elapsed) => Err(StoreError::timed_out(format!(
+            "no answer from the store within {limit:?} ({op}); it may be unreachable"
+        ))),
+    }
 }

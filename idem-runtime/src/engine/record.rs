@@ -157,7 +157,7 @@ impl ResolvedCall {
     async fn store_result(&self, fence: Fence, result: StoredResult, lost: bool) -> Stored {
         let job = StoreResult {
             lost_counted: lost,
-            store: self.engine.store.clone(),
+            engine: self.engine.clone(),
             timeout: self.engine.settings.store_timeout,
             id: self.id.clone(),
             fence,
@@ -200,7 +200,7 @@ enum Stored {
 
 /// Everything needed to store a result, owned, so it can run in its own task.
 struct StoreResult {
-    store: Arc<dyn crate::store::Store>,
+    engine: Arc<super::Engine>,
     timeout: Duration,
     id: RecordId,
     fence: Fence,
@@ -221,13 +221,14 @@ impl StoreResult {
     /// lost, or purge may have deleted an abandoned-looking row that nobody took over (then
     /// the result is written back).
     async fn run(self) -> Stored {
-        let store = &*self.store;
         let give_up = Instant::now() + STORE_RESULT_RETRY_WINDOW;
         let mut pause = Duration::from_millis(20);
         let mut failures = 0u32;
         loop {
-            let finalize = store.finalize(&self.id, self.fence, &self.result, self.ttl);
-            let attempt = match store_call(store, "finalize", self.timeout, finalize).await {
+            let finalize = self
+                .engine
+                .finalize(&self.id, self.fence, &self.result, self.ttl);
+            let attempt = match finalize.await {
                 Ok(true) => Ok(Stored::Yes),
                 Ok(false) => self.confirm().await,
                 Err(e) => Err(e),
@@ -270,7 +271,7 @@ impl StoreResult {
     }
 
     async fn confirm(&self) -> Result<Stored, StoreError> {
-        let store = &*self.store;
+        let store = &*self.engine.store;
         let limit = self.timeout;
         Ok(
             match store_call(store, "load", limit, store.load(&self.id)).await? {

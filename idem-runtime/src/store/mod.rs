@@ -172,12 +172,51 @@ pub enum Reservation {
     Vanished,
 }
 
+/// One fenced `finalize` of a batch: see [`Store::finalize`].
+#[derive(Clone, Copy, Debug)]
+pub struct Finalize<'a> {
+    /// The record.
+    pub id: &'a RecordId,
+    /// The caller's fence.
+    pub fence: Fence,
+    /// What to store.
+    pub result: &'a StoredResult,
+    /// How long to replay it.
+    pub ttl: Duration,
+}
+
+/// One fenced `heartbeat` of a batch: see [`Store::heartbeat`].
+#[derive(Clone, Copy, Debug)]
+pub struct Heartbeat<'a> {
+    /// The record.
+    pub id: &'a RecordId,
+    /// The caller's fence.
+    pub fence: Fence,
+    /// The lease, from now.
+    pub lease: Duration,
+}
+
+/// One fenced `release` of a batch: see [`Store::release`].
+#[derive(Clone, Copy, Debug)]
+pub struct Release<'a> {
+    /// The record.
+    pub id: &'a RecordId,
+    /// The caller's fence.
+    pub fence: Fence,
+}
+
 /// The protocol's statements against one durable table.
 ///
 /// Implementations must make `reserve` and `take_over` atomic single statements (insert if
 /// absent; compare-and-set on the observed fence), fence every later write, and use their own
 /// clock for every time comparison. The store conformance suite (feature `conformance`)
 /// checks all of this; a new backend should pass it.
+///
+/// The `_many` verbs carry the statements of concurrent calls together (group commit: one
+/// round trip and one commit for many calls). Each item gets exactly the answer it would get
+/// alone, in the order given; a failure of the whole batch fails every item. Their defaults
+/// loop over the single verbs, so a store that does not batch works unchanged; one that does
+/// says so with [`Store::group_commit`].
 #[async_trait::async_trait]
 pub trait Store: Send + Sync + 'static {
     /// Inserts an in-progress record owned by `claim` if none exists for `claim.id`.
@@ -216,6 +255,50 @@ pub trait Store: Send + Sync + 'static {
     /// Deletes up to `limit` records that have expired (completed past their TTL, or in
     /// progress with their lease over) and returns how many it deleted.
     async fn purge(&self, limit: u32) -> Result<u64, StoreError>;
+
+    /// `reserve` for each claim. Claims name distinct records unless the store handles
+    /// duplicates (the engine never sends two claims on one record in a batch).
+    async fn reserve_many(&self, claims: &[Claim<'_>]) -> Vec<Result<Reservation, StoreError>> {
+        let mut out = Vec::with_capacity(claims.len());
+        for claim in claims {
+            out.push(self.reserve(claim).await);
+        }
+        out
+    }
+
+    /// `finalize` for each item.
+    async fn finalize_many(&self, items: &[Finalize<'_>]) -> Vec<Result<bool, StoreError>> {
+        let mut out = Vec::with_capacity(items.len());
+        for f in items {
+            out.push(self.finalize(f.id, f.fence, f.result, f.ttl).await);
+        }
+        out
+    }
+
+    /// `heartbeat` for each item.
+    async fn heartbeat_many(&self, items: &[Heartbeat<'_>]) -> Vec<Result<bool, StoreError>> {
+        let mut out = Vec::with_capacity(items.len());
+        for h in items {
+            out.push(self.heartbeat(h.id, h.fence, h.lease).await);
+        }
+        out
+    }
+
+    /// `release` for each item.
+    async fn release_many(&self, items: &[Release<'_>]) -> Vec<Result<bool, StoreError>> {
+        let mut out = Vec::with_capacity(items.len());
+        for r in items {
+            out.push(self.release(r.id, r.fence).await);
+        }
+        out
+    }
+
+    /// Whether concurrent calls' statements should be carried together through the `_many`
+    /// verbs (`true` for a store whose `_many` verbs cost about one statement). The default,
+    /// `false`, sends each call's statement on its own.
+    fn group_commit(&self) -> bool {
+        false
+    }
 
     /// A short name for logs and metrics (`"memory"`, `"sqlite"`, ...).
     fn backend(&self) -> &'static str;

@@ -33,7 +33,9 @@ use super::RawRecord;
 pub trait Dialect: sealed::Sealed + Send + Sync + Sized + 'static {}
 
 pub(crate) mod sealed {
-    use super::{Driver, Statements};
+    use super::{BoxFuture, Driver, Statements, Writes};
+    use crate::error::StoreError;
+    use crate::store::{Claim, Reservation};
 
     /// The dialect's parts, hidden from users.
     pub trait Sealed {
@@ -56,6 +58,46 @@ pub(crate) mod sealed {
         /// deadlock, a serialization failure, a lock wait timeout): its transaction is gone,
         /// and retrying it is the remedy.
         fn is_conflict(err: &sqlx::Error) -> bool;
+
+        /// A batch of reservations as one statement, where the database can take arrays;
+        /// `None`: the store runs the batch as one transaction of single statements.
+        fn reserve_as_one<'c>(
+            _conn: &'c mut <Self::Db as sqlx::Database>::Connection,
+            _sql: &'c Statements,
+            _claims: &'c [Claim<'c>],
+        ) -> Option<BoxFuture<'c, Result<Vec<Reservation>, StoreError>>> {
+            None
+        }
+
+        /// A batch of fenced writes as one statement, where the database can take arrays.
+        fn write_as_one<'c>(
+            _conn: &'c mut <Self::Db as sqlx::Database>::Connection,
+            _sql: &'c Statements,
+            _writes: Writes<'c>,
+        ) -> Option<BoxFuture<'c, Result<Vec<bool>, StoreError>>> {
+            None
+        }
+    }
+}
+
+/// A future a dialect hands back, boxed so the sealed trait can name it.
+pub type BoxFuture<'c, T> = std::pin::Pin<Box<dyn Future<Output = T> + Send + 'c>>;
+
+/// A batch of one kind of fenced write.
+#[derive(Clone, Copy)]
+pub enum Writes<'c> {
+    Finalize(&'c [crate::store::Finalize<'c>]),
+    Heartbeat(&'c [crate::store::Heartbeat<'c>]),
+    Release(&'c [crate::store::Release<'c>]),
+}
+
+impl Writes<'_> {
+    pub fn len(&self) -> usize {
+        match self {
+            Writes::Finalize(items) => items.len(),
+            Writes::Heartbeat(items) => items.len(),
+            Writes::Release(items) => items.len(),
+        }
     }
 }
 
@@ -148,6 +190,18 @@ pub struct Statements {
     pub(crate) table_exists: Statement,
     /// Records a table's version.
     pub(crate) record_version: Statement,
+    /// One-statement forms of the batched verbs, for a dialect that runs them itself
+    /// ([`sealed::Sealed::reserve_as_one`]).
+    pub(crate) many: Option<ManyStatements>,
+}
+
+/// The batched verbs' statements over arrays (PostgreSQL).
+#[derive(Clone, Debug)]
+pub struct ManyStatements {
+    pub(crate) reserve: SqlStr,
+    pub(crate) finalize: SqlStr,
+    pub(crate) heartbeat: SqlStr,
+    pub(crate) release: SqlStr,
 }
 
 /// The values a statement's parameters are taken from. A parameter whose value a call does

@@ -31,7 +31,7 @@ pub use connect::ServerStoreOptions;
 pub(crate) use connect::{check_table_name, unavailable};
 pub use dialect::Dialect;
 use dialect::sealed::Sealed;
-use dialect::{Conflict, Driver, Inserted, Statement, Statements, Values};
+use dialect::{BoxFuture, Conflict, Driver, Inserted, Statement, Statements, Values, Writes};
 #[cfg(feature = "mysql")]
 pub use mysql::MySql;
 #[cfg(feature = "postgres")]
@@ -42,7 +42,10 @@ pub use sqlite::{Sqlite, SqliteStoreOptions};
 use crate::Error;
 use crate::error::StoreError;
 use crate::key::RecordId;
-use crate::store::{Claim, Fence, Record, Reservation, Store, StoredResult, TxStatements};
+use crate::store::{
+    Claim, Fence, Finalize, Heartbeat, Record, Release, Reservation, Store, StoredResult,
+    TxStatements,
+};
 pub(crate) use record::{RawRecord, millis};
 
 /// A [`Store`] in a SQL table, for the database `D` ([`Postgres`], [`MySql`] or [`Sqlite`]).
@@ -262,6 +265,84 @@ impl<D: Dialect> SqlStore<D> {
     }
 }
 
+impl<D: Dialect> SqlStore<D> {
+    /// Runs a batch: as one statement where the dialect has one (`as_one`), or else one
+    /// statement per item in one transaction; either way one commit for the batch (group
+    /// commit), items in the order given (the engine sorts them by record, so batches lock
+    /// rows in one global order). If the batch fails on a statement (the database refused one
+    /// row, or the batch lost a deadlock), each item runs again on its own, so one row's
+    /// failure never fails the others; if it fails for the connection, every item does.
+    async fn batch<I, O>(
+        &self,
+        items: &[I],
+        as_one: AsOne<D, I, O>,
+        each: impl for<'c> Fn(
+            &'c Self,
+            &'c mut Connection<D>,
+            &'c I,
+        ) -> BoxFuture<'c, Result<O, StoreError>>
+        + Send
+        + Sync,
+    ) -> Vec<Result<O, StoreError>>
+    where
+        I: Sync,
+        O: Send,
+    {
+        let mut conn = match self.checkout().await {
+            Ok(conn) => conn,
+            Err(e) => return items.iter().map(|_| Err(e.clone())).collect(),
+        };
+        if let [item] = items {
+            // Alone: its own statement, in autocommit, one round trip.
+            let out = each(self, &mut conn, item).await;
+            return vec![conn.finish(out)];
+        }
+        let batched = if let Some(one) = as_one(&mut conn, &self.sql, items) {
+            one.await
+        } else {
+            let in_transaction = async {
+                let mut tx = sqlx::Connection::begin_with(&mut *conn, D::BEGIN).await?;
+                let mut out = Vec::with_capacity(items.len());
+                for item in items {
+                    out.push(each(self, &mut tx, item).await?);
+                }
+                tx.commit().await?;
+                Ok::<_, StoreError>(out)
+            };
+            in_transaction.await
+        };
+        let failure = match conn.finish(batched) {
+            Ok(out) => return out.into_iter().map(Ok).collect(),
+            Err(e) => e,
+        };
+        if !matches!(
+            failure.downcast_ref::<sqlx::Error>(),
+            Some(sqlx::Error::Database(_))
+        ) {
+            return items.iter().map(|_| Err(failure.clone())).collect();
+        }
+        tracing::debug!(backend = D::BACKEND, error = %failure, rows = items.len(),
+            "idem: a batch failed on a statement; running its rows one by one");
+        let mut out = Vec::with_capacity(items.len());
+        for item in items {
+            let one = async {
+                let mut conn = self.checkout().await?;
+                let result = each(self, &mut conn, item).await;
+                conn.finish(result)
+            };
+            out.push(one.await);
+        }
+        out
+    }
+}
+
+/// A dialect's one-statement form of a batch, if it has one.
+type AsOne<D, I, O> = for<'c> fn(
+    &'c mut Connection<D>,
+    &'c Statements,
+    &'c [I],
+) -> Option<BoxFuture<'c, Result<Vec<O>, StoreError>>>;
+
 /// A pooled connection lent to one verb. If the verb's future is dropped before it finishes
 /// (its statement timed out, or its caller went away), the connection may be mid-statement or
 /// stuck on a dead socket: it is closed rather than returned to the pool, where sqlx would
@@ -412,6 +493,62 @@ impl<D: Dialect> Store for SqlStore<D> {
         let mut conn = self.checkout().await?;
         let out = self.release_in(&mut conn, id, fence).await;
         conn.finish(out)
+    }
+
+    async fn reserve_many(&self, claims: &[Claim<'_>]) -> Vec<Result<Reservation, StoreError>> {
+        let as_one: AsOne<D, _, _> = |conn, sql, claims| D::reserve_as_one(conn, sql, claims);
+        self.batch(claims, as_one, |store, conn, claim| {
+            // Inside the batch's transaction a conflicting row is read the way a transaction
+            // must read it (a locking read on MySQL).
+            Box::pin(async move {
+                match &store.sql.insert_or_load {
+                    Some(_) => store.reserve_on(conn, claim).await,
+                    None => {
+                        let load = &store.sql.load_in_transaction;
+                        store.insert_then_load(conn, claim, load).await
+                    }
+                }
+            })
+        })
+        .await
+    }
+
+    async fn finalize_many(&self, items: &[Finalize<'_>]) -> Vec<Result<bool, StoreError>> {
+        let as_one: AsOne<D, _, _> =
+            |conn, sql, items| D::write_as_one(conn, sql, Writes::Finalize(items));
+        self.batch(items, as_one, |store, conn, f| {
+            Box::pin(store.finalize_in(conn, f.id, f.fence, f.result, f.ttl))
+        })
+        .await
+    }
+
+    async fn heartbeat_many(&self, items: &[Heartbeat<'_>]) -> Vec<Result<bool, StoreError>> {
+        let as_one: AsOne<D, _, _> =
+            |conn, sql, items| D::write_as_one(conn, sql, Writes::Heartbeat(items));
+        self.batch(items, as_one, |store, conn, h| {
+            Box::pin(async move {
+                let values = Values {
+                    lease: Some(h.lease),
+                    ..Values::fenced(h.id, h.fence)
+                };
+                let done = D::Db::execute(conn, &store.sql.heartbeat, values).await;
+                Ok(done.map_err(|e| store.error(e))? == 1)
+            })
+        })
+        .await
+    }
+
+    async fn release_many(&self, items: &[Release<'_>]) -> Vec<Result<bool, StoreError>> {
+        let as_one: AsOne<D, _, _> =
+            |conn, sql, items| D::write_as_one(conn, sql, Writes::Release(items));
+        self.batch(items, as_one, |store, conn, r| {
+            Box::pin(store.release_in(conn, r.id, r.fence))
+        })
+        .await
+    }
+
+    fn group_commit(&self) -> bool {
+        true
     }
 
     async fn purge(&self, limit: u32) -> Result<u64, StoreError> {

@@ -166,6 +166,7 @@ impl Sealed for MySql {
                 t,
                 &[Param::TableName, Param::Version],
             ),
+            many: None,
         }
     }
 

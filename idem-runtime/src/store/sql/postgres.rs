@@ -8,9 +8,17 @@
 //! clause against the row a winner left behind, so of many concurrent takeovers exactly one
 //! matches. Migrations and purges take a transaction-scoped advisory lock.
 
-use super::dialect::{Conflict, Dialect, Param, Statement, Statements, sealed::Sealed};
-use super::{ServerStoreOptions, SqlStore};
+use sqlx::postgres::PgConnection;
+use sqlx::{Row, SqlStr};
+
+use super::dialect::{
+    BoxFuture, Conflict, Dialect, ManyStatements, Param, Statement, Statements, Writes,
+    sealed::Sealed,
+};
+use super::{RawRecord, ServerStoreOptions, SqlStore, millis, statement};
 use crate::Error;
+use crate::error::StoreError;
+use crate::store::{Claim, Reservation};
 
 use Param::{
     Codec, Fence, Fingerprint, Key, Lease, Limit, Namespace, Observed, Owner, ResultBytes, Ttl,
@@ -166,6 +174,7 @@ impl Sealed for Postgres {
                 t,
                 &[Param::TableName, Param::Version],
             ),
+            many: Some(many(t)),
         }
     }
 
@@ -192,6 +201,199 @@ impl Sealed for Postgres {
         matches!(err, sqlx::Error::Database(db)
             if matches!(db.code().as_deref(), Some("40001" | "40P01" | "55P03")))
     }
+
+    fn reserve_as_one<'c>(
+        conn: &'c mut PgConnection,
+        sql: &'c Statements,
+        claims: &'c [Claim<'c>],
+    ) -> Option<BoxFuture<'c, Result<Vec<Reservation>, StoreError>>> {
+        let statement = sql.many.as_ref()?.reserve.clone();
+        Some(Box::pin(reserve_many(conn, statement, claims)))
+    }
+
+    fn write_as_one<'c>(
+        conn: &'c mut PgConnection,
+        sql: &'c Statements,
+        writes: Writes<'c>,
+    ) -> Option<BoxFuture<'c, Result<Vec<bool>, StoreError>>> {
+        Some(Box::pin(write_many(conn, sql.many.as_ref()?, writes)))
+    }
+}
+
+/// The batched verbs as single statements over arrays: `unnest` turns the arrays into rows
+/// (numbered, to answer each item), and each statement writes or reads them all at once.
+fn many(t: &str) -> ManyStatements {
+    let lease = format!("{NOW} + i.lease_ms * interval '1 millisecond'");
+    ManyStatements {
+        // Existing rows are read first (a replay is then a lookup, not an insert attempt);
+        // the others are inserted in the batch's order (sorted by record). An item neither
+        // inserted nor found conflicted with a row committed during the statement: `Vanished`.
+        reserve: statement(
+            &format!(
+                "WITH i AS (
+                    SELECT * FROM unnest($1::BYTEA[], $2::BYTEA[], $3::BYTEA[], $4::BIGINT[],
+                        $5::TEXT[], $6::BIGINT[])
+                        WITH ORDINALITY AS i(namespace, key, fingerprint, fence, owner, lease_ms, n)
+                ), existing AS (
+                    SELECT i.n, r.state, r.fingerprint, r.fence, r.owner,
+                        r.attempts::BIGINT AS attempts,
+                        (EXTRACT(EPOCH FROM (r.lease_expires_at - {NOW})) * 1000)::BIGINT
+                            AS lease_remaining_ms,
+                        (EXTRACT(EPOCH FROM (r.expires_at - {NOW})) * 1000)::BIGINT AS expires_in_ms,
+                        r.result, r.codec
+                    FROM i JOIN {{t}} r ON r.namespace = i.namespace AND r.key = i.key
+                ), ins AS (
+                    INSERT INTO {{t}} (namespace, key, state, fingerprint, fence, owner,
+                        lease_expires_at, heartbeat_at, attempts, created_at, expires_at)
+                    SELECT i.namespace, i.key, 'in_progress', i.fingerprint, i.fence, i.owner,
+                        {lease}, {NOW}, 1, {NOW}, {lease}
+                    FROM i WHERE NOT EXISTS (SELECT 1 FROM existing e WHERE e.n = i.n)
+                    ORDER BY i.n
+                    ON CONFLICT (namespace, key) DO NOTHING
+                    RETURNING namespace, key, fence
+                )
+                SELECT i.n, ins.fence IS NOT NULL AS inserted, e.state, e.fingerprint, e.fence,
+                    e.owner, e.attempts, e.lease_remaining_ms, e.expires_in_ms, e.result, e.codec
+                FROM i
+                LEFT JOIN ins ON ins.namespace = i.namespace AND ins.key = i.key
+                    AND ins.fence = i.fence
+                LEFT JOIN existing e ON e.n = i.n
+                ORDER BY i.n"
+            ),
+            t,
+        ),
+        finalize: statement(
+            &format!(
+                "UPDATE {{t}} r SET state = 'completed', result = i.result, codec = i.codec,
+                    completed_at = {NOW}, lease_expires_at = NULL,
+                    expires_at = {NOW} + i.ttl_ms * interval '1 millisecond'
+                 FROM unnest($1::BYTEA[], $2::BYTEA[], $3::BIGINT[], $4::BYTEA[], $5::TEXT[],
+                    $6::BIGINT[]) WITH ORDINALITY AS i(namespace, key, fence, result, codec, ttl_ms, n)
+                 WHERE r.namespace = i.namespace AND r.key = i.key AND r.fence = i.fence
+                   AND r.state = 'in_progress'
+                 RETURNING i.n"
+            ),
+            t,
+        ),
+        heartbeat: statement(
+            &format!(
+                "UPDATE {{t}} r SET lease_expires_at = {lease}, expires_at = {lease}, heartbeat_at = {NOW}
+                 FROM unnest($1::BYTEA[], $2::BYTEA[], $3::BIGINT[], $4::BIGINT[])
+                    WITH ORDINALITY AS i(namespace, key, fence, lease_ms, n)
+                 WHERE r.namespace = i.namespace AND r.key = i.key AND r.fence = i.fence
+                   AND r.state = 'in_progress'
+                 RETURNING i.n"
+            ),
+            t,
+        ),
+        release: statement(
+            "DELETE FROM {t} r
+             USING unnest($1::BYTEA[], $2::BYTEA[], $3::BIGINT[]) WITH ORDINALITY AS i(namespace, key, fence, n)
+             WHERE r.namespace = i.namespace AND r.key = i.key AND r.fence = i.fence
+               AND r.state = 'in_progress'
+             RETURNING i.n",
+            t,
+        ),
+    }
+}
+
+fn bytes<'a>(items: impl Iterator<Item = &'a str>) -> Vec<Vec<u8>> {
+    items.map(|s| s.as_bytes().to_vec()).collect()
+}
+
+async fn reserve_many(
+    conn: &mut PgConnection,
+    sql: SqlStr,
+    claims: &[Claim<'_>],
+) -> Result<Vec<Reservation>, StoreError> {
+    let rows = sqlx::query(sql)
+        .bind(bytes(claims.iter().map(|c| c.id.namespace())))
+        .bind(bytes(claims.iter().map(|c| c.id.key())))
+        .bind(
+            claims
+                .iter()
+                .map(|c| c.fingerprint.map(|f| f.as_bytes().to_vec()))
+                .collect::<Vec<_>>(),
+        )
+        .bind(claims.iter().map(|c| c.fence.get()).collect::<Vec<_>>())
+        .bind(
+            claims
+                .iter()
+                .map(|c| c.owner.to_owned())
+                .collect::<Vec<_>>(),
+        )
+        .bind(claims.iter().map(|c| millis(c.lease)).collect::<Vec<_>>())
+        .fetch_all(conn)
+        .await?;
+    if rows.len() != claims.len() {
+        let e = format!("the batch answered {} of {} rows", rows.len(), claims.len());
+        return Err(StoreError::msg(e));
+    }
+    rows.iter()
+        .map(|row| {
+            if row.try_get::<bool, _>("inserted")? {
+                return Ok(Reservation::Acquired);
+            }
+            let Some(state) = row.try_get::<Option<String>, _>("state")? else {
+                return Ok(Reservation::Vanished);
+            };
+            let raw = RawRecord {
+                state,
+                fingerprint: row.try_get("fingerprint")?,
+                fence: row.try_get("fence")?,
+                owner: row.try_get("owner")?,
+                attempts: row.try_get("attempts")?,
+                lease_remaining_ms: row.try_get("lease_remaining_ms")?,
+                expires_in_ms: row.try_get::<Option<i64>, _>("expires_in_ms")?.unwrap_or(0),
+                result: row.try_get("result")?,
+                codec: row.try_get("codec")?,
+            };
+            Ok(Reservation::Exists(raw.into_record()?))
+        })
+        .collect()
+}
+
+async fn write_many(
+    conn: &mut PgConnection,
+    sql: &ManyStatements,
+    writes: Writes<'_>,
+) -> Result<Vec<bool>, StoreError> {
+    let query = match writes {
+        Writes::Finalize(items) => sqlx::query(sql.finalize.clone())
+            .bind(bytes(items.iter().map(|f| f.id.namespace())))
+            .bind(bytes(items.iter().map(|f| f.id.key())))
+            .bind(items.iter().map(|f| f.fence.get()).collect::<Vec<_>>())
+            .bind(
+                items
+                    .iter()
+                    .map(|f| f.result.bytes.clone())
+                    .collect::<Vec<_>>(),
+            )
+            .bind(
+                items
+                    .iter()
+                    .map(|f| f.result.codec.as_str().to_owned())
+                    .collect::<Vec<_>>(),
+            )
+            .bind(items.iter().map(|f| millis(f.ttl)).collect::<Vec<_>>()),
+        Writes::Heartbeat(items) => sqlx::query(sql.heartbeat.clone())
+            .bind(bytes(items.iter().map(|h| h.id.namespace())))
+            .bind(bytes(items.iter().map(|h| h.id.key())))
+            .bind(items.iter().map(|h| h.fence.get()).collect::<Vec<_>>())
+            .bind(items.iter().map(|h| millis(h.lease)).collect::<Vec<_>>()),
+        Writes::Release(items) => sqlx::query(sql.release.clone())
+            .bind(bytes(items.iter().map(|r| r.id.namespace())))
+            .bind(bytes(items.iter().map(|r| r.id.key())))
+            .bind(items.iter().map(|r| r.fence.get()).collect::<Vec<_>>()),
+    };
+    let mut changed = vec![false; writes.len()];
+    for row in query.fetch_all(conn).await? {
+        let n: i64 = row.try_get("n")?;
+        if let Some(slot) = usize::try_from(n - 1).ok().and_then(|i| changed.get_mut(i)) {
+            *slot = true;
+        }
+    }
+    Ok(changed)
 }
 
 /// A [`Store`](crate::store::Store) in a PostgreSQL table, shared by every replica that points

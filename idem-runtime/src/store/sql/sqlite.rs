@@ -129,6 +129,7 @@ impl Sealed for Sqlite {
                 t,
                 &[Param::TableName, Param::Version],
             ),
+            many: None,
         }
     }
 
