@@ -278,6 +278,7 @@ impl StoreError {
     }
 
     /// The underlying error, if it is a `T`.
+    #[cfg(feature = "_sql")]
     pub(crate) fn downcast_ref<T: std::error::Error + 'static>(&self) -> Option<&T> {
         self.inner.downcast_ref::<T>()
     }

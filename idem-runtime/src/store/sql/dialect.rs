@@ -192,6 +192,7 @@ pub struct Statements {
     pub(crate) record_version: Statement,
     /// One-statement forms of the batched verbs, for a dialect that runs them itself
     /// ([`sealed::Sealed::reserve_as_one`]).
+    #[cfg_attr(not(feature = "postgres"), allow(dead_code))]
     pub(crate) many: Option<ManyStatements>,
 }
 
