@@ -198,6 +198,7 @@ pub struct Statements {
 
 /// The batched verbs' statements over arrays (PostgreSQL).
 #[derive(Clone, Debug)]
+#[cfg_attr(not(feature = "postgres"), allow(dead_code))]
 pub struct ManyStatements {
     pub(crate) reserve: SqlStr,
     pub(crate) finalize: SqlStr,
