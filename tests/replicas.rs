@@ -382,3 +382,108 @@ fn processes_opening_one_new_sqlite_file_together_all_start() {
         }
     }
 }
+
+/// Three processes call the same 400 keys at once, each from 48 tasks and in its own order,
+/// with bodies that take no time: their group-commit batches overlap on every key, in
+/// different orders, across processes (and a key's calls inside one process share one
+/// flight). Nothing may deadlock or double: one completed record and one effect per key,
+/// and every caller of a key got the same value.
+fn overlapping_batches(store: &str, table: &str, read: impl FnOnce(&str) -> Tally) {
+    const STORM_KEYS: u64 = 400;
+    let children: Vec<(String, Child)> = ["storm-1", "storm-2", "storm-3"]
+        .iter()
+        .map(|name| {
+            let child = Command::new(example_binary())
+                .args(["worker", "--store", store, "--table", table, "--name", name])
+                .args(["--keys", &STORM_KEYS.to_string(), "--copies", "2"])
+                .args(["--tasks", "48", "--body-ms", "0", "--lease-ms", "5000"])
+                .stdout(Stdio::piped())
+                .spawn()
+                .unwrap();
+            (name.to_string(), child)
+        })
+        .collect();
+    let mut values: HashMap<u64, Vec<String>> = HashMap::new();
+    for (name, child) in children {
+        let out = child.wait_with_output().unwrap();
+        assert!(out.status.success(), "{name} failed");
+        for line in String::from_utf8_lossy(&out.stdout).lines() {
+            let mut p = line.split_whitespace();
+            if p.next() == Some("RESULT") {
+                let key: u64 = p.next().unwrap().parse().unwrap();
+                values
+                    .entry(key)
+                    .or_default()
+                    .push(p.next().unwrap().to_string());
+            }
+        }
+    }
+    let tally = read(table);
+    assert_eq!(tally.records.len() as u64, STORM_KEYS, "one record per key");
+    for (key, (state, _)) in &tally.records {
+        assert_eq!(state, "completed", "key {key} was left {state}");
+    }
+    for (key, runs) in &tally.effects {
+        assert_eq!(
+            runs.len(),
+            1,
+            "key {key} ran {} times: {runs:?}",
+            runs.len()
+        );
+    }
+    assert_eq!(tally.effects.len() as u64, STORM_KEYS, "every key ran once");
+    assert_eq!(values.len() as u64, STORM_KEYS, "every key was answered");
+    for (key, vs) in &values {
+        assert_eq!(
+            vs.len(),
+            6,
+            "key {key}: two calls from each of three processes"
+        );
+        assert!(
+            vs.iter().all(|v| v == &vs[0]),
+            "key {key} answered differently: {vs:?}"
+        );
+    }
+}
+
+#[test]
+fn postgres_batches_from_three_processes_overlap_safely() {
+    use sqlx::Connection;
+    let url = url(
+        "IDEM_TEST_POSTGRES_URL",
+        "postgres://postgres@127.0.0.1:5432/test",
+    );
+    let mut conn = match block_on(sqlx::PgConnection::connect(&url)) {
+        Ok(c) => c,
+        Err(e) => return server_missing("PostgreSQL", "IDEM_TEST_POSTGRES_URL", &url, &e),
+    };
+    overlapping_batches(&url, &table(), |t| {
+        block_on(async { tally!(conn, t, "key", true) })
+    });
+}
+
+#[test]
+fn mariadb_batches_from_three_processes_overlap_safely() {
+    use sqlx::Connection;
+    let url = url("IDEM_TEST_MYSQL_URL", "mysql://root@127.0.0.1:3306/test");
+    let mut conn = match block_on(sqlx::MySqlConnection::connect(&url)) {
+        Ok(c) => c,
+        Err(e) => return server_missing("MySQL/MariaDB", "IDEM_TEST_MYSQL_URL", &url, &e),
+    };
+    overlapping_batches(&url, &table(), |t| {
+        block_on(async { tally!(conn, t, "`key`", true) })
+    });
+}
+
+#[test]
+fn sqlite_batches_from_three_processes_overlap_safely() {
+    use sqlx::Connection;
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}", dir.path().join("storm.db").display());
+    overlapping_batches(&url, &table(), |t| {
+        block_on(async {
+            let mut conn = sqlx::SqliteConnection::connect(&url).await.unwrap();
+            tally!(conn, t, "key", false)
+        })
+    });
+}

@@ -9,6 +9,7 @@
 //! | `idem_results_not_stored_total` | counter | `function`, `reason` | results not recorded: `too_large`, `encode` (returned anyway), `store` (recording gave up), `lease_lost` (another owner's is recorded) |
 //! | `idem_store_seconds` | histogram | `backend`, `op` | latency of each store statement (a batch's, under group commit) |
 //! | `idem_store_batch_size` | histogram | `backend`, `op` | calls carried by each batch (group commit) |
+//! | `idem_store_batches_split_total` | counter | `backend` | batches that failed on one statement (a refused row, a lost deadlock) and were run again row by row |
 //! | `idem_stored_bytes` | histogram | `function` | size of stored results |
 //! | `idem_purged_records_total` | counter | `backend` | expired records deleted |
 //!
@@ -108,6 +109,12 @@ pub(crate) fn batch(
         .record(rows as f64);
     metrics::histogram!("idem_store_seconds", "backend" => backend, "op" => op)
         .record(took.as_secs_f64());
+}
+
+/// A batch that failed on one of its statements and was run again row by row.
+#[cfg(feature = "_sql")]
+pub(crate) fn batch_split(backend: &'static str) {
+    metrics::counter!("idem_store_batches_split_total", "backend" => backend).increment(1);
 }
 
 /// Runs one store statement and records its latency.

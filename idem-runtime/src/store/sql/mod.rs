@@ -323,6 +323,7 @@ impl<D: Dialect> SqlStore<D> {
         }
         tracing::debug!(backend = D::BACKEND, error = %failure, rows = items.len(),
             "idem: a batch failed on a statement; running its rows one by one");
+        crate::metrics::batch_split(D::BACKEND);
         let mut out = Vec::with_capacity(items.len());
         for item in items {
             let one = async {
