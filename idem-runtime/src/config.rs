@@ -353,6 +353,14 @@ pub struct IdemConfig {
     pub purge_interval: Option<String>,
     /// How long one store statement may take.
     pub store_timeout: String,
+    /// Group commit: concurrent calls share statements and commits.
+    pub group_commit: bool,
+    /// Group commit: the most calls one batch carries.
+    pub batch_max_rows: usize,
+    /// Group commit: the most result bytes one batch of finalizes carries.
+    pub batch_max_bytes: usize,
+    /// Group commit: how many batches of one verb may be in flight at once.
+    pub batch_concurrency: usize,
 }
 
 impl Default for IdemConfig {
@@ -368,6 +376,10 @@ impl Default for IdemConfig {
             executor_id: None,
             purge_interval: Some(iso8601(defaults::PURGE_INTERVAL)),
             store_timeout: iso8601(defaults::STORE_TIMEOUT),
+            group_commit: true,
+            batch_max_rows: defaults::BATCH_MAX_ROWS,
+            batch_max_bytes: defaults::BATCH_MAX_BYTES,
+            batch_concurrency: defaults::BATCH_CONCURRENCY,
         }
     }
 }
@@ -402,7 +414,10 @@ impl IdemConfig {
             .max_result_bytes(self.max_result_bytes)
             .executor_id(self.executor_id.clone())
             .purge_interval(purge_interval)
-            .store_timeout(self.store_timeout.as_str());
+            .store_timeout(self.store_timeout.as_str())
+            .group_commit(self.group_commit)
+            .batch_max(self.batch_max_rows, self.batch_max_bytes)
+            .batch_concurrency(self.batch_concurrency);
         // Check the durations before connecting, so a typo is reported as such.
         if let Some(e) = &builder.error {
             return Err(e.clone());

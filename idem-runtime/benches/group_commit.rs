@@ -1,0 +1,164 @@
+//! Group commit: first executions per second with it on and off, against the same statements
+//! issued by hand one call at a time, in alternating rounds of one run, on SQLite and on the
+//! local PostgreSQL; then the sizes of the batches the "on" rounds sent.
+//!
+//! `cargo bench -p idem-runtime --features postgres --bench group_commit`
+//! (`IDEM_TEST_POSTGRES_URL` picks the server).
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::{median, rate};
+use metrics_util::debugging::{DebugValue, DebuggingRecorder, Snapshotter};
+
+use idem_runtime::store::{PgStore, PgStoreOptions, SqliteStore, Store};
+use idem_runtime::{Error, Idem, idempotent};
+
+const ROUND: Duration = Duration::from_secs(2);
+const ROUNDS: usize = 3;
+
+#[idempotent(key = key, runtime = idem, skip_all, name = "bench.group")]
+async fn first(idem: &Idem, key: String) -> Result<u64, Error> {
+    Ok(42)
+}
+
+/// The raw floor: the store's reserve and finalize issued one call at a time, through the
+/// store itself (its own pool and statements), with no engine around them.
+async fn raw_first(store: &dyn Store, n: u64) {
+    use idem_runtime::store::{Claim, Fence, Reservation, StoredResult};
+    let id = idem_runtime::RecordId::new("bench.raw/v0", format!("r{n}-{}", fastrand::u64(..)));
+    let fence = Fence::random();
+    let claim = Claim {
+        id: &id,
+        fence,
+        owner: "bench",
+        fingerprint: None,
+        lease: Duration::from_secs(30),
+    };
+    let got = store.reserve(&claim).await.expect("reserve");
+    assert!(matches!(got, Reservation::Acquired));
+    let result = StoredResult {
+        codec: idem_runtime::Codec::Json,
+        bytes: b"42".to_vec(),
+    };
+    let day = Duration::from_secs(86_400);
+    assert!(
+        store
+            .finalize(&id, fence, &result, day)
+            .await
+            .expect("finalize")
+    );
+}
+
+fn idem(store: Arc<dyn Store>, group_commit: bool) -> Idem {
+    Idem::builder()
+        .shared_store(store)
+        .local_cache(0)
+        .group_commit(group_commit)
+        .build()
+        .expect("idem")
+}
+
+async fn compare(name: &str, store: Arc<dyn Store>, tasks_list: &[usize], snap: &Snapshotter) {
+    let (off, on) = (idem(store.clone(), false), idem(store.clone(), true));
+    println!("== {name}: first executions/s ({ROUNDS} alternating rounds of {ROUND:?})");
+    for &tasks in tasks_list {
+        let (mut raw, mut without, mut with) = (Vec::new(), Vec::new(), Vec::new());
+        for round in 0..ROUNDS {
+            let s = store.clone();
+            raw.push(
+                rate(tasks, ROUND, move |n| {
+                    let s = s.clone();
+                    async move { raw_first(&*s, n).await }
+                })
+                .await,
+            );
+            for (runtime, out, tag) in [(&off, &mut without, "off"), (&on, &mut with, "on")] {
+                let i = runtime.clone();
+                out.push(
+                    rate(tasks, ROUND, move |n| {
+                        let i = i.clone();
+                        async move {
+                            let key = format!("{tag}{tasks}-{round}-{n}-{}", fastrand::u32(..));
+                            first(&i, key).await.expect("first");
+                        }
+                    })
+                    .await,
+                );
+            }
+        }
+        let (raw, without, with) = (median(raw), median(without), median(with));
+        println!(
+            "{tasks:>3} tasks: group commit on {with:>7.0}/s, off {without:>7.0}/s, raw {raw:>7.0}/s = {:.2}x off, {:.2}x raw",
+            with / without,
+            with / raw
+        );
+        print_batches(snap);
+    }
+}
+
+/// The batch sizes recorded since the last snapshot, per verb.
+fn print_batches(snap: &Snapshotter) {
+    for (key, _, _, value) in snap.snapshot().into_vec() {
+        if key.key().name() != "idem_store_batch_size" {
+            continue;
+        }
+        let DebugValue::Histogram(mut sizes) = value else {
+            continue;
+        };
+        if sizes.is_empty() {
+            continue;
+        }
+        sizes.sort();
+        let op = key
+            .key()
+            .labels()
+            .find(|l| l.key() == "op")
+            .map_or("?", |l| l.value());
+        let total: f64 = sizes.iter().map(|s| s.into_inner()).sum();
+        let at = |q: f64| sizes[((sizes.len() - 1) as f64 * q) as usize].into_inner();
+        println!(
+            "      {op:>9} batches: {:>6}, calls per batch: mean {:>5.1}, p50 {:>3}, p90 {:>3}, max {:>3}",
+            sizes.len(),
+            total / sizes.len() as f64,
+            at(0.5),
+            at(0.9),
+            at(1.0)
+        );
+    }
+}
+
+fn main() {
+    let recorder = DebuggingRecorder::new();
+    let snap = recorder.snapshotter();
+    metrics::set_global_recorder(recorder).expect("recorder");
+    common::runtime().block_on(async {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let sqlite = SqliteStore::open(dir.path().join("bench.db"))
+            .await
+            .expect("sqlite");
+        compare(
+            "SQLite (synchronous = FULL)",
+            Arc::new(sqlite),
+            &[1, 16, 64],
+            &snap,
+        )
+        .await;
+
+        let url = std::env::var("IDEM_TEST_POSTGRES_URL")
+            .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into());
+        let table = format!("bench_group_{:08x}", fastrand::u32(..));
+        let options = PgStoreOptions::new().table(&table).max_connections(32);
+        match PgStore::connect_with(&url, options).await {
+            Ok(pg) => {
+                let pool = pg.pool().clone();
+                compare("PostgreSQL", Arc::new(pg), &[1, 16, 64], &snap).await;
+                let drop = sqlx::AssertSqlSafe(format!("DROP TABLE IF EXISTS {table}"));
+                sqlx::raw_sql(drop).execute(&pool).await.expect("cleanup");
+            }
+            Err(e) => println!("skipped PostgreSQL: not reachable at {url}: {e}"),
+        }
+    });
+}
