@@ -4,6 +4,8 @@
 //! ```text
 //! cargo run --example replicas                                   # local PostgreSQL
 //! cargo run --example replicas -- --store mysql://root@127.0.0.1:3306/test
+//! cargo run --example replicas -- --store redis://127.0.0.1:6379
+//! cargo run --example replicas -- --store redis+cluster://127.0.0.1:17001,127.0.0.1:17002
 //! ```
 //!
 //! The demo starts this same program three times as replica processes (`serve` mode: they
@@ -18,7 +20,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::{Duration, Instant};
 
-use idem_runtime::store::{MySqlStore, MySqlStoreOptions, PgStore, PgStoreOptions, SqliteStore};
+use idem_runtime::store::{
+    MySqlStore, MySqlStoreOptions, PgStore, PgStoreOptions, RedisStore, RedisStoreOptions,
+    SqliteStore,
+};
 use idem_runtime::{Error, Idem, Outcome, idempotent, observe};
 
 const DEFAULT_STORE: &str = "postgres://postgres@127.0.0.1:5432/test";
@@ -107,6 +112,15 @@ enum Backend {
     Pg(PgStore),
     MySql(MySqlStore),
     Sqlite(SqliteStore),
+    /// Redis keeps the effects too: a list per key, `<table>_effects:<key>`.
+    Redis(RedisStore, RedisEffects),
+}
+
+/// A plain Redis connection for the effects lists.
+#[derive(Clone)]
+enum RedisEffects {
+    Node(redis::aio::MultiplexedConnection),
+    Cluster(redis::cluster_async::ClusterConnection),
 }
 
 impl Backend {
@@ -126,9 +140,35 @@ impl Backend {
         } else if let Some(path) = url.strip_prefix("sqlite://") {
             let options = idem_runtime::store::SqliteStoreOptions::new().table(&o.table);
             Backend::Sqlite(SqliteStore::open_with(path, options).await?)
+        } else if url.starts_with("redis") {
+            Self::connect_redis(url, &o.table).await?
         } else {
             return Err(Error::Config(format!("unsupported store URL {url}")));
         })
+    }
+
+    /// `redis://host:port` or `redis+cluster://host1:port1,host2:port2`; keys under `table`.
+    async fn connect_redis(url: &str, table: &str) -> Result<Backend, Error> {
+        let options = RedisStoreOptions::new().prefix(table);
+        let effects_failed = |e: redis::RedisError| Error::Config(format!("redis: {e}"));
+        if let Some(nodes) = url.strip_prefix("redis+cluster://") {
+            let nodes: Vec<String> = nodes.split(',').map(|n| format!("redis://{n}")).collect();
+            let nodes: Vec<&str> = nodes.iter().map(String::as_str).collect();
+            let store = RedisStore::connect_cluster(&nodes, options).await?;
+            let client = redis::cluster::ClusterClient::new(nodes).map_err(effects_failed)?;
+            let effects = client
+                .get_async_connection()
+                .await
+                .map_err(effects_failed)?;
+            return Ok(Backend::Redis(store, RedisEffects::Cluster(effects)));
+        }
+        let store = RedisStore::connect_with(url, options).await?;
+        let client = redis::Client::open(url).map_err(effects_failed)?;
+        let effects = client
+            .get_multiplexed_async_connection()
+            .await
+            .map_err(effects_failed)?;
+        Ok(Backend::Redis(store, RedisEffects::Node(effects)))
     }
 
     fn store(&self) -> Arc<dyn idem_runtime::store::Store> {
@@ -136,6 +176,7 @@ impl Backend {
             Backend::Pg(s) => Arc::new(s.clone()),
             Backend::MySql(s) => Arc::new(s.clone()),
             Backend::Sqlite(s) => Arc::new(s.clone()),
+            Backend::Redis(s, _) => Arc::new(s.clone()),
         }
     }
 
@@ -152,6 +193,7 @@ impl Backend {
                 Backend::Pg(s) => sqlx::raw_sql(sql).execute(s.pool()).await.map(drop),
                 Backend::MySql(s) => sqlx::raw_sql(sql).execute(s.pool()).await.map(drop),
                 Backend::Sqlite(s) => sqlx::raw_sql(sql).execute(s.pool()).await.map(drop),
+                Backend::Redis(..) => return Ok(()), // lists need no schema
             };
             match done {
                 Err(_) if attempt < 5 => {
@@ -170,7 +212,7 @@ impl Backend {
         key: u64,
         replica: &str,
         run: &str,
-    ) -> Result<(), sqlx::Error> {
+    ) -> Result<(), AppError> {
         let key = key as i64;
         match self {
             Backend::Pg(s) => {
@@ -203,6 +245,15 @@ impl Backend {
                     .execute(s.pool())
                     .await?;
             }
+            Backend::Redis(_, effects) => {
+                let mut push = redis::cmd("RPUSH");
+                push.arg(format!("{table}_effects:{key}")).arg(replica);
+                let pushed: Result<i64, _> = match effects.clone() {
+                    RedisEffects::Node(mut c) => push.query_async(&mut c).await,
+                    RedisEffects::Cluster(mut c) => push.query_async(&mut c).await,
+                };
+                pushed.map_err(|e| AppError::Redis(e.to_string()))?;
+            }
         }
         Ok(())
     }
@@ -212,6 +263,7 @@ impl Backend {
 enum AppError {
     Idem(Error),
     Db(sqlx::Error),
+    Redis(String),
 }
 
 impl From<Error> for AppError {
@@ -231,6 +283,7 @@ impl std::fmt::Display for AppError {
         match self {
             AppError::Idem(e) => write!(f, "{e}"),
             AppError::Db(e) => write!(f, "database: {e}"),
+            AppError::Redis(e) => write!(f, "redis: {e}"),
         }
     }
 }
@@ -357,16 +410,44 @@ fn drop_demo_tables(opts: &Opts) -> Result<(), Box<dyn std::error::Error>> {
         .build()?;
     rt.block_on(async {
         let backend = Backend::connect(opts).await?;
+        if let Backend::Redis(_, effects) = &backend {
+            return drop_redis_keys(effects.clone(), &opts.table).await;
+        }
         for t in [format!("{}_effects", opts.table), opts.table.clone()] {
             let sql = sqlx::AssertSqlSafe(format!("DROP TABLE IF EXISTS {t}"));
             match &backend {
                 Backend::Pg(s) => sqlx::raw_sql(sql).execute(s.pool()).await.map(drop)?,
                 Backend::MySql(s) => sqlx::raw_sql(sql).execute(s.pool()).await.map(drop)?,
                 Backend::Sqlite(s) => sqlx::raw_sql(sql).execute(s.pool()).await.map(drop)?,
+                Backend::Redis(..) => {}
             }
         }
         Ok(())
     })
+}
+
+/// Deletes the demo's records and effects lists (on every primary of a cluster).
+async fn drop_redis_keys(
+    effects: RedisEffects,
+    table: &str,
+) -> Result<(), Box<dyn std::error::Error>> {
+    for pattern in [format!("{table}:*"), format!("{table}_effects:*")] {
+        let mut keys = redis::cmd("KEYS");
+        keys.arg(pattern);
+        let found: Vec<String> = match effects.clone() {
+            RedisEffects::Node(mut c) => keys.query_async(&mut c).await?,
+            RedisEffects::Cluster(mut c) => keys.query_async(&mut c).await?,
+        };
+        for key in found {
+            let mut del = redis::cmd("DEL");
+            del.arg(key);
+            let _: i64 = match effects.clone() {
+                RedisEffects::Node(mut c) => del.query_async(&mut c).await?,
+                RedisEffects::Cluster(mut c) => del.query_async(&mut c).await?,
+            };
+        }
+    }
+    Ok(())
 }
 
 /// One replica process driven over its stdin/stdout.

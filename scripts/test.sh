@@ -6,15 +6,28 @@ cd "$(dirname "$0")/.."
 
 ./scripts/services.sh
 
+# A three-node Redis Cluster on loopback ports 17001-17003 for the cluster tests: started here
+# if it is not running, and stopped again when the tests end.
+if ! redis-cli -p 17001 cluster info 2>/dev/null | grep -q '^cluster_state:ok'; then
+  if ./scripts/redis-cluster.sh start; then
+    trap './scripts/redis-cluster.sh stop' EXIT
+  elif [[ "${CI:-}" == "true" ]]; then
+    echo "test: the Redis Cluster could not be started; CI needs it (CI=true)" >&2
+    exit 1
+  fi
+fi
+
 export IDEM_TEST_POSTGRES_URL="${IDEM_TEST_POSTGRES_URL:-postgres://postgres@127.0.0.1:5432/test}"
 export IDEM_TEST_MYSQL_URL="${IDEM_TEST_MYSQL_URL:-mysql://root@127.0.0.1:3306/test}"
+export IDEM_TEST_REDIS_URL="${IDEM_TEST_REDIS_URL:-redis://127.0.0.1:6379}"
+export IDEM_TEST_REDIS_CLUSTER="${IDEM_TEST_REDIS_CLUSTER:-redis://127.0.0.1:17001,redis://127.0.0.1:17002,redis://127.0.0.1:17003}"
 
 echo "== cargo fmt --check"
 cargo fmt --all --check
 echo "== cargo clippy"
 cargo clippy --workspace --all-targets --all-features -- -D warnings
 # Each backend alone must build warning-free too: users enable one feature, not all.
-for features in "" "sqlite" "postgres" "mysql" "axum"; do
+for features in "" "sqlite" "postgres" "mysql" "redis" "axum"; do
   echo "== cargo clippy -p idem-runtime --no-default-features --features '$features'"
   cargo clippy -p idem-runtime --no-default-features --features "$features" -- -D warnings
 done

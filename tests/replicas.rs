@@ -7,8 +7,8 @@
 //! - every caller that got a value for a key got the same value;
 //! - executions = keys + the bodies the victim had in flight, each taken over exactly once.
 //!
-//! Runs against PostgreSQL and MariaDB (skipped, loudly, without them unless `CI=true`) and
-//! against a SQLite file shared by the processes.
+//! Runs against PostgreSQL, MariaDB, one Redis node and a Redis Cluster (skipped, loudly,
+//! without them unless `CI=true`) and against a SQLite file shared by the processes.
 
 #![allow(clippy::unwrap_used)] // tests: a panic is the failure report
 
@@ -343,6 +343,118 @@ fn three_sqlite_processes_on_one_file_survive_a_sigkill() {
             tally!(conn, t, "key", false)
         })
     });
+}
+
+/// Reads the records (through the store, whose key layout is its own) and the effects
+/// lists from Redis, then deletes the test's keys.
+async fn redis_tally(store_url: &str, table: &str) -> Tally {
+    use idem_runtime::RecordId;
+    use idem_runtime::store::{RedisStore, RedisStoreOptions, Store};
+    let options = RedisStoreOptions::new().prefix(table);
+    let (store, nodes) = match store_url.strip_prefix("redis+cluster://") {
+        Some(list) => {
+            let nodes: Vec<String> = list.split(',').map(|n| format!("redis://{n}")).collect();
+            let refs: Vec<&str> = nodes.iter().map(String::as_str).collect();
+            (
+                RedisStore::connect_cluster(&refs, options).await.unwrap(),
+                nodes,
+            )
+        }
+        None => (
+            RedisStore::connect_with(store_url, options).await.unwrap(),
+            vec![store_url.to_string()],
+        ),
+    };
+    let mut tally = Tally {
+        records: BTreeMap::new(),
+        effects: BTreeMap::new(),
+    };
+    for key in 0..KEYS {
+        let id = RecordId::new("replicas.process/v0", key.to_string());
+        if let Some(record) = store.load(&id).await.unwrap() {
+            let state = record.state.as_str().to_string();
+            tally.records.insert(key, (state, record.owner));
+        }
+    }
+    // Every node: a cluster spreads the lists over its primaries.
+    for node in &nodes {
+        let mut conn = redis::Client::open(node.as_str())
+            .unwrap()
+            .get_multiplexed_async_connection()
+            .await
+            .unwrap();
+        for pattern in [format!("{table}_effects:*"), format!("{table}:*")] {
+            let keys: Vec<String> = redis::cmd("KEYS")
+                .arg(&pattern)
+                .query_async(&mut conn)
+                .await
+                .unwrap();
+            for k in keys {
+                if let Some(n) = k.strip_prefix(&format!("{table}_effects:")) {
+                    let runs: Vec<String> = redis::cmd("LRANGE")
+                        .arg(&k)
+                        .arg(0)
+                        .arg(-1)
+                        .query_async(&mut conn)
+                        .await
+                        .unwrap();
+                    tally.effects.insert(n.parse().unwrap(), runs);
+                }
+                let _: i64 = redis::cmd("DEL")
+                    .arg(&k)
+                    .query_async(&mut conn)
+                    .await
+                    .unwrap();
+            }
+        }
+    }
+    sort_victim_first(&mut tally);
+    tally
+}
+
+/// Whether a Redis answers at `url` (its first node, for a cluster); if not, says so.
+fn redis_reachable(url: &str, var: &str, what: &str) -> bool {
+    let first = url
+        .strip_prefix("redis+cluster://")
+        .map(|l| format!("redis://{}", l.split(',').next().unwrap_or_default()))
+        .unwrap_or_else(|| url.to_string());
+    let ping = redis::Client::open(first.as_str()).and_then(|c| {
+        block_on(async {
+            let mut conn = c.get_multiplexed_async_connection().await?;
+            redis::cmd("PING").query_async::<String>(&mut conn).await
+        })
+    });
+    match ping {
+        Ok(_) => true,
+        Err(e) => {
+            server_missing(what, var, url, &e);
+            false
+        }
+    }
+}
+
+#[test]
+fn three_redis_replicas_survive_a_sigkill() {
+    let url = url("IDEM_TEST_REDIS_URL", "redis://127.0.0.1:6379");
+    if redis_reachable(&url, "IDEM_TEST_REDIS_URL", "Redis") {
+        run(&url, &table(), |t| block_on(redis_tally(&url, t)));
+    }
+}
+
+#[test]
+fn three_replicas_on_a_redis_cluster_survive_a_sigkill() {
+    let nodes = url(
+        "IDEM_TEST_REDIS_CLUSTER",
+        "redis://127.0.0.1:17001,redis://127.0.0.1:17002,redis://127.0.0.1:17003",
+    );
+    let list: Vec<&str> = nodes
+        .split(',')
+        .map(|n| n.trim().trim_start_matches("redis://"))
+        .collect();
+    let url = format!("redis+cluster://{}", list.join(","));
+    if redis_reachable(&url, "IDEM_TEST_REDIS_CLUSTER", "the Redis Cluster") {
+        run(&url, &table(), |t| block_on(redis_tally(&url, t)));
+    }
 }
 
 /// A key run twice was run first by the victim (it died) and then by a survivor; list the

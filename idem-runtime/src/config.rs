@@ -313,7 +313,8 @@ fn default_executor_id() -> String {
 /// Durations use the attribute's rules (`"PT24H"`, `"30s"`). `store` is a URL and has no
 /// default (a replica that silently used a file of its own instead of the shared database
 /// would split the replicas): `sqlite://path/to/idem.db` (feature `sqlite`), `postgres://..`
-/// (feature `postgres`), `mysql://..` or `mariadb://..` (feature `mysql`), or `memory:`.
+/// (feature `postgres`), `mysql://..` or `mariadb://..` (feature `mysql`), `redis://..` or
+/// `redis+cluster://host1:port1,host2:port2` (feature `redis`), or `memory:`.
 /// Every other field has the default shown in [`defaults`].
 ///
 /// What each mistake gives: an unknown field is refused by your deserializer (the type
@@ -335,7 +336,7 @@ pub struct IdemConfig {
     /// Where records live: a store URL (`sqlite://idem.db`, `postgres://..`, `memory:`).
     /// Required: left empty, [`Idem::from_config`] fails.
     pub store: String,
-    /// The records table.
+    /// The records table (for Redis: the prefix of every key).
     pub table: String,
     /// Local cache size in entries; 0 turns it off.
     pub local_cache: u64,
@@ -460,9 +461,43 @@ impl IdemConfig {
                 crate::store::MySqlStore::connect_with(&url, options).await?,
             ));
         }
+        #[cfg(feature = "redis")]
+        if let Some(store) = self.connect_redis(url).await? {
+            return Ok(Arc::new(store));
+        }
         Err(Error::Config(format!(
-            "store {url:?} is not a store URL this build supports (`sqlite://path`, `postgres://..`, `mysql://..`, `memory:`); is the backend's cargo feature on?"
+            "store {url:?} is not a store URL this build supports (`sqlite://path`, `postgres://..`, `mysql://..`, `redis://..`, `redis+cluster://..`, `memory:`); is the backend's cargo feature on?"
         )))
+    }
+}
+
+#[cfg(feature = "redis")]
+impl IdemConfig {
+    /// `redis://host:port/db` (one node) or `redis+cluster://host1:port1,host2:port2`
+    /// (a Redis Cluster, reached through any of the nodes listed); the key prefix is the
+    /// `table` setting. `None`: not a Redis URL.
+    async fn connect_redis(&self, url: &str) -> Result<Option<crate::store::RedisStore>, Error> {
+        use crate::store::{RedisStore, RedisStoreOptions};
+        let options = RedisStoreOptions::new().prefix(self.table.clone());
+        if let Some(nodes) = url.strip_prefix("redis+cluster://") {
+            let nodes: Vec<String> = nodes
+                .split(',')
+                .map(str::trim)
+                .filter(|n| !n.is_empty())
+                .map(|n| format!("redis://{n}"))
+                .collect();
+            if nodes.is_empty() {
+                return Err(Error::Config(
+                    "store: `redis+cluster://` names no node; list them as `redis+cluster://host1:port1,host2:port2`".into(),
+                ));
+            }
+            let nodes: Vec<&str> = nodes.iter().map(String::as_str).collect();
+            return RedisStore::connect_cluster(&nodes, options).await.map(Some);
+        }
+        if url.starts_with("redis://") || url.starts_with("rediss://") {
+            return RedisStore::connect_with(url, options).await.map(Some);
+        }
+        Ok(None)
     }
 }
 

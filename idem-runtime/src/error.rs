@@ -277,6 +277,14 @@ impl StoreError {
         self.timed_out
     }
 
+    /// Marks a failed write that may have been applied all the same (its reply was lost, or
+    /// it was applied but not replicated in time): the engine treats it as a timeout.
+    #[cfg(feature = "redis")]
+    pub(crate) fn maybe_applied(mut self) -> Self {
+        self.timed_out = true;
+        self
+    }
+
     /// The underlying error, if it is a `T`.
     #[cfg(feature = "_sql")]
     pub(crate) fn downcast_ref<T: std::error::Error + 'static>(&self) -> Option<&T> {

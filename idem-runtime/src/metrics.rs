@@ -22,7 +22,6 @@ use std::time::Instant;
 use metrics::{Key, Label, Metadata};
 
 use crate::outcome::Outcome;
-use crate::store::Store;
 
 /// The labels of `idem_calls_total` for one fn, built once per fn so that counting a call
 /// (the hot path: every replay) allocates nothing.
@@ -119,13 +118,13 @@ pub(crate) fn batch_split(backend: &'static str) {
 
 /// Runs one store statement and records its latency.
 pub(crate) async fn timed<T>(
-    store: &dyn Store,
+    backend: &'static str,
     op: &'static str,
     fut: impl Future<Output = T>,
 ) -> T {
     let start = Instant::now();
     let out = fut.await;
-    metrics::histogram!("idem_store_seconds", "backend" => store.backend(), "op" => op)
+    metrics::histogram!("idem_store_seconds", "backend" => backend, "op" => op)
         .record(start.elapsed().as_secs_f64());
     out
 }

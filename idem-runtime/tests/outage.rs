@@ -14,7 +14,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
 use std::time::Duration;
 
-use idem_runtime::store::{MySqlStore, MySqlStoreOptions, PgStore, PgStoreOptions, Store};
+use idem_runtime::store::{
+    MySqlStore, MySqlStoreOptions, PgStore, PgStoreOptions, RedisStore, Store,
+};
 use idem_runtime::{Error, Idem, idempotent};
 use support::proxy::{Proxy, through, upstream};
 
@@ -36,7 +38,33 @@ async fn charge(idem: &Idem, bodies: &AtomicUsize, key: u32) -> Result<u32, AppE
     Ok(key * 10)
 }
 
-async fn outage(store: Arc<dyn Store>, proxy: Proxy) {
+/// The proxies in front of one store: one for a database or a Redis node, one per node of
+/// a Redis Cluster. Each switch applies to all of them at once.
+struct Proxies(Vec<Proxy>);
+
+impl Proxies {
+    async fn cut(&self) {
+        for p in &self.0 {
+            p.cut().await;
+        }
+    }
+    fn restore(&self) {
+        self.0.iter().for_each(Proxy::restore);
+    }
+    fn stall(&self) {
+        self.0.iter().for_each(Proxy::stall);
+    }
+    fn unstall(&self) {
+        self.0.iter().for_each(Proxy::unstall);
+    }
+    async fn stall_existing(&self) {
+        for p in &self.0 {
+            p.stall_existing().await;
+        }
+    }
+}
+
+async fn outage(store: Arc<dyn Store>, proxy: Proxies) {
     let idem = Idem::builder()
         .shared_store(store.clone())
         .default_lease("PT1S")
@@ -150,7 +178,7 @@ async fn drop_table(url: &str, table: &str) {
 /// Regression: with the database unreachable but connections left open (packets dropped,
 /// nothing closed), a statement already sent waited as long as the partition lasted. Every
 /// store statement is now bounded by `store_timeout`: calls end in an error, not a hang.
-async fn partition(store: Arc<dyn Store>, proxy: Proxy) {
+async fn partition(store: Arc<dyn Store>, proxy: Proxies) {
     let idem = Idem::builder()
         .shared_store(store.clone())
         .default_lease("PT2S")
@@ -278,7 +306,7 @@ async fn proxied_with(postgres: bool, connections: u32) -> Option<Proxied> {
 /// database dies silently, new connections still get through) then held every slot of the
 /// pool for as long as TCP took to give up, and every call failed although the database was
 /// reachable. Now a connection whose statement was abandoned is closed, and calls recover.
-async fn dead_connections(store: Arc<dyn Store>, proxy: Proxy) {
+async fn dead_connections(store: Arc<dyn Store>, proxy: Proxies) {
     let idem = Idem::builder()
         .shared_store(store)
         .store_timeout("PT1S")
@@ -323,7 +351,7 @@ macro_rules! on_both_databases {
         #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
         async fn $pg() {
             if let Some(p) = proxied(true).await {
-                $scenario(p.store, p.proxy).await;
+                $scenario(p.store, Proxies(vec![p.proxy])).await;
                 drop_table(&p.url, &p.table).await;
             }
         }
@@ -331,7 +359,7 @@ macro_rules! on_both_databases {
         #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
         async fn $maria() {
             if let Some(p) = proxied(false).await {
-                $scenario(p.store, p.proxy).await;
+                $scenario(p.store, Proxies(vec![p.proxy])).await;
                 drop_table(&p.url, &p.table).await;
             }
         }
@@ -346,7 +374,7 @@ on_both_databases! {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_connections_that_die_silently_are_replaced() {
     if let Some(p) = proxied_with(true, 4).await {
-        dead_connections(p.store, p.proxy).await;
+        dead_connections(p.store, Proxies(vec![p.proxy])).await;
         drop_table(&p.url, &p.table).await;
     }
 }
@@ -354,7 +382,187 @@ async fn postgres_connections_that_die_silently_are_replaced() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mariadb_connections_that_die_silently_are_replaced() {
     if let Some(p) = proxied_with(false, 4).await {
-        dead_connections(p.store, p.proxy).await;
+        dead_connections(p.store, Proxies(vec![p.proxy])).await;
         drop_table(&p.url, &p.table).await;
+    }
+}
+
+/// A Redis store under its own key prefix through a proxy to the test Redis.
+async fn redis_proxied() -> Option<(Arc<dyn Store>, Proxies, RedisCleanup)> {
+    let url = support::redis_url();
+    let host_port = url
+        .trim_start_matches("redis://")
+        .split('/')
+        .next()
+        .unwrap_or("127.0.0.1:6379");
+    let upstream = std::net::ToSocketAddrs::to_socket_addrs(host_port)
+        .ok()?
+        .next()?;
+    let proxy = Proxy::start(upstream).await;
+    let (prefix, options) = support::redis_options();
+    let at = format!("redis://{}", proxy.addr);
+    match RedisStore::connect_with(&at, options).await {
+        Ok(store) => Some((
+            Arc::new(store),
+            Proxies(vec![proxy]),
+            RedisCleanup(vec![url], prefix),
+        )),
+        Err(e) => {
+            support::server_missing("Redis", "IDEM_TEST_REDIS_URL", &url, &e);
+            None
+        }
+    }
+}
+
+/// Deletes a test's keys when dropped.
+struct RedisCleanup(Vec<String>, String);
+
+impl Drop for RedisCleanup {
+    fn drop(&mut self) {
+        support::redis_clear(std::mem::take(&mut self.0), self.1.clone());
+    }
+}
+
+/// A private three-node Redis Cluster whose nodes announce proxies as their addresses, so
+/// all of the store's traffic (including what cluster redirects send it to) goes through
+/// proxies the test can cut. The nodes' cluster bus is direct: the cluster itself stays
+/// healthy while its clients are cut off. Nodes are killed when this drops.
+struct ProxiedCluster {
+    nodes: Vec<std::process::Child>,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for ProxiedCluster {
+    fn drop(&mut self) {
+        for node in &mut self.nodes {
+            let _ = node.kill();
+            let _ = node.wait();
+        }
+    }
+}
+
+async fn redis_cluster_proxied(
+    base_port: u16,
+) -> Option<(Arc<dyn Store>, Proxies, ProxiedCluster)> {
+    use std::process::{Command, Stdio};
+    if let Err(e) = Command::new("redis-server").arg("--version").output() {
+        support::server_missing(
+            "redis-server (to start a private cluster)",
+            "PATH",
+            "PATH",
+            &e,
+        );
+        return None;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let ports: Vec<u16> = (base_port..base_port + 3).collect();
+    let mut proxies = Vec::new();
+    let mut cluster = ProxiedCluster {
+        nodes: Vec::new(),
+        _dir: tempfile::tempdir().unwrap(),
+    };
+    for &port in &ports {
+        let proxy = Proxy::start(([127, 0, 0, 1], port).into()).await;
+        let node = Command::new("redis-server")
+            .args(["--bind", "127.0.0.1", "--port", &port.to_string()])
+            .args(["--cluster-enabled", "yes", "--cluster-node-timeout", "2000"])
+            .arg("--cluster-config-file")
+            .arg(dir.path().join(format!("nodes-{port}.conf")))
+            .args(["--cluster-announce-ip", "127.0.0.1"])
+            .args(["--cluster-announce-port", &proxy.addr.port().to_string()])
+            .args(["--cluster-announce-bus-port", &(port + 10_000).to_string()])
+            .args(["--save", "", "--appendonly", "no"])
+            .arg("--dir")
+            .arg(dir.path())
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap();
+        cluster.nodes.push(node);
+        proxies.push(proxy);
+    }
+    cluster._dir = dir;
+    let addrs: Vec<String> = ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
+    let formed = tokio::task::spawn_blocking(move || {
+        for addr in &addrs {
+            let url = format!("redis://{addr}");
+            let up = (0..100).any(|_| {
+                let ok = redis::Client::open(url.as_str())
+                    .and_then(|c| c.get_connection())
+                    .is_ok();
+                if !ok {
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+                ok
+            });
+            assert!(up, "redis-server on {addr} did not start");
+        }
+        let status = Command::new("redis-cli")
+            .arg("--cluster")
+            .arg("create")
+            .args(&addrs)
+            .args(["--cluster-replicas", "0", "--cluster-yes"])
+            .stdout(Stdio::null())
+            .status()
+            .unwrap();
+        assert!(status.success(), "redis-cli --cluster create failed");
+        let url = format!("redis://{}", addrs[0]);
+        let mut conn = redis::Client::open(url.as_str())
+            .unwrap()
+            .get_connection()
+            .unwrap();
+        (0..200).any(|_| {
+            let info: String = redis::cmd("CLUSTER").arg("INFO").query(&mut conn).unwrap();
+            let ok = info.contains("cluster_state:ok");
+            if !ok {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            ok
+        })
+    })
+    .await
+    .unwrap();
+    assert!(formed, "the private Redis Cluster did not become ok");
+    let nodes: Vec<String> = proxies
+        .iter()
+        .map(|p| format!("redis://{}", p.addr))
+        .collect();
+    let nodes: Vec<&str> = nodes.iter().map(String::as_str).collect();
+    let (_, options) = support::redis_options();
+    let store = RedisStore::connect_cluster(&nodes, options).await.unwrap();
+    Some((Arc::new(store), Proxies(proxies), cluster))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_goes_away_and_comes_back() {
+    if let Some((store, proxies, _cleanup)) = redis_proxied().await {
+        outage(store, proxies).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_partition_fails_calls_instead_of_hanging() {
+    if let Some((store, proxies, _cleanup)) = redis_proxied().await {
+        partition(store, proxies).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_connections_that_die_silently_are_replaced() {
+    if let Some((store, proxies, _cleanup)) = redis_proxied().await {
+        dead_connections(store, proxies).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_cluster_goes_away_and_comes_back() {
+    if let Some((store, proxies, _cluster)) = redis_cluster_proxied(17101).await {
+        outage(store, proxies).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_cluster_partition_fails_calls_instead_of_hanging() {
+    if let Some((store, proxies, _cluster)) = redis_cluster_proxied(17111).await {
+        partition(store, proxies).await;
     }
 }

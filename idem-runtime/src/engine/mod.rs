@@ -328,7 +328,7 @@ pub(crate) async fn store_call<T>(
     limit: Duration,
     fut: impl Future<Output = Result<T, StoreError>>,
 ) -> Result<T, StoreError> {
-    metrics::timed(store, op, bounded(op, limit, fut)).await
+    metrics::timed(store.backend(), op, bounded(op, limit, fut)).await
 }
 
 /// `fut`, or a timeout error after `limit`.

@@ -16,6 +16,8 @@
 //! for MySQL and MariaDB), the shared stores for many replicas.
 
 mod memory;
+#[cfg(feature = "redis")]
+mod redis;
 #[cfg(feature = "_sql")]
 pub mod sql;
 
@@ -23,6 +25,8 @@ use std::fmt;
 use std::time::Duration;
 
 pub use memory::MemoryStore;
+#[cfg(feature = "redis")]
+pub use redis::{RedisStore, RedisStoreOptions};
 #[cfg(any(feature = "postgres", feature = "mysql"))]
 pub use sql::ServerStoreOptions;
 #[cfg(feature = "sqlite")]
@@ -298,6 +302,13 @@ pub trait Store: Send + Sync + 'static {
     /// `false`, sends each call's statement on its own.
     fn group_commit(&self) -> bool {
         false
+    }
+
+    /// Whether the store deletes expired records by itself, and how long after their lease
+    /// or result expired (Redis: its key TTL). `None` (the default): expired records stay
+    /// until [`Store::purge`] deletes them.
+    fn self_expiry(&self) -> Option<Duration> {
+        None
     }
 
     /// A short name for logs and metrics (`"memory"`, `"sqlite"`, ...).

@@ -326,7 +326,7 @@ where
     .join();
 }
 
-/// Generates `mod $scenario { memory, sqlite, postgres, mysql }` tests running
+/// Generates `mod $scenario { memory, sqlite, postgres, mysql, redis, redis_cluster }` tests running
 /// `$scenario(backend)`. The server-backed ones skip (loudly) when their server is missing,
 /// except under `CI=true`, where they fail.
 #[macro_export]
@@ -357,6 +357,140 @@ macro_rules! for_each_store {
                     super::$scenario(b).await;
                 }
             }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn redis() {
+                if let Some(b) = super::support::redis_backend().await {
+                    super::$scenario(b).await;
+                }
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn redis_cluster() {
+                if let Some(b) = super::support::redis_cluster_backend().await {
+                    super::$scenario(b).await;
+                }
+            }
         }
     )*};
+}
+
+pub fn redis_url() -> String {
+    server_url("IDEM_TEST_REDIS_URL", "redis://127.0.0.1:6379")
+}
+
+/// The nodes of the test Redis Cluster (`scripts/redis-cluster.sh` starts it), comma-separated.
+pub fn redis_cluster_urls() -> String {
+    server_url(
+        "IDEM_TEST_REDIS_CLUSTER",
+        "redis://127.0.0.1:17001,redis://127.0.0.1:17002,redis://127.0.0.1:17003",
+    )
+}
+
+/// A Redis store under its own key prefix, its keys deleted when the fixture drops.
+pub struct RedisFixture {
+    pub store: idem_runtime::store::RedisStore,
+    prefix: String,
+    /// The node URLs to clean up on: one for a single node, every primary for a cluster.
+    urls: Vec<String>,
+}
+
+impl Deref for RedisFixture {
+    type Target = idem_runtime::store::RedisStore;
+    fn deref(&self) -> &Self::Target {
+        &self.store
+    }
+}
+
+impl Drop for RedisFixture {
+    fn drop(&mut self) {
+        redis_clear(std::mem::take(&mut self.urls), self.prefix.clone());
+    }
+}
+
+/// Deletes every key under `prefix` on each node of `urls`. Best effort, on a thread of its
+/// own (it may run from `Drop`): leftover keys expire by themselves anyway.
+pub fn redis_clear(urls: Vec<String>, prefix: String) {
+    let pattern = format!("{prefix}:*");
+    let _ = std::thread::spawn(move || {
+        for url in urls {
+            let Ok(client) = redis::Client::open(url.as_str()) else {
+                continue;
+            };
+            let Ok(mut conn) = client.get_connection() else {
+                continue;
+            };
+            let keys: Vec<String> = redis::cmd("KEYS")
+                .arg(&pattern)
+                .query(&mut conn)
+                .unwrap_or_default();
+            for key in keys {
+                let _: redis::RedisResult<i64> = redis::cmd("DEL").arg(key).query(&mut conn);
+            }
+        }
+    })
+    .join();
+}
+
+/// How long a test Redis store keeps expired records (short, so the purge checks are quick).
+pub const REDIS_TEST_RETENTION: Duration = Duration::from_secs(1);
+
+pub fn redis_options() -> (String, idem_runtime::store::RedisStoreOptions) {
+    let prefix = format!("idem-test-{:016x}", fastrand::u64(..));
+    let options = idem_runtime::store::RedisStoreOptions::new()
+        .prefix(prefix.clone())
+        .retention(REDIS_TEST_RETENTION);
+    (prefix, options)
+}
+
+pub async fn redis_store() -> Option<RedisFixture> {
+    let url = redis_url();
+    let (prefix, options) = redis_options();
+    match idem_runtime::store::RedisStore::connect_with(&url, options).await {
+        Ok(store) => Some(RedisFixture {
+            store,
+            prefix,
+            urls: vec![url],
+        }),
+        Err(e) => {
+            server_missing("Redis", "IDEM_TEST_REDIS_URL", &url, &e);
+            None
+        }
+    }
+}
+
+pub async fn redis_cluster_store() -> Option<RedisFixture> {
+    let urls = redis_cluster_urls();
+    let nodes: Vec<&str> = urls.split(',').map(str::trim).collect();
+    let (prefix, options) = redis_options();
+    match idem_runtime::store::RedisStore::connect_cluster(&nodes, options).await {
+        Ok(store) => Some(RedisFixture {
+            store,
+            prefix,
+            urls: nodes.iter().map(|n| n.to_string()).collect(),
+        }),
+        Err(e) => {
+            server_missing(
+                "the Redis Cluster",
+                "IDEM_TEST_REDIS_CLUSTER",
+                &urls,
+                &format!("{e}; scripts/redis-cluster.sh start"),
+            );
+            None
+        }
+    }
+}
+
+pub async fn redis_backend() -> Option<Backend> {
+    let fixture = redis_store().await?;
+    Some(Backend {
+        store: Arc::new(fixture.store.clone()),
+        _guard: Some(Box::new(fixture)),
+    })
+}
+
+pub async fn redis_cluster_backend() -> Option<Backend> {
+    let fixture = redis_cluster_store().await?;
+    Some(Backend {
+        store: Arc::new(fixture.store.clone()),
+        _guard: Some(Box::new(fixture)),
+    })
 }

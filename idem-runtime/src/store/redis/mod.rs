@@ -1,0 +1,351 @@
+//! Redis (feature `redis`): one node, or a Redis Cluster.
+//!
+//! Each record is one Redis hash, under a key whose hash tag is the whole record id
+//! (`idem_records:{<blake3 of namespace and key>}`), so all of a record lives in one slot of a
+//! cluster and keys never appear in Redis in the clear. Every verb is one Lua script, so it
+//! is atomic on the server: `reserve` inserts if absent (and otherwise returns the record),
+//! `take_over` is a compare-and-set on the fence, and heartbeat, finalize and release change
+//! the record only while it holds the caller's fence and is in progress. Times come from the
+//! server's clock (`TIME` inside the script), so replicas with skewed clocks agree.
+//!
+//! Redis deletes records by itself: each key expires (`PEXPIREAT`) a retention period
+//! (default 60 s) after its lease or its result expires, the time in which an abandoned
+//! reservation can still be taken over (and counted as such) and an expired result is still
+//! seen as expired rather than absent. So there is no purge job: [`Store::purge`] does
+//! nothing.
+//!
+//! How durable a record is depends on the server's persistence, not on idem: see the README
+//! ("Redis: what survives a restart"). [`RedisStoreOptions::wait_replicas`] makes every write
+//! wait for replicas (`WAIT`) before it counts.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use redis::aio::ConnectionManagerConfig;
+use redis::{Script, Value};
+
+use self::link::{Link, Opener};
+use self::scripts::{Scripts, record};
+use super::{Claim, Fence, Record, Reservation, Store, StoredResult};
+use crate::Error;
+use crate::error::StoreError;
+use crate::key::RecordId;
+
+mod link;
+mod scripts;
+
+/// How a [`RedisStore`] keeps its records.
+#[derive(Clone, Debug)]
+pub struct RedisStoreOptions {
+    prefix: String,
+    retention: Duration,
+    wait_replicas: Option<(u32, Duration)>,
+    connect_timeout: Duration,
+}
+
+impl Default for RedisStoreOptions {
+    fn default() -> Self {
+        RedisStoreOptions {
+            prefix: super::DEFAULT_TABLE.into(),
+            retention: Duration::from_secs(60),
+            wait_replicas: None,
+            connect_timeout: Duration::from_secs(3),
+        }
+    }
+}
+
+impl RedisStoreOptions {
+    /// Default options: prefix `idem_records` (the SQL stores' default table), 60 s
+    /// retention, no `WAIT`, 3 s to connect.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The prefix of every key (`<prefix>:{..}`), to keep services sharing one Redis apart.
+    pub fn prefix(mut self, prefix: impl Into<String>) -> Self {
+        self.prefix = prefix.into();
+        self
+    }
+
+    /// How long a record is kept after its lease or result expired, before Redis deletes it
+    /// (default 60 s): in that time an abandoned reservation is taken over, and counted as a
+    /// takeover, rather than found absent.
+    pub fn retention(mut self, retention: Duration) -> Self {
+        self.retention = retention;
+        self
+    }
+
+    /// Every write (a reservation, a takeover, a heartbeat, a result, a release) counts only
+    /// once `replicas` replicas have acknowledged it, waited for at most `timeout` (`WAIT`).
+    /// Fewer in time fail the statement: the call fails closed before its body, or keeps
+    /// retrying its result. Off by default.
+    pub fn wait_replicas(mut self, replicas: u32, timeout: Duration) -> Self {
+        self.wait_replicas = (replicas > 0).then_some((replicas, timeout));
+        self
+    }
+
+    /// How long connecting may take (default 3 s).
+    pub fn connect_timeout(mut self, timeout: Duration) -> Self {
+        self.connect_timeout = timeout;
+        self
+    }
+}
+
+/// A [`Store`] in Redis: one node (`redis://`) or a Redis Cluster (feature `redis`).
+///
+/// ```no_run
+/// # async fn demo() -> Result<(), idem_runtime::Error> {
+/// use idem_runtime::{Idem, store::RedisStore};
+/// let idem = Idem::builder()
+///     .store(RedisStore::connect("redis://127.0.0.1:6379").await?)
+///     .install()?;
+/// # Ok(()) }
+/// ```
+#[derive(Clone)]
+pub struct RedisStore {
+    link: Arc<Link>,
+    prefix: Arc<str>,
+    retention: Duration,
+    wait_replicas: Option<(u32, Duration)>,
+    scripts: Arc<Scripts>,
+}
+
+impl std::fmt::Debug for RedisStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let kind = if self.link.is_cluster() {
+            "cluster"
+        } else {
+            "node"
+        };
+        f.debug_struct("RedisStore")
+            .field("connection", &kind)
+            .field("prefix", &self.prefix)
+            .finish_non_exhaustive()
+    }
+}
+
+fn unavailable(e: redis::RedisError) -> Error {
+    Error::StoreUnavailable {
+        function: "idem",
+        source: StoreError::new(e),
+    }
+}
+
+impl RedisStore {
+    /// Connects to one Redis node at `url` (`redis://host:port/db`) with default options.
+    pub async fn connect(url: &str) -> Result<RedisStore, Error> {
+        Self::connect_with(url, RedisStoreOptions::default()).await
+    }
+
+    /// Connects to one Redis node at `url` with `options`. The connection reconnects by
+    /// itself after the server goes away.
+    pub async fn connect_with(url: &str, options: RedisStoreOptions) -> Result<RedisStore, Error> {
+        let client = redis::Client::open(url)
+            .map_err(|e| Error::Config(format!("invalid Redis URL: {e}")))?;
+        // No response timeout of the client's own (its default is 500 ms, shorter than a
+        // `WAIT` may take): the engine bounds every call with its `store_timeout`.
+        let config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(options.connect_timeout))
+            .set_response_timeout(None)
+            .set_number_of_retries(1);
+        Self::with(Opener::Node(client, config), options).await
+    }
+
+    /// Connects to a Redis Cluster through any of its `nodes` (`redis://host:port` each).
+    pub async fn connect_cluster(
+        nodes: &[&str],
+        options: RedisStoreOptions,
+    ) -> Result<RedisStore, Error> {
+        let client = redis::cluster::ClusterClientBuilder::new(nodes.to_vec())
+            .connection_timeout(options.connect_timeout)
+            .build()
+            .map_err(|e| Error::Config(format!("invalid Redis Cluster nodes: {e}")))?;
+        Self::with(Opener::Cluster(client), options).await
+    }
+
+    async fn with(opener: Opener, options: RedisStoreOptions) -> Result<RedisStore, Error> {
+        let store = RedisStore {
+            link: Link::open(opener).await.map_err(unavailable)?,
+            prefix: options.prefix.into(),
+            retention: options.retention,
+            wait_replicas: options.wait_replicas,
+            scripts: Arc::new(Scripts::new()),
+        };
+        // Reachable now, not at the first call.
+        let probe = store.key(&RecordId::new("idem", "probe"));
+        store
+            .eval::<Value>(&store.scripts.load, &probe, &[], false)
+            .await
+            .map_err(|source| Error::StoreUnavailable {
+                function: "idem",
+                source,
+            })?;
+        Ok(store)
+    }
+
+    /// The Redis key of a record: its whole id, hashed, as the hash tag.
+    fn key(&self, id: &RecordId) -> String {
+        let mut h = blake3::Hasher::new();
+        h.update(id.namespace().as_bytes());
+        h.update(&[0xff]); // never part of UTF-8, so the boundary is unambiguous
+        h.update(id.key().as_bytes());
+        let hex = h.finalize().to_hex();
+        format!("{}:{{{}}}", self.prefix, &hex[..32])
+    }
+
+    /// Runs `script` on `key`'s node; a write (`write` true) then waits for the configured
+    /// replicas.
+    async fn eval<T: redis::FromRedisValue>(
+        &self,
+        script: &Script,
+        key: &str,
+        args: &[&[u8]],
+        write: bool,
+    ) -> Result<T, StoreError> {
+        let mut cmd = redis::cmd("EVALSHA");
+        cmd.arg(script.get_hash()).arg(1).arg(key);
+        for arg in args {
+            cmd.arg(*arg);
+        }
+        let replicas = if write { self.wait_replicas } else { None };
+        let value = match self.link.send(&cmd, key, replicas).await {
+            Err(e) if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) => {
+                // The server forgot its scripts (restarted, or a new cluster node): load them.
+                self.link.load(script).await.map_err(StoreError::new)?;
+                self.link.send(&cmd, key, replicas).await
+            }
+            other => other,
+        }
+        .map_err(|e| {
+            let error = StoreError::new(e);
+            // A write whose reply is missing (or whose replicas did not answer) may have been
+            // applied: the engine then releases it, fenced, rather than assume it was not.
+            if write { error.maybe_applied() } else { error }
+        })?;
+        redis::from_redis_value(value)
+            .map_err(|e| StoreError::msg(format!("malformed Redis reply: {e}")))
+    }
+
+    fn claim_args<'a>(&self, claim: &'a Claim<'_>, buf: &'a mut ClaimArgs) -> [&'a [u8]; 5] {
+        buf.fence = claim.fence.get().to_string();
+        buf.lease = millis(claim.lease).to_string();
+        buf.retention = millis(self.retention).to_string();
+        [
+            buf.fence.as_bytes(),
+            claim.owner.as_bytes(),
+            claim.fingerprint.map_or(&[][..], |f| &f.as_bytes()[..]),
+            buf.lease.as_bytes(),
+            buf.retention.as_bytes(),
+        ]
+    }
+}
+
+/// The text forms of a claim's numbers, kept alive while the script runs.
+#[derive(Default)]
+struct ClaimArgs {
+    fence: String,
+    lease: String,
+    retention: String,
+}
+
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX).max(1)
+}
+
+#[async_trait::async_trait]
+impl Store for RedisStore {
+    async fn reserve(&self, claim: &Claim<'_>) -> Result<Reservation, StoreError> {
+        let key = self.key(claim.id);
+        let mut buf = ClaimArgs::default();
+        let args = self.claim_args(claim, &mut buf);
+        let mut out: Vec<Value> = self.eval(&self.scripts.reserve, &key, &args, true).await?;
+        match out
+            .first()
+            .map(|v| redis::from_redis_value::<i64>(v.clone()))
+        {
+            Some(Ok(1)) => Ok(Reservation::Acquired),
+            Some(Ok(0)) => Ok(Reservation::Exists(record(out.split_off(1))?)),
+            _ => Err(StoreError::msg("malformed Redis reply to reserve")),
+        }
+    }
+
+    async fn load(&self, id: &RecordId) -> Result<Option<Record>, StoreError> {
+        let fields: Option<Vec<Value>> = self
+            .eval(&self.scripts.load, &self.key(id), &[], false)
+            .await?;
+        fields.map(record).transpose()
+    }
+
+    async fn take_over(&self, claim: &Claim<'_>, observed: Fence) -> Result<bool, StoreError> {
+        let key = self.key(claim.id);
+        let mut buf = ClaimArgs::default();
+        let args = self.claim_args(claim, &mut buf);
+        let observed = observed.get().to_string();
+        let mut all = args.to_vec();
+        all.push(observed.as_bytes());
+        Ok(self
+            .eval::<i64>(&self.scripts.take_over, &key, &all, true)
+            .await?
+            == 1)
+    }
+
+    async fn heartbeat(
+        &self,
+        id: &RecordId,
+        fence: Fence,
+        lease: Duration,
+    ) -> Result<bool, StoreError> {
+        let (fence, lease) = (fence.get().to_string(), millis(lease).to_string());
+        let retention = millis(self.retention).to_string();
+        let args = [fence.as_bytes(), lease.as_bytes(), retention.as_bytes()];
+        Ok(self
+            .eval::<i64>(&self.scripts.heartbeat, &self.key(id), &args, true)
+            .await?
+            == 1)
+    }
+
+    async fn finalize(
+        &self,
+        id: &RecordId,
+        fence: Fence,
+        result: &StoredResult,
+        ttl: Duration,
+    ) -> Result<bool, StoreError> {
+        let (fence, ttl) = (fence.get().to_string(), millis(ttl).to_string());
+        let retention = millis(self.retention).to_string();
+        let args = [
+            fence.as_bytes(),
+            result.bytes.as_slice(),
+            result.codec.as_str().as_bytes(),
+            ttl.as_bytes(),
+            retention.as_bytes(),
+        ];
+        Ok(self
+            .eval::<i64>(&self.scripts.finalize, &self.key(id), &args, true)
+            .await?
+            == 1)
+    }
+
+    async fn release(&self, id: &RecordId, fence: Fence) -> Result<bool, StoreError> {
+        let fence = fence.get().to_string();
+        let args = [fence.as_bytes()];
+        Ok(self
+            .eval::<i64>(&self.scripts.release, &self.key(id), &args, true)
+            .await?
+            == 1)
+    }
+
+    /// Nothing to do: Redis deletes each record by itself, its retention period after its
+    /// lease or result expired ([`RedisStoreOptions::retention`]).
+    async fn purge(&self, _limit: u32) -> Result<u64, StoreError> {
+        Ok(0)
+    }
+
+    fn self_expiry(&self) -> Option<Duration> {
+        Some(self.retention)
+    }
+
+    fn backend(&self) -> &'static str {
+        "redis"
+    }
+}
