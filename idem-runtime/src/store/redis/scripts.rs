@@ -25,20 +25,21 @@ macro_rules! script {
 /// lease and expiry as milliseconds left, result and codec.
 const READ: &str = "local r = redis.call('HMGET', k, 'st', 'fp', 'fe', 'ow', 'at', 'lu', 'ex', 'rs', 'cd')
 if not r[1] then return false end
-return {r[1], r[2], r[3], r[4], tonumber(r[5]), tonumber(r[6] or now) - now, tonumber(r[7]) - now, r[8], r[9]}";
+return {r[1], r[2], r[3], r[4], tonumber(r[5]), tonumber(r[6]) - now, tonumber(r[7]) - now, r[8], r[9]}";
 
 /// Writes a fresh in-progress record owned by ARGV 1-4 (fence, owner, fingerprint or '',
-/// lease ms); ARGV[5] is the retention in ms. Expects `attempts`.
-const WRITE_CLAIM: &str = "redis.call('DEL', k)
-local until_ms = now + tonumber(ARGV[4])
+/// lease ms) over an absent key; ARGV[5] is the retention in ms. Expects `attempts`.
+const WRITE_CLAIM: &str = "local until_ms = now + tonumber(ARGV[4])
 redis.call('HSET', k, 'st', 'in_progress', 'fe', ARGV[1], 'ow', ARGV[2], 'at', attempts, 'lu', until_ms, 'ex', until_ms)
 if ARGV[3] ~= '' then redis.call('HSET', k, 'fp', ARGV[3]) end
 redis.call('PEXPIREAT', k, until_ms + tonumber(ARGV[5]))";
 
+/// Inserts if absent (`{1}`), else returns `{0, <the record as READ returns it>}`. One read
+/// serves both: every record has a state.
 const RESERVE: &str = script!(
-    "if redis.call('EXISTS', k) == 1 then
-  local r = redis.call('HMGET', k, 'st', 'fp', 'fe', 'ow', 'at', 'lu', 'ex', 'rs', 'cd')
-  return {0, r[1], r[2], r[3], r[4], tonumber(r[5]), tonumber(r[6] or now) - now, tonumber(r[7]) - now, r[8], r[9]}
+    "local r = redis.call('HMGET', k, 'st', 'fp', 'fe', 'ow', 'at', 'lu', 'ex', 'rs', 'cd')
+if r[1] then
+  return {0, r[1], r[2], r[3], r[4], tonumber(r[5]), tonumber(r[6]) - now, tonumber(r[7]) - now, r[8], r[9]}
 end
 local attempts = 1
 {WRITE_CLAIM}
@@ -56,6 +57,7 @@ local over = (r[1] == 'in_progress' and tonumber(r[3]) <= now)
 if not over then return 0 end
 local attempts = 1
 if r[1] == 'in_progress' then attempts = tonumber(r[5]) + 1 end
+redis.call('DEL', k)
 {WRITE_CLAIM}
 return 1"
 );
@@ -75,7 +77,6 @@ const FINALIZE: &str = script!(
     "local r = redis.call('HMGET', k, 'st', 'fe')
 if r[1] ~= 'in_progress' or r[2] ~= ARGV[1] then return 0 end
 local until_ms = now + tonumber(ARGV[4])
-redis.call('HDEL', k, 'lu')
 redis.call('HSET', k, 'st', 'completed', 'rs', ARGV[2], 'cd', ARGV[3], 'ex', until_ms)
 redis.call('PEXPIREAT', k, until_ms + tonumber(ARGV[5]))
 return 1"
