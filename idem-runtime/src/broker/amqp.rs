@@ -1,0 +1,34 @@
+//! The idempotency key of an AMQP 0.9.1 delivery, as RabbitMQ sends it (feature `amqp`).
+//!
+//! AMQP has one message identity, the `message_id` property, set by the publisher. The
+//! delivery tag is not one: it numbers deliveries on one channel, and a redelivery gets a new
+//! one. Publishers must set a `message_id` that stays the same when they retry a publish (a
+//! UUID made once per logical message, or the business id it carries).
+
+use lapin::message::Delivery;
+
+use super::NoMessageId;
+
+/// The delivery's `message_id` property, as the key.
+///
+/// Fails with [`NoMessageId`] when the property is missing or empty; publish with
+/// `BasicProperties::default().with_message_id(..)`.
+///
+/// ```no_run
+/// # async fn handle(delivery: lapin::message::Delivery) -> Result<(), Box<dyn std::error::Error>> {
+/// let key = idem_runtime::broker::amqp::message_id(&delivery)?;
+/// # let _ = key; Ok(()) }
+/// ```
+pub fn message_id(delivery: &Delivery) -> Result<&str, NoMessageId> {
+    delivery
+        .properties
+        .message_id()
+        .as_ref()
+        .map(|id| id.as_str())
+        .filter(|id| !id.is_empty())
+        .ok_or(NoMessageId::new(
+            "AMQP",
+            "`message_id` property",
+            "publish it with one (`BasicProperties::default().with_message_id(..)`) that stays the same when the publish is retried",
+        ))
+}
