@@ -132,7 +132,8 @@ pub(crate) struct Chaos {
     crash_rate: f64,
     /// The share of committed messages sent back to the broker instead of acked.
     redeliver_rate: f64,
-    /// Stop forever at this point of the n-th message handled (1-based).
+    /// Stop forever at this point of the n-th message handled (1-based), or of the first
+    /// message after it that reaches the point.
     hang: Option<(Before, u64)>,
     handled: AtomicU64,
     pub(crate) tally: std::sync::Arc<Tally>,
@@ -179,9 +180,14 @@ impl Chaos {
 
     /// Whether the consumer dies at `point` of the current message `key`. In the demo that is
     /// a coin toss, and the caller drops what it holds, as a dead process would. A kill-test
-    /// worker whose hang point this is prints `HANG` and never returns: the test kills it.
+    /// worker that reaches its hang point (on its n-th message or, if that one does not pass
+    /// there, a replay say, the first after it that does) prints `HANG` and never returns:
+    /// the test kills it.
     pub(crate) async fn crash(&self, point: Before, key: &str) -> bool {
-        if self.hang == Some((point, self.handled.load(Relaxed))) {
+        if self
+            .hang
+            .is_some_and(|(p, n)| p == point && self.handled.load(Relaxed) >= n)
+        {
             self.tally.lines_hang(key, point);
             std::future::pending::<()>().await;
         }
