@@ -14,7 +14,7 @@ cargo fmt --all --check
 echo "== cargo clippy"
 cargo clippy --workspace --all-targets --all-features -- -D warnings
 # Each backend alone must build warning-free too: users enable one feature, not all.
-for features in "" "sqlite" "postgres" "mysql" "axum"; do
+for features in "" "sqlite" "postgres" "mysql" "axum" "nats" "amqp"; do
   echo "== cargo clippy -p idem-runtime --no-default-features --features '$features'"
   cargo clippy -p idem-runtime --no-default-features --features "$features" -- -D warnings
 done

@@ -32,3 +32,37 @@ pub fn message_id(delivery: &Delivery) -> Result<&str, NoMessageId> {
             "publish it with one (`BasicProperties::default().with_message_id(..)`) that stays the same when the publish is retried",
         ))
 }
+
+#[cfg(test)]
+mod tests {
+    use lapin::BasicProperties;
+    use lapin::message::Delivery;
+
+    use super::message_id;
+
+    fn delivery(properties: BasicProperties) -> Delivery {
+        let mut d = Delivery::mock(1, "".into(), "orders".into(), true, b"{}".to_vec());
+        d.properties = properties;
+        d
+    }
+
+    #[test]
+    fn the_key_is_the_message_id_and_a_redelivery_keeps_it() {
+        let d = delivery(BasicProperties::default().with_message_id("order-7".into()));
+        assert_eq!(message_id(&d), Ok("order-7"));
+    }
+
+    #[test]
+    fn a_delivery_without_a_message_id_is_refused_with_the_fix() {
+        for properties in [
+            BasicProperties::default(),
+            BasicProperties::default().with_message_id("".into()),
+        ] {
+            let err = message_id(&delivery(properties)).unwrap_err().to_string();
+            assert_eq!(
+                err,
+                "the AMQP message has no `message_id` property, so it cannot be deduplicated: publish it with one (`BasicProperties::default().with_message_id(..)`) that stays the same when the publish is retried"
+            );
+        }
+    }
+}
