@@ -506,6 +506,47 @@ macro_rules! read_and_drop {
     }};
 }
 
+/// Drops a test's tables on a server database when the test ends, passed or failed.
+struct Tables {
+    store: String,
+    table: String,
+}
+
+impl Drop for Tables {
+    fn drop(&mut self) {
+        let (store, t) = (self.store.clone(), self.table.clone());
+        let sql = [
+            format!("DROP TABLE IF EXISTS {t}_orders"),
+            format!("DROP TABLE IF EXISTS {t}"),
+            format!("DELETE FROM idem_schema WHERE table_name = '{t}'"),
+        ];
+        // A thread of its own: this may run while a test thread unwinds out of `block_on`.
+        let _ = std::thread::spawn(move || {
+            use sqlx::Connection;
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async {
+                if store.starts_with("postgres") {
+                    if let Ok(mut c) = sqlx::PgConnection::connect(&store).await {
+                        for q in sql {
+                            let _ = sqlx::raw_sql(sqlx::AssertSqlSafe(q)).execute(&mut c).await;
+                        }
+                    }
+                } else if store.starts_with("mysql")
+                    && let Ok(mut c) = sqlx::MySqlConnection::connect(&store).await
+                {
+                    for q in sql {
+                        let _ = sqlx::raw_sql(sqlx::AssertSqlSafe(q)).execute(&mut c).await;
+                    }
+                }
+            });
+        })
+        .join();
+    }
+}
+
 /// The emails the provider sent: message -> email id, and how many calls it received.
 fn outbox(dir: &Path) -> (BTreeMap<String, Vec<String>>, usize) {
     let mut sent: BTreeMap<String, Vec<String>> = BTreeMap::new();
@@ -614,6 +655,10 @@ fn consumers_survive_kills(broker: Broker, db: Database, role: Role) {
     // Three kills at each point, each after a random number of messages.
     let plan: Vec<(&str, u64)> = (0..6).map(|i| (points[i % 2], rng.u64(1..=5))).collect();
 
+    let _tables = Tables {
+        store: store.clone(),
+        table: table.clone(),
+    };
     let seen = run_workers(&queue, &base, &plan, seed);
     let left = queue.left();
     drop(queue);
