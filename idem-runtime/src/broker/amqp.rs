@@ -3,7 +3,9 @@
 //! AMQP has one message identity, the `message_id` property, set by the publisher. The
 //! delivery tag is not one: it numbers deliveries on one channel, and a redelivery gets a new
 //! one. Publishers must set a `message_id` that stays the same when they retry a publish (a
-//! UUID made once per logical message, or the business id it carries).
+//! UUID made once per logical message, or the business id it carries). When a handler reads
+//! from queues fed by publishers that may reuse each other's ids, make the queue (or the
+//! publisher's `app_id`) the call's `scope`.
 
 use lapin::message::Delivery;
 

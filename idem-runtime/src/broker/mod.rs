@@ -33,7 +33,6 @@ pub struct NoMessageId {
 }
 
 impl NoMessageId {
-    #[cfg_attr(not(any(feature = "nats", feature = "amqp")), allow(dead_code))]
     pub(crate) fn new(broker: &'static str, missing: &'static str, fix: &'static str) -> Self {
         NoMessageId {
             broker,

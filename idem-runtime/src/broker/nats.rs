@@ -13,6 +13,9 @@
 //!   created anew; a new message that meets an old record of the same sequence is refused
 //!   with `PayloadMismatch` (its payload differs), not answered with the old result, but it
 //!   will not go through until the records expire: give the new stream a new name.
+//!
+//! Either names a message only among those one handler consumes: when a handler reads from
+//! several streams whose publishers may reuse ids, make the stream the call's `scope`.
 
 use async_nats::header::NATS_MESSAGE_ID;
 use async_nats::jetstream::Message;
