@@ -111,7 +111,6 @@ async fn consume(
             continue;
         }
         msg.ack().await?;
-        chaos.tally.acked();
     }
     Ok(())
 }

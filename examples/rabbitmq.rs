@@ -132,7 +132,6 @@ async fn consume(
                 continue 'channel;
             }
             delivery.ack(BasicAckOptions::default()).await?;
-            chaos.tally.acked();
         }
         let _ = channel.close(200, "idle".into()).await;
         return Ok(());

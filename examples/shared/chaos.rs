@@ -48,7 +48,6 @@ pub(crate) struct Tally {
     /// Committed messages sent back on purpose: nacked, ack withheld, channel closed.
     pub(crate) forced_redeliveries: AtomicUsize,
     pub(crate) replays: AtomicUsize,
-    pub(crate) acks: AtomicUsize,
     /// Worker mode: print one line per event for the kill tests to read.
     pub(crate) lines: bool,
 }
@@ -188,7 +187,7 @@ impl Chaos {
             .hang
             .is_some_and(|(p, n)| p == point && self.handled.load(Relaxed) >= n)
         {
-            self.tally.lines_hang(key, point);
+            print_hang(key, point);
             std::future::pending::<()>().await;
         }
         let crashed = self.roll(self.crash_rate);
@@ -218,16 +217,9 @@ impl Chaos {
     }
 }
 
-impl Tally {
-    fn lines_hang(&self, key: &str, point: Before) {
-        // Always printed: only kill-test workers have hang points.
-        let mut out = std::io::stdout().lock();
-        let _ = writeln!(out, "HANG {key} {}", point.as_str());
-        let _ = out.flush();
-    }
-
-    /// Counts an ack.
-    pub(crate) fn acked(&self) {
-        self.acks.fetch_add(1, Relaxed);
-    }
+/// Tells the kill test where this worker stopped (only kill-test workers have hang points).
+fn print_hang(key: &str, point: Before) {
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "HANG {key} {}", point.as_str());
+    let _ = out.flush();
 }
