@@ -25,7 +25,8 @@ use super::NoMessageId;
 /// The message's `Nats-Msg-Id` header, as the key.
 ///
 /// Fails with [`NoMessageId`] when the header is missing or empty; publish with an id
-/// (`async_nats::jetstream::context::Publish::build().message_id(..)`, or the header).
+/// (`async_nats::jetstream::message::PublishMessage::build().message_id(..)`, or the
+/// header).
 ///
 /// ```no_run
 /// # async fn handle(msg: async_nats::jetstream::Message) -> Result<(), Box<dyn std::error::Error>> {
@@ -41,7 +42,7 @@ pub fn message_id(msg: &Message) -> Result<&str, NoMessageId> {
         .ok_or(NoMessageId::new(
             "NATS",
             "`Nats-Msg-Id` header",
-            "publish it with a message id (`Publish::build().message_id(..)`), or key on the stream sequence (`broker::nats::stream_sequence`)",
+            "publish it with a message id (`PublishMessage::build().message_id(..)`), or key on the stream sequence (`broker::nats::stream_sequence`)",
         ))
 }
 
