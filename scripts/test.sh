@@ -27,7 +27,7 @@ cargo fmt --all --check
 echo "== cargo clippy"
 cargo clippy --workspace --all-targets --all-features -- -D warnings
 # Each backend alone must build warning-free too: users enable one feature, not all.
-for features in "" "sqlite" "postgres" "mysql" "redis" "axum"; do
+for features in "" "sqlite" "postgres" "mysql" "redis" "axum" "nats" "amqp"; do
   echo "== cargo clippy -p idem-runtime --no-default-features --features '$features'"
   cargo clippy -p idem-runtime --no-default-features --features "$features" -- -D warnings
 done

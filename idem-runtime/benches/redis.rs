@@ -7,7 +7,8 @@
 //! - Replays served from Redis (local cache off) against a raw `GET`.
 //!
 //! Rounds alternate (raw, idem, raw, idem, ...) so machine noise lands on both; each figure
-//! is the median of its rounds. `cargo bench -p idem-runtime --bench redis --features redis`
+//! is the median of its rounds; every key expires within ten minutes, so an interrupted run
+//! leaves nothing for long. `cargo bench -p idem-runtime --bench redis --features redis`
 //! (`IDEM_TEST_REDIS_URL` picks the server).
 
 mod common;
@@ -29,12 +30,12 @@ const PEER_FIRST_1: f64 = 2_960.0;
 const PEER_FIRST_16: f64 = 2_892.0;
 const PEER_REPLAY_1: f64 = 2_303.0;
 
-#[idempotent(key = key, runtime = idem, skip_all, name = "bench.first")]
+#[idempotent(key = key, runtime = idem, skip_all, name = "bench.first", ttl = "PT10M")]
 async fn first(idem: &Idem, key: String) -> Result<u64, Error> {
     Ok(42)
 }
 
-#[idempotent(key = key, runtime = idem, skip_all, name = "bench.replay")]
+#[idempotent(key = key, runtime = idem, skip_all, name = "bench.replay", ttl = "PT10M")]
 async fn replayed(idem: &Idem, key: String) -> Result<u64, Error> {
     Ok(42)
 }
@@ -56,7 +57,7 @@ async fn raw_first(mut conn: ConnectionManager, key: String) {
         .arg("42")
         .arg("XX")
         .arg("PX")
-        .arg(86_400_000)
+        .arg(600_000)
         .query_async(&mut conn)
         .await
         .expect("result");
@@ -139,7 +140,7 @@ async fn run() {
             .arg(format!("{prefix}-raw:k{k}"))
             .arg("42")
             .arg("PX")
-            .arg(86_400_000)
+            .arg(600_000)
             .query_async(&mut seed)
             .await
             .expect("seed raw");

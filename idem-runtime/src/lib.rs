@@ -8,6 +8,8 @@
 )]
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
+#[cfg(any(feature = "nats", feature = "amqp"))]
+pub mod broker;
 mod cache;
 mod codec;
 mod config;
