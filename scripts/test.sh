@@ -6,9 +6,10 @@ cd "$(dirname "$0")/.."
 
 ./scripts/services.sh
 
-# A three-node Redis Cluster on loopback ports 17001-17003 for the cluster tests: started here
-# if it is not running, and stopped again when the tests end.
-if ! redis-cli -p 17001 cluster info 2>/dev/null | grep -q '^cluster_state:ok'; then
+# A three-node Redis Cluster on loopback ports 17001-17003 (IDEM_REDIS_CLUSTER_PORTS) for the
+# cluster tests: started here if it is not running, and stopped again when the tests end.
+cluster_ports=(${IDEM_REDIS_CLUSTER_PORTS:-17001 17002 17003})
+if ! redis-cli -p "${cluster_ports[0]}" cluster info 2>/dev/null | grep -q '^cluster_state:ok'; then
   if ./scripts/redis-cluster.sh start; then
     trap './scripts/redis-cluster.sh stop' EXIT
   elif [[ "${CI:-}" == "true" ]]; then
@@ -20,7 +21,8 @@ fi
 export IDEM_TEST_POSTGRES_URL="${IDEM_TEST_POSTGRES_URL:-postgres://postgres@127.0.0.1:5432/test}"
 export IDEM_TEST_MYSQL_URL="${IDEM_TEST_MYSQL_URL:-mysql://root@127.0.0.1:3306/test}"
 export IDEM_TEST_REDIS_URL="${IDEM_TEST_REDIS_URL:-redis://127.0.0.1:6379}"
-export IDEM_TEST_REDIS_CLUSTER="${IDEM_TEST_REDIS_CLUSTER:-redis://127.0.0.1:17001,redis://127.0.0.1:17002,redis://127.0.0.1:17003}"
+cluster_urls=$(printf 'redis://127.0.0.1:%s,' "${cluster_ports[@]}")
+export IDEM_TEST_REDIS_CLUSTER="${IDEM_TEST_REDIS_CLUSTER:-${cluster_urls%,}}"
 
 echo "== cargo fmt --check"
 cargo fmt --all --check

@@ -462,42 +462,12 @@ impl IdemConfig {
             ));
         }
         #[cfg(feature = "redis")]
-        if let Some(store) = self.connect_redis(url).await? {
+        if let Some(store) = crate::store::RedisStore::connect_url(url, &self.table).await? {
             return Ok(Arc::new(store));
         }
         Err(Error::Config(format!(
             "store {url:?} is not a store URL this build supports (`sqlite://path`, `postgres://..`, `mysql://..`, `redis://..`, `redis+cluster://..`, `memory:`); is the backend's cargo feature on?"
         )))
-    }
-}
-
-#[cfg(feature = "redis")]
-impl IdemConfig {
-    /// `redis://host:port/db` (one node) or `redis+cluster://host1:port1,host2:port2`
-    /// (a Redis Cluster, reached through any of the nodes listed); the key prefix is the
-    /// `table` setting. `None`: not a Redis URL.
-    async fn connect_redis(&self, url: &str) -> Result<Option<crate::store::RedisStore>, Error> {
-        use crate::store::{RedisStore, RedisStoreOptions};
-        let options = RedisStoreOptions::new().prefix(self.table.clone());
-        if let Some(nodes) = url.strip_prefix("redis+cluster://") {
-            let nodes: Vec<String> = nodes
-                .split(',')
-                .map(str::trim)
-                .filter(|n| !n.is_empty())
-                .map(|n| format!("redis://{n}"))
-                .collect();
-            if nodes.is_empty() {
-                return Err(Error::Config(
-                    "store: `redis+cluster://` names no node; list them as `redis+cluster://host1:port1,host2:port2`".into(),
-                ));
-            }
-            let nodes: Vec<&str> = nodes.iter().map(String::as_str).collect();
-            return RedisStore::connect_cluster(&nodes, options).await.map(Some);
-        }
-        if url.starts_with("redis://") || url.starts_with("rediss://") {
-            return RedisStore::connect_with(url, options).await.map(Some);
-        }
-        Ok(None)
     }
 }
 

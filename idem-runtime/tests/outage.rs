@@ -426,102 +426,24 @@ impl Drop for RedisCleanup {
 /// A private three-node Redis Cluster whose nodes announce proxies as their addresses, so
 /// all of the store's traffic (including what cluster redirects send it to) goes through
 /// proxies the test can cut. The nodes' cluster bus is direct: the cluster itself stays
-/// healthy while its clients are cut off. Nodes are killed when this drops.
-struct ProxiedCluster {
-    nodes: Vec<std::process::Child>,
-    _dir: tempfile::TempDir,
-}
-
-impl Drop for ProxiedCluster {
-    fn drop(&mut self) {
-        for node in &mut self.nodes {
-            let _ = node.kill();
-            let _ = node.wait();
-        }
-    }
-}
-
+/// healthy while its clients are cut off. Nodes are killed when the servers drop.
 async fn redis_cluster_proxied(
     base_port: u16,
-) -> Option<(Arc<dyn Store>, Proxies, ProxiedCluster)> {
-    use std::process::{Command, Stdio};
-    if let Err(e) = Command::new("redis-server").arg("--version").output() {
-        support::server_missing(
-            "redis-server (to start a private cluster)",
-            "PATH",
-            "PATH",
-            &e,
-        );
+) -> Option<(Arc<dyn Store>, Proxies, support::redis_servers::Servers)> {
+    if !support::redis_servers::available() {
         return None;
     }
-    let dir = tempfile::tempdir().unwrap();
-    let ports: Vec<u16> = (base_port..base_port + 3).collect();
+    let ports = [base_port, base_port + 1, base_port + 2];
     let mut proxies = Vec::new();
-    let mut cluster = ProxiedCluster {
-        nodes: Vec::new(),
-        _dir: tempfile::tempdir().unwrap(),
-    };
-    for &port in &ports {
-        let proxy = Proxy::start(([127, 0, 0, 1], port).into()).await;
-        let node = Command::new("redis-server")
-            .args(["--bind", "127.0.0.1", "--port", &port.to_string()])
-            .args(["--cluster-enabled", "yes", "--cluster-node-timeout", "2000"])
-            .arg("--cluster-config-file")
-            .arg(dir.path().join(format!("nodes-{port}.conf")))
-            .args(["--cluster-announce-ip", "127.0.0.1"])
-            .args(["--cluster-announce-port", &proxy.addr.port().to_string()])
-            .args(["--cluster-announce-bus-port", &(port + 10_000).to_string()])
-            .args(["--save", "", "--appendonly", "no"])
-            .arg("--dir")
-            .arg(dir.path())
-            .stdout(Stdio::null())
-            .spawn()
-            .unwrap();
-        cluster.nodes.push(node);
-        proxies.push(proxy);
+    for port in ports {
+        proxies.push(Proxy::start(([127, 0, 0, 1], port).into()).await);
     }
-    cluster._dir = dir;
-    let addrs: Vec<String> = ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
-    let formed = tokio::task::spawn_blocking(move || {
-        for addr in &addrs {
-            let url = format!("redis://{addr}");
-            let up = (0..100).any(|_| {
-                let ok = redis::Client::open(url.as_str())
-                    .and_then(|c| c.get_connection())
-                    .is_ok();
-                if !ok {
-                    std::thread::sleep(Duration::from_millis(50));
-                }
-                ok
-            });
-            assert!(up, "redis-server on {addr} did not start");
-        }
-        let status = Command::new("redis-cli")
-            .arg("--cluster")
-            .arg("create")
-            .args(&addrs)
-            .args(["--cluster-replicas", "0", "--cluster-yes"])
-            .stdout(Stdio::null())
-            .status()
-            .unwrap();
-        assert!(status.success(), "redis-cli --cluster create failed");
-        let url = format!("redis://{}", addrs[0]);
-        let mut conn = redis::Client::open(url.as_str())
-            .unwrap()
-            .get_connection()
-            .unwrap();
-        (0..200).any(|_| {
-            let info: String = redis::cmd("CLUSTER").arg("INFO").query(&mut conn).unwrap();
-            let ok = info.contains("cluster_state:ok");
-            if !ok {
-                std::thread::sleep(Duration::from_millis(50));
-            }
-            ok
-        })
+    let announce = [0, 1, 2].map(|i| proxies[i].addr.port());
+    let servers = tokio::task::spawn_blocking(move || {
+        support::redis_servers::cluster_announcing(ports, announce)
     })
     .await
     .unwrap();
-    assert!(formed, "the private Redis Cluster did not become ok");
     let nodes: Vec<String> = proxies
         .iter()
         .map(|p| format!("redis://{}", p.addr))
@@ -529,7 +451,7 @@ async fn redis_cluster_proxied(
     let nodes: Vec<&str> = nodes.iter().map(String::as_str).collect();
     let (_, options) = support::redis_options();
     let store = RedisStore::connect_cluster(&nodes, options).await.unwrap();
-    Some((Arc::new(store), Proxies(proxies), cluster))
+    Some((Arc::new(store), Proxies(proxies), servers))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

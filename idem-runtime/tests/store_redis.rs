@@ -158,4 +158,172 @@ mod settings {
         clear(&url, &prefix);
         drop(fixture);
     }
+
+    /// `SCRIPT FLUSH` on each node behind `urls` (what a restart or a failover does).
+    fn flush_scripts(urls: &[String]) {
+        for url in urls {
+            let mut conn = redis::Client::open(url.as_str())
+                .unwrap()
+                .get_connection()
+                .unwrap();
+            let _: () = redis::cmd("SCRIPT").arg("FLUSH").query(&mut conn).unwrap();
+        }
+    }
+
+    async fn survives_a_script_flush(store: RedisStore, urls: &[String]) {
+        let idem = Idem::builder().store(store).build().unwrap();
+        let runs = AtomicUsize::new(0);
+        assert_eq!(charge(&idem, &runs, "before").await.unwrap(), 1);
+        flush_scripts(urls);
+        assert_eq!(charge(&idem, &runs, "after").await.unwrap(), 2);
+        assert_eq!(charge(&idem, &runs, "after").await.unwrap(), 2, "replayed");
+    }
+
+    /// Regression: a server that forgot idem's scripts (a restart, a failover) failed every
+    /// write from then on, on a cluster with `wait_replicas`. The scripts are loaded again.
+    #[tokio::test]
+    async fn scripts_a_node_forgot_are_loaded_again() {
+        if let Some(fixture) = support::redis_store().await {
+            survives_a_script_flush(fixture.store.clone(), &[support::redis_url()]).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn scripts_a_cluster_forgot_are_loaded_again() {
+        if let Some(fixture) = support::redis_cluster_store().await {
+            let urls: Vec<String> = support::redis_cluster_urls()
+                .split(',')
+                .map(|u| u.trim().to_string())
+                .collect();
+            survives_a_script_flush(fixture.store.clone(), &urls).await;
+        }
+    }
+
+    /// With `wait_replicas(1, ..)` and a replica in sync, writes count once the replica has
+    /// them: the record is on the replica when the call returns, also after the primary
+    /// forgot its scripts.
+    async fn waits_for_its_replica(store: RedisStore, primary: u16, replica: u16, prefix: &str) {
+        survives_a_script_flush(store, &[format!("redis://127.0.0.1:{primary}")]).await;
+        let on_replica = keys(&format!("redis://127.0.0.1:{replica}"), prefix);
+        assert_eq!(
+            on_replica.len(),
+            2,
+            "both records reached the replica: {on_replica:?}"
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_write_waits_for_the_replica_of_a_node() {
+        if !support::redis_servers::available() {
+            return;
+        }
+        let servers =
+            tokio::task::spawn_blocking(|| support::redis_servers::primary_with_replica(17121))
+                .await
+                .unwrap();
+        let (prefix, options) = support::redis_options();
+        let options = options.wait_replicas(1, Duration::from_secs(2));
+        let store = RedisStore::connect_with("redis://127.0.0.1:17121", options)
+            .await
+            .unwrap();
+        waits_for_its_replica(store, 17121, 17122, &prefix).await;
+        drop(servers);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_write_waits_for_the_replica_of_a_cluster_primary() {
+        if !support::redis_servers::available() {
+            return;
+        }
+        let servers =
+            tokio::task::spawn_blocking(|| support::redis_servers::cluster_with_replica(17131))
+                .await
+                .unwrap();
+        let (prefix, options) = support::redis_options();
+        let options = options.wait_replicas(1, Duration::from_secs(2));
+        let store = RedisStore::connect_cluster(&["redis://127.0.0.1:17131"], options)
+            .await
+            .unwrap();
+        waits_for_its_replica(store, 17131, 17132, &prefix).await;
+        drop(servers);
+    }
+
+    #[tokio::test]
+    async fn options_that_would_misbehave_are_refused() {
+        let url = support::redis_url();
+        for (options, says) in [
+            (RedisStoreOptions::new().prefix("a{b}"), "prefix"),
+            (RedisStoreOptions::new().prefix(""), "prefix"),
+            (
+                RedisStoreOptions::new().retention(Duration::ZERO),
+                "retention",
+            ),
+            (
+                RedisStoreOptions::new().retention(Duration::MAX),
+                "retention",
+            ),
+            (
+                RedisStoreOptions::new().wait_replicas(1, Duration::from_micros(500)),
+                "wait_replicas",
+            ),
+        ] {
+            let err = RedisStore::connect_with(&url, options).await.unwrap_err();
+            assert!(
+                matches!(&err, Error::Config(m) if m.contains(says)),
+                "{says}: {err}"
+            );
+        }
+    }
+
+    /// The cluster client sends a command again after a dropped connection, so a reservation
+    /// or takeover may run twice: the second finds the caller's own fence and says so, rather
+    /// than report the caller's own record as someone else's (which would block the key for a
+    /// lease).
+    #[tokio::test]
+    async fn a_claim_sent_twice_is_still_the_callers() {
+        use idem_runtime::RecordId;
+        use idem_runtime::store::{Claim, Fence, Reservation, Store};
+        let Some(fixture) = support::redis_store().await else {
+            return;
+        };
+        let id = RecordId::new("resend/v0", "k");
+        let claim = |fence, lease| Claim {
+            id: &id,
+            fence,
+            owner: "test",
+            fingerprint: None,
+            lease,
+        };
+        let (first, second, third) = (Fence::random(), Fence::random(), Fence::random());
+        let short = Duration::from_millis(200);
+        for _ in 0..2 {
+            let r = fixture.reserve(&claim(first, short)).await.unwrap();
+            assert!(matches!(r, Reservation::Acquired), "{r:?}");
+        }
+        let other = fixture.reserve(&claim(second, short)).await.unwrap();
+        assert!(matches!(other, Reservation::Exists(_)), "{other:?}");
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        let lease = Duration::from_secs(30);
+        assert!(
+            fixture
+                .take_over(&claim(second, lease), first)
+                .await
+                .unwrap()
+        );
+        assert!(
+            fixture
+                .take_over(&claim(second, lease), first)
+                .await
+                .unwrap(),
+            "sent again"
+        );
+        assert!(
+            !fixture
+                .take_over(&claim(third, lease), first)
+                .await
+                .unwrap()
+        );
+        let record = fixture.load(&id).await.unwrap().unwrap();
+        assert_eq!((record.fence, record.attempts), (second, 2));
+    }
 }

@@ -140,6 +140,41 @@ pub async fn release_needs_the_owners_fence_and_frees_the_key(store: &dyn Store)
     );
 }
 
+/// A record whose owner keeps heartbeating lives on past its first lease, past any time the
+/// store keeps expired records (`self_expiry`) and through purges: a long body is never
+/// deleted from under its owner.
+pub async fn heartbeats_keep_a_record_past_its_first_lease(store: &dyn Store) {
+    let ns = ns();
+    let r = id(&ns, "k");
+    let fence = acquire(store, &r, SHORT).await;
+    let until = tokio::time::Instant::now()
+        + SHORT
+        + store.self_expiry().unwrap_or_default()
+        + Duration::from_millis(500);
+    while tokio::time::Instant::now() < until {
+        tokio::time::sleep(SHORT / 4).await;
+        assert!(
+            store.heartbeat(&r, fence, SHORT).await.expect("heartbeat"),
+            "the owner still holds its lease"
+        );
+        store.purge(10_000).await.expect("purge");
+    }
+    let rec = store.load(&r).await.expect("load").expect("still there");
+    assert_eq!(rec.state, RecordState::InProgress);
+    assert_eq!(rec.fence, fence);
+    assert!(
+        rec.lease_remaining > Duration::ZERO,
+        "{:?}",
+        rec.lease_remaining
+    );
+    assert!(
+        store
+            .finalize(&r, fence, &result(b"1"), TTL)
+            .await
+            .expect("finalize")
+    );
+}
+
 /// Takeover is refused while the lease runs and allowed once it is over, bumping `attempts`.
 pub async fn take_over_waits_for_the_lease_to_end(store: &dyn Store) {
     let ns = ns();

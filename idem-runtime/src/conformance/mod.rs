@@ -38,6 +38,7 @@ macro_rules! store_conformance_tests {
             finalize_needs_the_owners_fence,
             finalize_happens_once,
             heartbeat_extends_only_the_owners_lease,
+            heartbeats_keep_a_record_past_its_first_lease,
             release_needs_the_owners_fence_and_frees_the_key,
             take_over_waits_for_the_lease_to_end,
             take_over_is_a_compare_and_set_on_the_fence,

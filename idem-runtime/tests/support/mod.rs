@@ -2,6 +2,7 @@
 #![allow(dead_code, unreachable_pub, clippy::unwrap_used)]
 
 pub mod proxy;
+pub mod redis_servers;
 
 use std::ops::Deref;
 

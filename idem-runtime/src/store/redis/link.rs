@@ -5,8 +5,10 @@
 //! command sent on it waits, the engine gives up on each after its `store_timeout`, and the
 //! next ones queue behind them on the same multiplexed connection, for as long as TCP takes
 //! to notice (many minutes). So a command that was dropped before its reply came (the
-//! engine's timeout, or a cancelled call) marks its connection suspect: a fresh one is opened
-//! in the background and replaces it, and the old one closes when its last command ends.
+//! engine's timeout, or a cancelled call) or that timed out marks its connection suspect: in
+//! the background the connection is pinged, and if the ping gets no answer in time a fresh
+//! connection replaces it (the old one closes when its last command ends). A cancelled call on
+//! a healthy connection costs one ping.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
@@ -15,7 +17,7 @@ use std::time::Duration;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::cluster::ClusterClient;
 use redis::cluster_async::ClusterConnection;
-use redis::cluster_routing::{Route, SingleNodeRoutingInfo, SlotAddr};
+use redis::cluster_routing::{Route, RoutingInfo, SingleNodeRoutingInfo, SlotAddr};
 use redis::{Cmd, RedisError, RedisResult, Value};
 
 /// One node (reconnecting by itself after the connection drops) or a cluster.
@@ -26,6 +28,7 @@ pub(super) enum Connection {
 }
 
 /// How to open a fresh connection.
+#[derive(Clone)]
 pub(super) enum Opener {
     Node(redis::Client, ConnectionManagerConfig),
     Cluster(ClusterClient),
@@ -48,8 +51,15 @@ impl Opener {
 pub(super) struct Link {
     current: RwLock<(u64, Connection)>,
     opener: Opener,
-    replacing: AtomicBool,
+    /// A check of a suspect connection is under way.
+    checking: AtomicBool,
+    /// The runtime the store was opened on, which drives its connections: replacements are
+    /// opened there too, whichever runtime the abandoned call ran on.
+    runtime: tokio::runtime::Handle,
 }
+
+/// How long a suspect connection has to answer a ping before it is replaced.
+const PING_PATIENCE: Duration = Duration::from_secs(1);
 
 impl Link {
     pub(super) async fn open(opener: Opener) -> RedisResult<Arc<Link>> {
@@ -57,7 +67,8 @@ impl Link {
         Ok(Arc::new(Link {
             current: RwLock::new((0, conn)),
             opener,
-            replacing: AtomicBool::new(false),
+            checking: AtomicBool::new(false),
+            runtime: tokio::runtime::Handle::current(),
         }))
     }
 
@@ -70,30 +81,35 @@ impl Link {
         (guard.0, guard.1.clone())
     }
 
-    /// The connection of `generation` had a command abandoned: open a fresh one in the
-    /// background, unless that already happened or is happening.
-    fn suspect(self: &Arc<Self>, generation: u64) {
-        if self.current().0 != generation || self.replacing.swap(true, Ordering::AcqRel) {
+    /// A command on the connection of `generation` (to `key`'s node) got no reply: ping that
+    /// node on it in the background and replace the connection if the ping gets no answer.
+    /// One check at a time; a connection already replaced is left alone.
+    fn suspect(self: &Arc<Self>, generation: u64, key: &str) {
+        if self.current().0 != generation || self.checking.swap(true, Ordering::AcqRel) {
             return;
         }
-        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
-            self.replacing.store(false, Ordering::Release);
-            return;
-        };
-        let link = Arc::clone(self);
-        runtime.spawn(async move {
+        let (link, key) = (Arc::clone(self), key.to_owned());
+        self.runtime.spawn(async move {
+            let _done = Checked(&link.checking);
+            let (now, conn) = link.current();
+            if now != generation {
+                return;
+            }
+            let ping = tokio::time::timeout(PING_PATIENCE, ping(conn, &key)).await;
+            if matches!(ping, Ok(Ok(()))) {
+                return;
+            }
             match link.opener.open().await {
                 Ok(fresh) => {
                     let mut current = link.current.write().unwrap_or_else(|p| p.into_inner());
                     if current.0 == generation {
                         *current = (generation + 1, fresh);
-                        tracing::debug!("idem: replaced a Redis connection that went silent");
+                        tracing::warn!("idem: replaced a Redis connection that stopped answering");
                     }
                 }
-                // Still unreachable: the next abandoned command tries again.
+                // Still unreachable: the next abandoned command checks again.
                 Err(e) => tracing::debug!(error = %e, "idem: reopening Redis failed"),
             }
-            link.replacing.store(false, Ordering::Release);
         });
     }
 
@@ -111,12 +127,13 @@ impl Link {
         let mut pending = Pending {
             link: self,
             generation,
+            key,
             armed: true,
         };
         let out = send_on(conn, cmd, key, replicas).await;
         pending.armed = false;
         if out.as_ref().is_err_and(RedisError::is_timeout) {
-            self.suspect(generation);
+            self.suspect(generation, key);
         }
         out
     }
@@ -135,13 +152,37 @@ impl Link {
 struct Pending<'a> {
     link: &'a Arc<Link>,
     generation: u64,
+    key: &'a str,
     armed: bool,
 }
 
 impl Drop for Pending<'_> {
     fn drop(&mut self) {
         if self.armed {
-            self.link.suspect(self.generation);
+            self.link.suspect(self.generation, self.key);
+        }
+    }
+}
+
+/// Clears the "check under way" flag however the check ends (even if its task is dropped).
+struct Checked<'a>(&'a AtomicBool);
+
+impl Drop for Checked<'_> {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::Release);
+    }
+}
+
+/// `PING` to `key`'s node on `conn`.
+async fn ping(conn: Connection, key: &str) -> RedisResult<()> {
+    let ping = redis::cmd("PING");
+    match conn {
+        Connection::Node(mut c) => ping.query_async::<()>(&mut c).await,
+        Connection::Cluster(mut c) => {
+            let route = SingleNodeRoutingInfo::SpecificNode(Route::with_key(key, SlotAddr::Master));
+            c.route_command(ping, RoutingInfo::SingleNode(route))
+                .await
+                .map(drop)
         }
     }
 }
@@ -158,7 +199,8 @@ async fn send_on(
             Connection::Cluster(mut c) => cmd.query_async(&mut c).await,
         };
     };
-    let ms = u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX);
+    // Whole milliseconds, rounded up: `WAIT n 0` would wait forever.
+    let ms = u64::try_from(timeout.as_nanos().div_ceil(1_000_000)).unwrap_or(u64::MAX);
     let mut pipe = redis::pipe();
     pipe.add_command(cmd.clone())
         .cmd("WAIT")
@@ -178,6 +220,9 @@ async fn send_on(
     let [reply, acked]: [Value; 2] = replies
         .try_into()
         .map_err(|r: Vec<Value>| client_error("WAIT pipeline", format!("{} replies", r.len())))?;
+    // A routed pipeline hands back server errors as values: the script's (`NOSCRIPT`, say)
+    // must reach the caller as the error it is.
+    let reply = reply.extract_error()?;
     let acked: i64 =
         redis::from_redis_value(acked).map_err(|e| client_error("WAIT reply", e.to_string()))?;
     if acked < i64::from(replicas) {

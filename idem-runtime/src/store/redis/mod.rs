@@ -19,6 +19,7 @@
 //! wait for replicas (`WAIT`) before it counts.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use redis::aio::ConnectionManagerConfig;
@@ -33,6 +34,7 @@ use crate::key::RecordId;
 
 mod link;
 mod scripts;
+mod url;
 
 /// How a [`RedisStore`] keeps its records.
 #[derive(Clone, Debug)]
@@ -79,6 +81,11 @@ impl RedisStoreOptions {
     /// once `replicas` replicas have acknowledged it, waited for at most `timeout` (`WAIT`).
     /// Fewer in time fail the statement: the call fails closed before its body, or keeps
     /// retrying its result. Off by default.
+    ///
+    /// `WAIT` holds the connection it is sent on until the replicas answer, so waited writes
+    /// go over four connections of their own, and `timeout` should be
+    /// well under the runtime's `store_timeout`. It is counted in whole milliseconds, at
+    /// least 1 and at most an hour ([`Error::Config`] otherwise, when connecting).
     pub fn wait_replicas(mut self, replicas: u32, timeout: Duration) -> Self {
         self.wait_replicas = (replicas > 0).then_some((replicas, timeout));
         self
@@ -88,6 +95,42 @@ impl RedisStoreOptions {
     pub fn connect_timeout(mut self, timeout: Duration) -> Self {
         self.connect_timeout = timeout;
         self
+    }
+}
+
+/// How many connections carry writes that wait for replicas (`WAIT` blocks its connection).
+const WAIT_CONNECTIONS: usize = 4;
+
+/// The longest retention, and the longest `WAIT`, a store accepts.
+const MAX_RETENTION: Duration = Duration::from_secs(30 * 24 * 3600);
+const MAX_WAIT: Duration = Duration::from_secs(3600);
+
+impl RedisStoreOptions {
+    /// Refuses settings that would misbehave on the server: a prefix with a hash tag (every
+    /// record would land in one cluster slot), a zero or huge retention, a `WAIT` timeout
+    /// that rounds to 0 ms (which waits forever) or is huge.
+    fn check(&self) -> Result<(), Error> {
+        let bad = |m: String| Err(Error::Config(m));
+        if self.prefix.is_empty() || self.prefix.contains(['{', '}']) {
+            return bad(format!(
+                "Redis prefix {:?}: must be non-empty and free of `{{` and `}}` (the record's hash tag follows it)",
+                self.prefix
+            ));
+        }
+        if self.retention.is_zero() || self.retention > MAX_RETENTION {
+            return bad(format!(
+                "Redis retention {:?}: must be more than 0 and at most 30 days",
+                self.retention
+            ));
+        }
+        if let Some((_, timeout)) = self.wait_replicas
+            && (timeout < Duration::from_millis(1) || timeout > MAX_WAIT)
+        {
+            return bad(format!(
+                "Redis wait_replicas timeout {timeout:?}: must be at least 1 ms and at most an hour"
+            ));
+        }
+        Ok(())
     }
 }
 
@@ -104,6 +147,9 @@ impl RedisStoreOptions {
 #[derive(Clone)]
 pub struct RedisStore {
     link: Arc<Link>,
+    /// With `wait_replicas`: the connections waited writes take turns on.
+    writers: Arc<[Arc<Link>]>,
+    turn: Arc<AtomicUsize>,
     prefix: Arc<str>,
     retention: Duration,
     wait_replicas: Option<(u32, Duration)>,
@@ -140,6 +186,7 @@ impl RedisStore {
     /// Connects to one Redis node at `url` with `options`. The connection reconnects by
     /// itself after the server goes away.
     pub async fn connect_with(url: &str, options: RedisStoreOptions) -> Result<RedisStore, Error> {
+        options.check()?;
         let client = redis::Client::open(url)
             .map_err(|e| Error::Config(format!("invalid Redis URL: {e}")))?;
         // No response timeout of the client's own (its default is 500 ms, shorter than a
@@ -156,6 +203,7 @@ impl RedisStore {
         nodes: &[&str],
         options: RedisStoreOptions,
     ) -> Result<RedisStore, Error> {
+        options.check()?;
         let client = redis::cluster::ClusterClientBuilder::new(nodes.to_vec())
             .connection_timeout(options.connect_timeout)
             .build()
@@ -164,8 +212,16 @@ impl RedisStore {
     }
 
     async fn with(opener: Opener, options: RedisStoreOptions) -> Result<RedisStore, Error> {
+        let mut writers = Vec::new();
+        if options.wait_replicas.is_some() {
+            for _ in 0..WAIT_CONNECTIONS {
+                writers.push(Link::open(opener.clone()).await.map_err(unavailable)?);
+            }
+        }
         let store = RedisStore {
             link: Link::open(opener).await.map_err(unavailable)?,
+            writers: writers.into(),
+            turn: Arc::default(),
             prefix: options.prefix.into(),
             retention: options.retention,
             wait_replicas: options.wait_replicas,
@@ -180,7 +236,29 @@ impl RedisStore {
                 function: "idem",
                 source,
             })?;
+        store.warn_if_evicting().await;
         Ok(store)
+    }
+
+    /// Every record has a TTL, so a `volatile-*` or `allkeys-*` eviction policy lets Redis
+    /// drop reservations and results under memory pressure: say so at startup. (Managed
+    /// servers may refuse `CONFIG`; then nothing is said.)
+    async fn warn_if_evicting(&self) {
+        let mut get = redis::cmd("CONFIG");
+        get.arg("GET").arg("maxmemory-policy");
+        let probe = self.key(&RecordId::new("idem", "probe"));
+        let Ok(reply) = self.link.send(&get, &probe, None).await else {
+            return;
+        };
+        let policy = redis::from_redis_value::<Vec<String>>(reply)
+            .ok()
+            .and_then(|v| v.into_iter().nth(1));
+        if let Some(policy) = policy.filter(|p| p != "noeviction") {
+            tracing::warn!(
+                policy,
+                "idem: Redis may evict keys under memory pressure (maxmemory-policy is not noeviction): a lost reservation or result lets a retry run the body again"
+            );
+        }
     }
 
     /// The Redis key of a record: its whole id, hashed, as the hash tag.
@@ -208,19 +286,29 @@ impl RedisStore {
             cmd.arg(*arg);
         }
         let replicas = if write { self.wait_replicas } else { None };
-        let value = match self.link.send(&cmd, key, replicas).await {
+        let link = match replicas {
+            Some(_) => {
+                &self.writers[self.turn.fetch_add(1, Ordering::Relaxed) % self.writers.len()]
+            }
+            None => &self.link,
+        };
+        let value = match link.send(&cmd, key, replicas).await {
             Err(e) if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) => {
                 // The server forgot its scripts (restarted, or a new cluster node): load them.
-                self.link.load(script).await.map_err(StoreError::new)?;
-                self.link.send(&cmd, key, replicas).await
+                link.load(script).await.map_err(StoreError::new)?;
+                link.send(&cmd, key, replicas).await
             }
             other => other,
         }
         .map_err(|e| {
+            // A write whose reply went missing, or that too few replicas acknowledged, may
+            // have been applied: the engine then releases it, fenced, rather than assume it
+            // was not. A refused connection or a server error means it was not.
+            let unsure = write
+                && ((e.is_io_error() && !e.is_connection_refusal())
+                    || e.kind() == redis::ErrorKind::Client);
             let error = StoreError::new(e);
-            // A write whose reply is missing (or whose replicas did not answer) may have been
-            // applied: the engine then releases it, fenced, rather than assume it was not.
-            if write { error.maybe_applied() } else { error }
+            if unsure { error.maybe_applied() } else { error }
         })?;
         redis::from_redis_value(value)
             .map_err(|e| StoreError::msg(format!("malformed Redis reply: {e}")))
@@ -248,8 +336,13 @@ struct ClaimArgs {
     retention: String,
 }
 
+/// A duration in whole milliseconds for a script: at least 1, and at most about 31,000
+/// years, so Lua (whose numbers are doubles) keeps it exact and prints it as an integer.
 fn millis(d: Duration) -> u64 {
-    u64::try_from(d.as_millis()).unwrap_or(u64::MAX).max(1)
+    const MAX_MS: u64 = 1_000_000_000_000_000;
+    u64::try_from(d.as_millis())
+        .unwrap_or(MAX_MS)
+        .clamp(1, MAX_MS)
 }
 
 #[async_trait::async_trait]

@@ -35,9 +35,11 @@ if ARGV[3] ~= '' then redis.call('HSET', k, 'fp', ARGV[3]) end
 redis.call('PEXPIREAT', k, until_ms + tonumber(ARGV[5]))";
 
 /// Inserts if absent (`{1}`), else returns `{0, <the record as READ returns it>}`. One read
-/// serves both: every record has a state.
+/// serves both: every record has a state. A reservation already holding the caller's fence is
+/// the caller's own (the client sent the script again after a dropped connection): `{1}`.
 const RESERVE: &str = script!(
     "local r = redis.call('HMGET', k, 'st', 'fp', 'fe', 'ow', 'at', 'lu', 'ex', 'rs', 'cd')
+if r[1] == 'in_progress' and r[3] == ARGV[1] then return {1} end
 if r[1] then
   return {0, r[1], r[2], r[3], r[4], tonumber(r[5]), tonumber(r[6]) - now, tonumber(r[7]) - now, r[8], r[9]}
 end
@@ -48,9 +50,11 @@ return {1}"
 
 const LOAD: &str = script!("{READ}");
 
-/// ARGV 1-5 as for a claim, ARGV[6] the fence the caller saw.
+/// ARGV 1-5 as for a claim, ARGV[6] the fence the caller saw. A record already holding the
+/// caller's new fence is this takeover, sent again: 1.
 const TAKE_OVER: &str = script!(
     "local r = redis.call('HMGET', k, 'st', 'fe', 'lu', 'ex', 'at')
+if r[1] == 'in_progress' and r[2] == ARGV[1] then return 1 end
 if not r[1] or r[2] ~= ARGV[6] then return 0 end
 local over = (r[1] == 'in_progress' and tonumber(r[3]) <= now)
   or (r[1] == 'completed' and tonumber(r[4]) <= now)
@@ -72,9 +76,15 @@ redis.call('PEXPIREAT', k, until_ms + tonumber(ARGV[3]))
 return 1"
 );
 
-/// ARGV: fence, result, codec, ttl ms, retention ms.
+/// ARGV: fence, result, codec, ttl ms, retention ms. Refused (0) unless in progress under the
+/// caller's fence. Already completed under it (this finalize, sent again), it still writes
+/// one field, unchanged, so that a `WAIT` after it covers the earlier write.
 const FINALIZE: &str = script!(
     "local r = redis.call('HMGET', k, 'st', 'fe')
+if r[1] == 'completed' and r[2] == ARGV[1] then
+  redis.call('HSET', k, 'fe', ARGV[1])
+  return 0
+end
 if r[1] ~= 'in_progress' or r[2] ~= ARGV[1] then return 0 end
 local until_ms = now + tonumber(ARGV[4])
 redis.call('HSET', k, 'st', 'completed', 'rs', ARGV[2], 'cd', ARGV[3], 'ex', until_ms)
@@ -90,6 +100,12 @@ redis.call('DEL', k)
 return 1"
 );
 
+/// A script's text with its shared `{..}` parts filled in.
+fn fill(text: &str) -> String {
+    text.replace("{READ}", READ)
+        .replace("{WRITE_CLAIM}", WRITE_CLAIM)
+}
+
 /// The scripts, with their `{..}` parts filled in and their SHA1s worked out once.
 pub(super) struct Scripts {
     pub(super) reserve: Script,
@@ -102,19 +118,14 @@ pub(super) struct Scripts {
 
 impl Scripts {
     pub(super) fn new() -> Scripts {
-        let fill = |s: &str| {
-            Script::new(
-                &s.replace("{READ}", READ)
-                    .replace("{WRITE_CLAIM}", WRITE_CLAIM),
-            )
-        };
+        let script = |s: &str| Script::new(&fill(s));
         Scripts {
-            reserve: fill(RESERVE),
-            load: fill(LOAD),
-            take_over: fill(TAKE_OVER),
-            heartbeat: fill(HEARTBEAT),
-            finalize: fill(FINALIZE),
-            release: fill(RELEASE),
+            reserve: script(RESERVE),
+            load: script(LOAD),
+            take_over: script(TAKE_OVER),
+            heartbeat: script(HEARTBEAT),
+            finalize: script(FINALIZE),
+            release: script(RELEASE),
         }
     }
 }
@@ -179,20 +190,16 @@ mod tests {
     use super::*;
 
     #[test]
-    fn every_script_is_complete_lua() {
-        let scripts = Scripts::new();
-        for s in [
-            &scripts.reserve,
-            &scripts.load,
-            &scripts.take_over,
-            &scripts.heartbeat,
-            &scripts.finalize,
-            &scripts.release,
-        ] {
-            assert_eq!(s.get_hash().len(), 40);
-        }
-        for text in [RESERVE, LOAD, TAKE_OVER] {
+    fn every_script_has_its_parts_filled_in() {
+        for text in [RESERVE, LOAD, TAKE_OVER, HEARTBEAT, FINALIZE, RELEASE] {
             assert!(text.starts_with("local t = redis.call('TIME')"), "{text}");
+            let filled = fill(text);
+            assert!(
+                !filled.contains("{READ}") && !filled.contains("{WRITE_CLAIM}"),
+                "{filled}"
+            );
         }
+        assert!(fill(LOAD).contains("HMGET"));
+        assert!(fill(RESERVE).contains("PEXPIREAT"));
     }
 }

@@ -1,0 +1,113 @@
+//! Store URLs for Redis in a config file: `redis://..` and `redis+cluster://..`, with the
+//! store's own options as query parameters.
+
+use std::time::Duration;
+
+use super::{RedisStore, RedisStoreOptions};
+use crate::Error;
+
+impl RedisStore {
+    /// Connects to a store URL from a config file, or `None` if it is not a Redis URL.
+    ///
+    /// `redis://host:port/db` (one node) or `redis+cluster://host1:port1,host2:port2` (a Redis
+    /// Cluster, reached through any node listed; give each node its `user:password@` if the
+    /// cluster needs one). Query parameters `retention`, `wait_replicas` and `wait_timeout`
+    /// (durations as in the attribute: `PT60S`, `500ms`) set [`RedisStoreOptions`]; the rest
+    /// go to the client. `prefix` is the key prefix.
+    pub(crate) async fn connect_url(url: &str, prefix: &str) -> Result<Option<RedisStore>, Error> {
+        let cluster = url.strip_prefix("redis+cluster://");
+        if cluster.is_none() && !url.starts_with("redis://") && !url.starts_with("rediss://") {
+            return Ok(None);
+        }
+        let (base, query) = url.split_once('?').unwrap_or((url, ""));
+        let (options, rest) = options(query, RedisStoreOptions::new().prefix(prefix))?;
+        let with_rest = |u: &str| match rest.is_empty() {
+            true => u.to_string(),
+            false => format!("{u}?{rest}"),
+        };
+        let Some(nodes) = base.strip_prefix("redis+cluster://") else {
+            return RedisStore::connect_with(&with_rest(base), options)
+                .await
+                .map(Some);
+        };
+        let nodes: Vec<String> = nodes
+            .split(',')
+            .map(str::trim)
+            .filter(|n| !n.is_empty())
+            .map(|n| with_rest(&format!("redis://{n}")))
+            .collect();
+        if nodes.is_empty() {
+            return Err(Error::Config(
+                "store: `redis+cluster://` names no node; list them as `redis+cluster://host1:port1,host2:port2`".into(),
+            ));
+        }
+        let nodes: Vec<&str> = nodes.iter().map(String::as_str).collect();
+        RedisStore::connect_cluster(&nodes, options).await.map(Some)
+    }
+}
+
+/// Takes the store's parameters out of `query`; returns the options and the other parameters.
+fn options(
+    query: &str,
+    mut options: RedisStoreOptions,
+) -> Result<(RedisStoreOptions, String), Error> {
+    let bad = |m: String| Error::Config(format!("store URL: {m}"));
+    let duration = |name: &str, v: &str| {
+        idem_duration::parse(v).map_err(|e| bad(format!("{name}={v:?}: {e}")))
+    };
+    let mut rest = Vec::new();
+    let (mut replicas, mut timeout) = (None, None);
+    for pair in query.split('&').filter(|p| !p.is_empty()) {
+        let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
+        match name {
+            "retention" => options = options.retention(duration(name, value)?),
+            "wait_replicas" => {
+                let n = value.parse::<u32>().map_err(|_| {
+                    bad(format!("wait_replicas={value:?}: not a number of replicas"))
+                })?;
+                replicas = Some(n);
+            }
+            "wait_timeout" => timeout = Some(duration(name, value)?),
+            _ => rest.push(pair),
+        }
+    }
+    match (replicas, timeout) {
+        // One second unless said otherwise: replicas on a LAN answer in a millisecond or two.
+        (Some(n), t) => options = options.wait_replicas(n, t.unwrap_or(Duration::from_secs(1))),
+        (None, Some(_)) => return Err(bad("wait_timeout without wait_replicas".into())),
+        (None, None) => {}
+    }
+    Ok((options, rest.join("&")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_stores_parameters_are_taken_and_the_clients_kept() {
+        let (o, rest) = options(
+            "protocol=resp3&retention=PT2M&wait_replicas=2&wait_timeout=250ms",
+            RedisStoreOptions::new(),
+        )
+        .expect("valid");
+        assert_eq!(rest, "protocol=resp3");
+        assert_eq!(o.retention, Duration::from_secs(120));
+        assert_eq!(o.wait_replicas, Some((2, Duration::from_millis(250))));
+    }
+
+    #[test]
+    fn bad_parameters_are_config_errors() {
+        for (query, says) in [
+            ("retention=soon", "retention"),
+            ("wait_replicas=two", "wait_replicas"),
+            ("wait_timeout=1s", "without wait_replicas"),
+        ] {
+            let err = options(query, RedisStoreOptions::new()).unwrap_err();
+            assert!(
+                matches!(&err, Error::Config(m) if m.contains(says)),
+                "{query}: {err}"
+            );
+        }
+    }
+}
