@@ -3,7 +3,8 @@
 //! local PostgreSQL; then the sizes of the batches the "on" rounds sent.
 //!
 //! `cargo bench -p idem-runtime --features postgres --bench group_commit`
-//! (`IDEM_TEST_POSTGRES_URL` picks the server).
+//! (`IDEM_TEST_POSTGRES_URL` picks the server; `IDEM_BENCH_BATCH_CONCURRENCY=1,2,4` runs
+//! group commit with each of those numbers of batches in flight, instead of the default).
 
 mod common;
 
@@ -52,20 +53,36 @@ async fn raw_first(store: &dyn Store, n: u64) {
     );
 }
 
-fn idem(store: Arc<dyn Store>, group_commit: bool) -> Idem {
-    Idem::builder()
+fn idem(store: Arc<dyn Store>, batches: Option<usize>) -> Idem {
+    let mut builder = Idem::builder()
         .shared_store(store)
         .local_cache(0)
-        .group_commit(group_commit)
-        .build()
-        .expect("idem")
+        .group_commit(batches.is_some());
+    if let Some(n) = batches.filter(|n| *n > 0) {
+        builder = builder.batch_concurrency(n);
+    }
+    builder.build().expect("idem")
+}
+
+/// The numbers of batches in flight to try (`0`: the default).
+fn concurrencies() -> Vec<usize> {
+    std::env::var("IDEM_BENCH_BATCH_CONCURRENCY")
+        .ok()
+        .map(|v| v.split(',').filter_map(|n| n.trim().parse().ok()).collect())
+        .filter(|v: &Vec<usize>| !v.is_empty())
+        .unwrap_or_else(|| vec![0])
 }
 
 async fn compare(name: &str, store: Arc<dyn Store>, tasks_list: &[usize], snap: &Snapshotter) {
-    let (off, on) = (idem(store.clone(), false), idem(store.clone(), true));
+    let off = idem(store.clone(), None);
+    let on: Vec<(usize, Idem)> = concurrencies()
+        .into_iter()
+        .map(|c| (c, idem(store.clone(), Some(c))))
+        .collect();
     println!("== {name}: first executions/s ({ROUNDS} alternating rounds of {ROUND:?})");
     for &tasks in tasks_list {
-        let (mut raw, mut without, mut with) = (Vec::new(), Vec::new(), Vec::new());
+        let (mut raw, mut without) = (Vec::new(), Vec::new());
+        let mut with: Vec<Vec<f64>> = vec![Vec::new(); on.len()];
         for round in 0..ROUNDS {
             let s = store.clone();
             raw.push(
@@ -75,11 +92,17 @@ async fn compare(name: &str, store: Arc<dyn Store>, tasks_list: &[usize], snap: 
                 })
                 .await,
             );
-            for (runtime, out, tag) in [(&off, &mut without, "off"), (&on, &mut with, "on")] {
+            let contenders = std::iter::once((&off, &mut without, "off".to_string())).chain(
+                on.iter()
+                    .zip(with.iter_mut())
+                    .map(|((c, i), out)| (i, out, format!("on{c}"))),
+            );
+            for (runtime, out, tag) in contenders {
                 let i = runtime.clone();
                 out.push(
                     rate(tasks, ROUND, move |n| {
                         let i = i.clone();
+                        let tag = tag.clone();
                         async move {
                             let key = format!("{tag}{tasks}-{round}-{n}-{}", fastrand::u32(..));
                             first(&i, key).await.expect("first");
@@ -89,12 +112,21 @@ async fn compare(name: &str, store: Arc<dyn Store>, tasks_list: &[usize], snap: 
                 );
             }
         }
-        let (raw, without, with) = (median(raw), median(without), median(with));
-        println!(
-            "{tasks:>3} tasks: group commit on {with:>7.0}/s, off {without:>7.0}/s, raw {raw:>7.0}/s = {:.2}x off, {:.2}x raw",
-            with / without,
-            with / raw
-        );
+        let (raw, without) = (median(raw), median(without));
+        println!("{tasks:>3} tasks: off {without:>7.0}/s, raw {raw:>7.0}/s");
+        for ((c, _), rates) in on.iter().zip(with) {
+            let with = median(rates);
+            let label = if *c == 0 {
+                "default".to_string()
+            } else {
+                c.to_string()
+            };
+            println!(
+                "      group commit on ({label} in flight) {with:>7.0}/s = {:.2}x off, {:.2}x raw",
+                with / without,
+                with / raw
+            );
+        }
         print_batches(snap);
     }
 }
