@@ -6,6 +6,11 @@ cd "$(dirname "$0")/.."
 
 ./scripts/services.sh
 
+# Incremental caches double the target directory and buy nothing on a one-shot run.
+if [[ "${CI:-}" == "true" ]]; then
+  export CARGO_INCREMENTAL=0
+fi
+
 # A three-node Redis Cluster on loopback ports 17001-17003 (IDEM_REDIS_CLUSTER_PORTS) for the
 # cluster tests: started here if it is not running, and stopped again when the tests end.
 cluster_ports=(${IDEM_REDIS_CLUSTER_PORTS:-17001 17002 17003})
