@@ -86,11 +86,7 @@ pub(crate) fn checked_id<'a>(
     fix: &'static str,
     mut values: impl Iterator<Item = &'a str>,
 ) -> Result<String, MessageKeyError> {
-    let error = |problem: String| MessageKeyError {
-        broker,
-        problem,
-        fix,
-    };
+    let error = |problem: String| MessageKeyError::new(broker, problem, fix);
     let Some(id) = values.next() else {
         return Err(error(format!("has no {field}")));
     };
