@@ -35,6 +35,24 @@ pub(crate) fn example_binary(name: &str) -> PathBuf {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| env!("CARGO").to_string());
     let target_dir = profile_dir.parent().expect("target/<profile>");
     let mut cmd = Command::new(cargo);
+    // Without the variables cargo sets for the test it runs: build scripts that watch one
+    // (`CARGO_PKG_NAME`, ..) would see it change and rebuild their crates, here and again
+    // in the next `cargo test`.
+    for (var, _) in std::env::vars_os() {
+        let var = var.to_string_lossy();
+        let set_for_the_test = [
+            "CARGO_PKG_",
+            "CARGO_BIN_",
+            "CARGO_CRATE_",
+            "CARGO_MANIFEST_",
+        ]
+        .iter()
+        .any(|p| var.starts_with(p))
+            || ["CARGO_PRIMARY_PACKAGE", "CARGO_TARGET_TMPDIR", "OUT_DIR"].contains(&&*var);
+        if set_for_the_test {
+            cmd.env_remove(&*var);
+        }
+    }
     cmd.current_dir(root)
         .args(["build", "--example", name, "--target-dir"])
         .arg(target_dir);
