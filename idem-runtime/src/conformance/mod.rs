@@ -52,7 +52,9 @@ macro_rules! store_conformance_tests {
             namespaces_keep_records_apart,
             fingerprints_and_results_round_trip,
             a_batch_of_reservations_answers_each_claim,
-            batched_writes_are_fenced_item_by_item
+            batched_writes_are_fenced_item_by_item,
+            model_sequences,
+            model_concurrent_steps
         );
     };
     (@each required $make:expr; $($check:ident),*) => {$(
@@ -81,8 +83,12 @@ const PAST_SHORT: Duration = Duration::from_millis(800);
 const TTL: Duration = Duration::from_secs(3600);
 
 mod checks;
+mod explore;
+mod model;
+mod ops;
 
 pub use checks::*;
+pub use explore::{model_concurrent_steps, model_sequences};
 
 fn ns() -> String {
     format!("conformance-{:016x}/m::f/v0", fastrand::u64(..))
