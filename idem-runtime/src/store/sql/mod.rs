@@ -21,6 +21,7 @@ mod record;
 #[cfg(feature = "sqlite")]
 pub(crate) mod sqlite;
 
+use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -47,6 +48,10 @@ use crate::store::{
     TxStatements,
 };
 pub(crate) use record::{RawRecord, millis};
+
+/// How many times a statement that lost a deadlock is sent again (pauses of about 2, 4, 8
+/// and 16 ms).
+const CONFLICT_RETRIES: u32 = 4;
 
 /// A [`Store`] in a SQL table, for the database `D` ([`Postgres`], [`MySql`] or [`Sqlite`]).
 ///
@@ -233,6 +238,30 @@ impl<D: Dialect> SqlStore<D> {
         })
     }
 
+    /// Runs `statement` (one statement in its own transaction) again while it loses a
+    /// deadlock or a serialization conflict, a few times, after a short random pause. The
+    /// database rolled the loser back, so it had no effect, and nothing was wrong with it:
+    /// on InnoDB, an insert of a key just deleted (released or purged) takes a shared lock
+    /// and then an exclusive one, and a fenced write of that row in between deadlocks with
+    /// it, which fails one of two callers that did nothing wrong.
+    async fn again_after_conflicts<T, F, Fut>(&self, statement: F) -> Result<T, StoreError>
+    where
+        F: Fn() -> Fut,
+        Fut: Future<Output = Result<T, StoreError>>,
+    {
+        let mut pause = Duration::from_millis(2);
+        for _ in 0..CONFLICT_RETRIES {
+            match statement().await {
+                Err(e) if e.is_transaction_conflict() => {
+                    tokio::time::sleep(pause.mul_f64(fastrand::f64() + 0.5)).await;
+                    pause *= 2;
+                }
+                done => return done,
+            }
+        }
+        statement().await
+    }
+
     /// Deletes up to `limit` expired rows, if this replica gets the purge lock.
     async fn purge_on(&self, conn: &mut Connection<D>, limit: u32) -> Result<u64, sqlx::Error> {
         let sql = &*self.sql;
@@ -295,7 +324,11 @@ impl<D: Dialect> SqlStore<D> {
         if let [item] = items {
             // Alone: its own statement, in autocommit, one round trip.
             let out = each(self, &mut conn, item).await;
-            return vec![conn.finish(out)];
+            let out = conn.finish(out);
+            if matches!(&out, Err(e) if e.is_transaction_conflict()) {
+                return vec![self.one_by_one(item, &each).await];
+            }
+            return vec![out];
         }
         let batched = if let Some(one) = as_one(&mut conn, &self.sql, items) {
             one.await
@@ -326,14 +359,35 @@ impl<D: Dialect> SqlStore<D> {
         crate::metrics::batch_split(D::BACKEND);
         let mut out = Vec::with_capacity(items.len());
         for item in items {
-            let one = async {
-                let mut conn = self.checkout().await?;
-                let result = each(self, &mut conn, item).await;
-                conn.finish(result)
-            };
-            out.push(one.await);
+            out.push(self.one_by_one(item, &each).await);
         }
         out
+    }
+
+    /// One item of a batch on its own, in autocommit, sent again after a lost conflict.
+    async fn one_by_one<I, O>(
+        &self,
+        item: &I,
+        each: &(
+             impl for<'c> Fn(
+            &'c Self,
+            &'c mut Connection<D>,
+            &'c I,
+        ) -> BoxFuture<'c, Result<O, StoreError>>
+             + Send
+             + Sync
+         ),
+    ) -> Result<O, StoreError>
+    where
+        I: Sync,
+        O: Send,
+    {
+        self.again_after_conflicts(|| async move {
+            let mut conn = self.checkout().await?;
+            let result = each(self, &mut conn, item).await;
+            conn.finish(result)
+        })
+        .await
     }
 }
 
@@ -445,9 +499,12 @@ impl<D: Dialect> TxStatements<D::Db> for SqlStore<D> {
 #[async_trait::async_trait]
 impl<D: Dialect> Store for SqlStore<D> {
     async fn reserve(&self, claim: &Claim<'_>) -> Result<Reservation, StoreError> {
-        let mut conn = self.checkout().await?;
-        let out = self.reserve_on(&mut conn, claim).await;
-        conn.finish(out)
+        self.again_after_conflicts(|| async move {
+            let mut conn = self.checkout().await?;
+            let out = self.reserve_on(&mut conn, claim).await;
+            conn.finish(out)
+        })
+        .await
     }
 
     async fn load(&self, id: &RecordId) -> Result<Option<Record>, StoreError> {
@@ -458,9 +515,12 @@ impl<D: Dialect> Store for SqlStore<D> {
     }
 
     async fn take_over(&self, claim: &Claim<'_>, observed: Fence) -> Result<bool, StoreError> {
-        let mut conn = self.checkout().await?;
-        let out = self.take_over_in(&mut conn, claim, observed).await;
-        conn.finish(out)
+        self.again_after_conflicts(|| async move {
+            let mut conn = self.checkout().await?;
+            let out = self.take_over_in(&mut conn, claim, observed).await;
+            conn.finish(out)
+        })
+        .await
     }
 
     async fn heartbeat(
@@ -469,13 +529,16 @@ impl<D: Dialect> Store for SqlStore<D> {
         fence: Fence,
         lease: Duration,
     ) -> Result<bool, StoreError> {
-        let mut conn = self.checkout().await?;
-        let values = Values {
-            lease: Some(lease),
-            ..Values::fenced(id, fence)
-        };
-        let done = D::Db::execute(&mut conn, &self.sql.heartbeat, values).await;
-        Ok(conn.finish(done).map_err(|e| self.error(e))? == 1)
+        self.again_after_conflicts(|| async move {
+            let mut conn = self.checkout().await?;
+            let values = Values {
+                lease: Some(lease),
+                ..Values::fenced(id, fence)
+            };
+            let done = D::Db::execute(&mut conn, &self.sql.heartbeat, values).await;
+            Ok(conn.finish(done).map_err(|e| self.error(e))? == 1)
+        })
+        .await
     }
 
     async fn finalize(
@@ -485,15 +548,21 @@ impl<D: Dialect> Store for SqlStore<D> {
         result: &StoredResult,
         ttl: Duration,
     ) -> Result<bool, StoreError> {
-        let mut conn = self.checkout().await?;
-        let out = self.finalize_in(&mut conn, id, fence, result, ttl).await;
-        conn.finish(out)
+        self.again_after_conflicts(|| async move {
+            let mut conn = self.checkout().await?;
+            let out = self.finalize_in(&mut conn, id, fence, result, ttl).await;
+            conn.finish(out)
+        })
+        .await
     }
 
     async fn release(&self, id: &RecordId, fence: Fence) -> Result<bool, StoreError> {
-        let mut conn = self.checkout().await?;
-        let out = self.release_in(&mut conn, id, fence).await;
-        conn.finish(out)
+        self.again_after_conflicts(|| async move {
+            let mut conn = self.checkout().await?;
+            let out = self.release_in(&mut conn, id, fence).await;
+            conn.finish(out)
+        })
+        .await
     }
 
     async fn reserve_many(&self, claims: &[Claim<'_>]) -> Vec<Result<Reservation, StoreError>> {
@@ -553,9 +622,12 @@ impl<D: Dialect> Store for SqlStore<D> {
     }
 
     async fn purge(&self, limit: u32) -> Result<u64, StoreError> {
-        let mut conn = self.checkout().await?;
-        let out = self.purge_on(&mut conn, limit).await;
-        conn.finish(out).map_err(|e| self.error(e))
+        self.again_after_conflicts(|| async move {
+            let mut conn = self.checkout().await?;
+            let out = self.purge_on(&mut conn, limit).await;
+            conn.finish(out).map_err(|e| self.error(e))
+        })
+        .await
     }
 
     fn backend(&self) -> &'static str {
