@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Runs every cargo-fuzz target (fuzz/fuzz_targets) for FUZZ_SECONDS seconds each (default 25),
+# Runs every cargo-fuzz target (fuzz/fuzz_targets) for FUZZ_SECONDS seconds each (default 20),
 # starting from the committed seeds in fuzz/corpus/<target>; what the fuzzer adds goes to a
 # temporary directory, so the committed corpus stays small. A crash stops the script: the
 # failing input is under fuzz/artifacts/<target>/ (replay it with `cargo fuzz run <target>
@@ -7,7 +7,7 @@
 # FUZZ_SECONDS=3600 scripts/fuzz.sh keys.
 set -euo pipefail
 cd "$(dirname "$0")/../fuzz"
-seconds="${FUZZ_SECONDS:-25}"
+seconds="${FUZZ_SECONDS:-20}"
 
 if ! cargo fuzz --version >/dev/null 2>&1; then
   echo "== installing cargo-fuzz"

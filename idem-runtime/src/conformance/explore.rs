@@ -52,7 +52,7 @@ impl Knobs {
 }
 
 /// Random sequences of single statements by several owners match the reference model
-/// answer for answer (see the [module docs](self)).
+/// answer for answer (see the [module docs](crate::conformance)).
 pub async fn model_sequences(store: &dyn Store) {
     explore(store, false).await;
 }

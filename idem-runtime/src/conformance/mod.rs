@@ -15,6 +15,15 @@
 //!
 //! The checks use short leases and TTLs (hundreds of milliseconds) and real sleeps: they test
 //! the store's own clock, which cannot be faked from here.
+//!
+//! Two of them are model-based: [`model_sequences`] and [`model_concurrent_steps`] generate
+//! random runs of the protocol's statements (reserve, load, take over, heartbeat, finalize,
+//! release, alone or batched through the `_many` verbs, purge, sleeps) by three simulated
+//! owners on two keys, and check every answer against a reference model of the protocol; the
+//! concurrent one sends up to three statements at once and accepts the answers of any order
+//! of them. A failing run is shrunk and printed with its seed. `IDEM_MODEL_CASES` (runs,
+//! default 24; the concurrent check does half), `IDEM_MODEL_STEPS` (longest run, default 24)
+//! and `IDEM_MODEL_SEED` (replay a reported run) tune them.
 
 use std::time::Duration;
 
