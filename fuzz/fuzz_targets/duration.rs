@@ -20,6 +20,9 @@ fuzz_target!(|input: &str| {
     if let Ok(d) = first
         && d.subsec_nanos() == 0
     {
-        assert_eq!(idem_duration::parse(&format!("{}s", d.as_secs())).ok(), Some(d));
+        assert_eq!(
+            idem_duration::parse(&format!("{}s", d.as_secs())).ok(),
+            Some(d)
+        );
     }
 });

@@ -5,8 +5,8 @@
 use arbitrary::Arbitrary;
 use idem_runtime::Fingerprint;
 use libfuzzer_sys::fuzz_target;
-use serde::ser::{SerializeMap, Serializer};
 use serde::Serialize;
+use serde::ser::{SerializeMap, Serializer};
 
 /// A value using most of serde's data model.
 #[derive(Arbitrary, Clone, Debug, Serialize)]
@@ -76,7 +76,11 @@ fn deduped(v: &Value) -> Value {
 
 fuzz_target!(|value: Value| {
     let fp = Fingerprint::of(&value).expect("a plain value fingerprints");
-    assert_eq!(Fingerprint::of(&value.clone()).ok(), Some(fp), "equal values");
+    assert_eq!(
+        Fingerprint::of(&value.clone()).ok(),
+        Some(fp),
+        "equal values"
+    );
     let unique = deduped(&value);
     assert_eq!(
         Fingerprint::of(&unique).ok(),

@@ -51,9 +51,12 @@ fuzz_target!(|bytes: &[u8]| {
             .body(Body::empty())
             .expect("request");
         let response = app.clone().oneshot(request).await.expect("infallible");
-        let replayed = response.headers().contains_key(idem_runtime::http::REPLAYED);
+        let replayed = response
+            .headers()
+            .contains_key(idem_runtime::http::REPLAYED);
         assert!(
-            replayed || response.status() == StatusCode::INTERNAL_SERVER_ERROR
+            replayed
+                || response.status() == StatusCode::INTERNAL_SERVER_ERROR
                 || response.status() == StatusCode::UNPROCESSABLE_ENTITY,
             "{} without the replay header",
             response.status()

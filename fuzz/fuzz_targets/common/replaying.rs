@@ -60,4 +60,3 @@ impl Store for Replaying {
         "fuzz"
     }
 }
-
