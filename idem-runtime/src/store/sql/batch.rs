@@ -34,7 +34,11 @@ impl<D: Dialect> SqlStore<D> {
         if let [item] = items {
             // Alone: its own statement, in autocommit, one round trip.
             let out = each(self, &mut conn, item).await;
-            return vec![conn.finish(out)];
+            let out = conn.finish(out);
+            if matches!(&out, Err(e) if e.is_transaction_conflict()) {
+                return vec![self.one_by_one(item, &each).await];
+            }
+            return vec![out];
         }
         let batched = if let Some(one) = as_one(&mut conn, &self.sql, items) {
             one.await
@@ -65,14 +69,35 @@ impl<D: Dialect> SqlStore<D> {
         crate::metrics::batch_split(D::BACKEND);
         let mut out = Vec::with_capacity(items.len());
         for item in items {
-            let one = async {
-                let mut conn = self.checkout().await?;
-                let result = each(self, &mut conn, item).await;
-                conn.finish(result)
-            };
-            out.push(one.await);
+            out.push(self.one_by_one(item, &each).await);
         }
         out
+    }
+
+    /// One item of a batch on its own, in autocommit, sent again after a lost conflict.
+    async fn one_by_one<I, O>(
+        &self,
+        item: &I,
+        each: &(
+             impl for<'c> Fn(
+            &'c Self,
+            &'c mut Connection<D>,
+            &'c I,
+        ) -> BoxFuture<'c, Result<O, StoreError>>
+             + Send
+             + Sync
+         ),
+    ) -> Result<O, StoreError>
+    where
+        I: Sync,
+        O: Send,
+    {
+        self.again_after_conflicts(|| async move {
+            let mut conn = self.checkout().await?;
+            let result = each(self, &mut conn, item).await;
+            conn.finish(result)
+        })
+        .await
     }
 }
 

@@ -240,9 +240,12 @@ impl<D: Dialect> TxStatements<D::Db> for SqlStore<D> {
 #[async_trait::async_trait]
 impl<D: Dialect> Store for SqlStore<D> {
     async fn reserve(&self, claim: &Claim<'_>) -> Result<Reservation, StoreError> {
-        let mut conn = self.checkout().await?;
-        let out = self.reserve_on(&mut conn, claim).await;
-        conn.finish(out)
+        self.again_after_conflicts(|| async move {
+            let mut conn = self.checkout().await?;
+            let out = self.reserve_on(&mut conn, claim).await;
+            conn.finish(out)
+        })
+        .await
     }
 
     async fn load(&self, id: &RecordId) -> Result<Option<Record>, StoreError> {
@@ -253,9 +256,12 @@ impl<D: Dialect> Store for SqlStore<D> {
     }
 
     async fn take_over(&self, claim: &Claim<'_>, observed: Fence) -> Result<bool, StoreError> {
-        let mut conn = self.checkout().await?;
-        let out = self.take_over_in(&mut conn, claim, observed).await;
-        conn.finish(out)
+        self.again_after_conflicts(|| async move {
+            let mut conn = self.checkout().await?;
+            let out = self.take_over_in(&mut conn, claim, observed).await;
+            conn.finish(out)
+        })
+        .await
     }
 
     async fn heartbeat(
@@ -264,13 +270,16 @@ impl<D: Dialect> Store for SqlStore<D> {
         fence: Fence,
         lease: Duration,
     ) -> Result<bool, StoreError> {
-        let mut conn = self.checkout().await?;
-        let values = Values {
-            lease: Some(lease),
-            ..Values::fenced(id, fence)
-        };
-        let done = D::Db::execute(&mut conn, &self.sql.heartbeat, values).await;
-        Ok(conn.finish(done).map_err(|e| self.error(e))? == 1)
+        self.again_after_conflicts(|| async move {
+            let mut conn = self.checkout().await?;
+            let values = Values {
+                lease: Some(lease),
+                ..Values::fenced(id, fence)
+            };
+            let done = D::Db::execute(&mut conn, &self.sql.heartbeat, values).await;
+            Ok(conn.finish(done).map_err(|e| self.error(e))? == 1)
+        })
+        .await
     }
 
     async fn finalize(
@@ -280,15 +289,21 @@ impl<D: Dialect> Store for SqlStore<D> {
         result: &StoredResult,
         ttl: Duration,
     ) -> Result<bool, StoreError> {
-        let mut conn = self.checkout().await?;
-        let out = self.finalize_in(&mut conn, id, fence, result, ttl).await;
-        conn.finish(out)
+        self.again_after_conflicts(|| async move {
+            let mut conn = self.checkout().await?;
+            let out = self.finalize_in(&mut conn, id, fence, result, ttl).await;
+            conn.finish(out)
+        })
+        .await
     }
 
     async fn release(&self, id: &RecordId, fence: Fence) -> Result<bool, StoreError> {
-        let mut conn = self.checkout().await?;
-        let out = self.release_in(&mut conn, id, fence).await;
-        conn.finish(out)
+        self.again_after_conflicts(|| async move {
+            let mut conn = self.checkout().await?;
+            let out = self.release_in(&mut conn, id, fence).await;
+            conn.finish(out)
+        })
+        .await
     }
 
     async fn reserve_many(&self, claims: &[Claim<'_>]) -> Vec<Result<Reservation, StoreError>> {
@@ -348,9 +363,12 @@ impl<D: Dialect> Store for SqlStore<D> {
     }
 
     async fn purge(&self, limit: u32) -> Result<u64, StoreError> {
-        let mut conn = self.checkout().await?;
-        let out = self.purge_on(&mut conn, limit).await;
-        conn.finish(out).map_err(|e| self.error(e))
+        self.again_after_conflicts(|| async move {
+            let mut conn = self.checkout().await?;
+            let out = self.purge_on(&mut conn, limit).await;
+            conn.finish(out).map_err(|e| self.error(e))
+        })
+        .await
     }
 
     fn backend(&self) -> &'static str {
