@@ -1,24 +1,37 @@
-//! An orders service whose `POST /orders` honours the `Idempotency-Key` header.
+//! An orders service whose `POST /orders` honours the `Idempotency-Key` header, and a client
+//! that retries through a lossy link with one key per order.
 //!
 //! ```text
 //! cargo run --example http                                   # SQLite file in a temp dir
+//! cargo run --example http -- sqlite:///tmp/idem-demo.db     # a SQLite file that outlives the process
 //! cargo run --example http -- postgres://postgres@127.0.0.1:5432/test
+//! cargo run --example http -- client URL BODY [KEY]          # one order, retried with idem-client
 //! ```
 //!
-//! It listens on 127.0.0.1:3000 (`IDEM_DEMO_ADDR` to change). The README shows the `curl`
-//! calls to try: a first POST, its retry (replayed), the same key with another body (422),
-//! and two concurrent duplicates. `X-Api-Key` names the caller; keys are scoped by it.
+//! The service listens on 127.0.0.1:3000 (`IDEM_DEMO_ADDR` to change), serves its metrics in
+//! Prometheus' text format at `GET /metrics`, and opens a lossy link to itself on
+//! 127.0.0.1:3001 (`IDEM_DEMO_LOSSY_ADDR`) that cuts every other connection once the response
+//! has started: the order is made, its client never hears of it. The README shows the `curl`
+//! calls to try: a first POST, its retry (replayed), the same key with another body (422), two
+//! concurrent duplicates, the client through the lossy link (a replay), and a server killed
+//! mid-request (a takeover). `X-Api-Key` names the caller; keys are scoped by it.
 
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use axum::extract::{Query, State};
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
-use axum::routing::post;
+use axum::routing::{get, post};
 use axum::{Json, Router};
+use idem_client::RetryingClient;
 use idem_runtime::Idem;
 use idem_runtime::http::IdempotencyLayer;
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
 
 #[derive(Deserialize)]
 struct CreateOrder {
@@ -129,16 +142,72 @@ async fn count_orders(State(app): State<App>) -> impl IntoResponse {
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let url = std::env::args().nth(1);
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    match args.first().map(String::as_str) {
+        Some("client") => client(&args[1..]).await,
+        url => serve(url).await,
+    }
+}
+
+/// One order, sent with idem-client: one key (`KEY`, or a fresh UUID) on every attempt.
+async fn client(args: &[String]) -> Result<(), Box<dyn std::error::Error>> {
+    let (Some(url), Some(body)) = (args.first(), args.get(1)) else {
+        return Err("usage: http client URL BODY [KEY]".into());
+    };
+    // Patient enough to outlast a server restart and a dead replica's 5 s lease.
+    let client = RetryingClient::builder(reqwest::Client::new())
+        .max_attempts(30)
+        .max_elapsed(Duration::from_secs(60))
+        .backoff(Duration::from_millis(200), Duration::from_secs(2))
+        .build()?;
+    let mut request = client
+        .http()
+        .post(url)
+        .header("x-api-key", "alice")
+        .header("content-type", "application/json")
+        .body(body.clone());
+    if let Some(key) = args.get(2) {
+        request = request.header("idempotency-key", key);
+    }
+    let reply = client.send(request).await?;
+    println!("key {}", reply.key());
+    for (n, retry) in reply.retries().iter().enumerate() {
+        let why = if retry.retry_after {
+            "Retry-After"
+        } else {
+            "backoff"
+        };
+        println!(
+            "attempt {}: {}, retried after {:?} ({why})",
+            n + 1,
+            retry.reason,
+            retry.waited
+        );
+    }
+    println!(
+        "attempt {}: {} (replayed: {})",
+        reply.attempts(),
+        reply.status(),
+        reply.replayed()
+    );
+    println!("{}", reply.into_response().text().await?);
+    Ok(())
+}
+
+async fn serve(url: Option<&str>) -> Result<(), Box<dyn std::error::Error>> {
+    let prometheus = PrometheusBuilder::new().install_recorder()?;
     let dir = tempfile::tempdir()?;
-    let (idem, db) = match url.as_deref() {
+    let (idem, db) = match url {
         Some(url) if url.starts_with("postgres") => {
             let store = idem_runtime::store::PgStore::connect(url).await?;
             let db = Db::Postgres(store.pool().clone());
             (Idem::builder().store(store).build()?, db)
         }
-        _ => {
-            let path = dir.path().join("orders.db");
+        other => {
+            let path = match other.and_then(|u| u.strip_prefix("sqlite://")) {
+                Some(path) => path.into(),
+                None => dir.path().join("orders.db"),
+            };
             let store = idem_runtime::store::SqliteStore::open(&path).await?;
             let db = Db::Sqlite(store.pool().clone());
             println!("SQLite database: {}", path.display());
@@ -155,18 +224,34 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                 .map(str::to_owned)
         })
         .ttl("PT24H")
-        .wait("PT2S");
+        .wait("PT2S")
+        // A replica that dies mid-request holds its key this long; then a retry takes over.
+        .lease("PT5S");
+    let metrics = {
+        let prometheus = prometheus.clone();
+        move || async move { prometheus.render() }
+    };
     let app = Router::new()
         .route(
             "/orders",
             post(create_order).layer(idempotent).get(count_orders),
         )
+        .route("/metrics", get(metrics))
         .with_state(App { db });
+    tokio::spawn(upkeep(prometheus));
     let addr = std::env::var("IDEM_DEMO_ADDR").unwrap_or_else(|_| "127.0.0.1:3000".into());
-    let listener = tokio::net::TcpListener::bind(&addr).await?;
+    let listener = TcpListener::bind(&addr).await?;
+    let server = listener.local_addr()?;
+    let lossy = std::env::var("IDEM_DEMO_LOSSY_ADDR").unwrap_or_else(|_| "127.0.0.1:3001".into());
+    let lossy = TcpListener::bind(&lossy).await?;
     println!(
-        "orders service on http://{addr} (POST /orders needs an Idempotency-Key; GET /orders counts)"
+        "orders service on http://{addr} (POST /orders needs an Idempotency-Key; GET /orders counts; GET /metrics)"
     );
+    println!(
+        "lossy link on http://{} (cuts every other response)",
+        lossy.local_addr()?
+    );
+    tokio::spawn(lossy_link(lossy, server));
     let shutdown = async {
         let _ = tokio::signal::ctrl_c().await;
     };
@@ -174,4 +259,40 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .with_graceful_shutdown(shutdown)
         .await?;
     Ok(())
+}
+
+/// Histogram upkeep, which the exporter's own listener would otherwise do.
+async fn upkeep(prometheus: PrometheusHandle) {
+    loop {
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        prometheus.run_upkeep();
+    }
+}
+
+/// Forwards connections to `server`, and cuts every other one once its response has started.
+async fn lossy_link(listener: TcpListener, server: SocketAddr) {
+    let count = AtomicUsize::new(0);
+    while let Ok((client, _)) = listener.accept().await {
+        let cut = count.fetch_add(1, Ordering::Relaxed).is_multiple_of(2);
+        tokio::spawn(async move {
+            let Ok(upstream) = TcpStream::connect(server).await else {
+                return;
+            };
+            if !cut {
+                let (mut client, mut upstream) = (client, upstream);
+                let _ = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
+                return;
+            }
+            let (mut from_client, mut to_client) = client.into_split();
+            let (mut from_server, mut to_server) = upstream.into_split();
+            let forward =
+                tokio::spawn(
+                    async move { tokio::io::copy(&mut from_client, &mut to_server).await },
+                );
+            let mut first = [0u8; 1];
+            let _ = from_server.read(&mut first).await;
+            forward.abort();
+            let _ = to_client.shutdown().await;
+        });
+    }
 }

@@ -34,14 +34,14 @@ cargo fmt --all --check
 echo "== cargo clippy"
 cargo clippy --workspace --all-targets --all-features -- -D warnings
 # Each backend alone must build warning-free too: users enable one feature, not all.
-for features in "" "sqlite" "postgres" "mysql" "redis" "axum" "nats" "amqp"; do
+for features in "" "sqlite" "postgres" "mysql" "redis" "axum" "nats" "amqp" "uuid" "ulid"; do
   echo "== cargo clippy -p idem-runtime --no-default-features --features '$features'"
   cargo clippy -p idem-runtime --no-default-features --features "$features" -- -D warnings
 done
 echo "== module imports point one way (no cycles)"
 python3 scripts/import-graph.py
 echo "== cargo doc (broken links are errors)"
-RUSTDOCFLAGS="-D warnings" cargo doc --no-deps -p idem-runtime --all-features
+RUSTDOCFLAGS="-D warnings" cargo doc --no-deps -p idem-runtime -p idem-client --all-features
 echo "== cargo test"
 cargo test --workspace --all-features
 # Fuzzing (cargo-fuzz, installed here if missing): every target for FUZZ_SECONDS (20) each,

@@ -36,6 +36,18 @@ pub(crate) enum OnConflict {
     Reject,
 }
 
+/// Which errors are stored and replayed: `cache_errors = true | false | "final"`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) enum CacheErrors {
+    /// None: an `Err` releases the key.
+    #[default]
+    None,
+    /// Every `Err` (`cache_errors = true`).
+    All,
+    /// The errors whose `IdempotentError::is_final` is true (`cache_errors = "final"`).
+    Final,
+}
+
 /// A duration literal, already checked.
 pub(crate) struct DurationArg {
     pub(crate) millis: u64,
@@ -54,7 +66,7 @@ pub(crate) struct Args {
     pub(crate) lease: Option<DurationArg>,
     pub(crate) on_conflict: Option<OnConflict>,
     pub(crate) wait: Option<DurationArg>,
-    pub(crate) cache_errors: bool,
+    pub(crate) cache_errors: CacheErrors,
     pub(crate) version: Option<u32>,
     pub(crate) runtime: Option<Expr>,
     pub(crate) name: Option<LitStr>,
@@ -174,7 +186,7 @@ impl Args {
             "runtime" => self.runtime = Some(parse_value(input)?),
             "crate" => self.krate = Some(parse_value(input)?),
             "optional" => self.optional = parse_flag(input)?,
-            "cache_errors" => self.cache_errors = parse_flag(input)?,
+            "cache_errors" => self.cache_errors = parse_cache_errors(input)?,
             "skip_all" => self.skip_all = true,
             "ttl" => self.ttl = Some(parse_duration(input, "ttl")?),
             "lease" => self.lease = Some(parse_duration(input, "lease")?),
@@ -247,6 +259,27 @@ fn parse_tx(input: ParseStream<'_>) -> syn::Result<Ident> {
     })
 }
 
+/// A bare `cache_errors`, `= true`, `= false`, or `= "final"`.
+fn parse_cache_errors(input: ParseStream<'_>) -> syn::Result<CacheErrors> {
+    if input.peek(Token![=]) && input.peek2(LitStr) {
+        input.parse::<Token![=]>()?;
+        let lit: LitStr = input.parse()?;
+        return match lit.value().as_str() {
+            "final" => Ok(CacheErrors::Final),
+            other => Err(syn::Error::new(
+                lit.span(),
+                format!(
+                    "`#[idempotent]`: `cache_errors` is `true` (every error), `false`, or \"final\" (the errors `IdempotentError::is_final` calls final), not {other:?}"
+                ),
+            )),
+        };
+    }
+    Ok(match parse_flag(input)? {
+        true => CacheErrors::All,
+        false => CacheErrors::None,
+    })
+}
+
 /// A bare flag (`optional`) or `flag = true/false`.
 fn parse_flag(input: ParseStream<'_>) -> syn::Result<bool> {
     if input.peek(Token![=]) {
@@ -302,13 +335,32 @@ mod tests {
                version = 3, runtime = &idem, name = "orders.create", crate = ::my_idem"#,
         )
         .expect("parses");
-        assert!(a.key.is_some() && a.optional && a.scope.is_some() && a.cache_errors);
+        assert!(a.key.is_some() && a.optional && a.scope.is_some());
+        assert_eq!(a.cache_errors, CacheErrors::All);
         assert_eq!(a.ttl.map(|d| d.millis), Some(300_000));
         assert_eq!(a.lease.map(|d| d.millis), Some(30_000));
         assert_eq!(a.wait.map(|d| d.millis), Some(2_000));
         assert_eq!(a.version, Some(3));
         assert_eq!(a.on_conflict, Some(OnConflict::Wait));
         assert_eq!(a.skip.map(|s| s.len()), Some(2));
+    }
+
+    #[test]
+    fn cache_errors_takes_a_flag_or_final() {
+        let policy = |s: &str| parse(s).map(|a| a.cache_errors).map_err(|e| e.to_string());
+        assert_eq!(policy("key = k"), Ok(CacheErrors::None));
+        assert_eq!(policy("key = k, cache_errors"), Ok(CacheErrors::All));
+        assert_eq!(policy("key = k, cache_errors = true"), Ok(CacheErrors::All));
+        assert_eq!(
+            policy("key = k, cache_errors = false"),
+            Ok(CacheErrors::None)
+        );
+        assert_eq!(
+            policy(r#"key = k, cache_errors = "final""#),
+            Ok(CacheErrors::Final)
+        );
+        let e = err(r#"key = k, cache_errors = "transient""#);
+        assert!(e.contains(r#""final""#) && e.contains("transient"), "{e}");
     }
 
     #[test]

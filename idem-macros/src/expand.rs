@@ -11,7 +11,7 @@ use syn::{
     TypeParamBound,
 };
 
-use crate::args::{Args, OnConflict};
+use crate::args::{Args, CacheErrors, OnConflict};
 
 pub(crate) fn idempotent(attr: TokenStream, item: TokenStream) -> TokenStream {
     let func: ItemFn = match syn::parse2(item.clone()) {
@@ -405,10 +405,10 @@ fn leased_call(
 ) -> TokenStream {
     let ret_span = ret.span();
     let at = private.at(ret_span);
-    let entry = if args.cache_errors {
-        quote_spanned!(ret_span=> #at::run_caching_errors)
-    } else {
-        quote_spanned!(ret_span=> #at::run)
+    let entry = match args.cache_errors {
+        CacheErrors::None => quote_spanned!(ret_span=> #at::run),
+        CacheErrors::All => quote_spanned!(ret_span=> #at::run_caching_errors),
+        CacheErrors::Final => quote_spanned!(ret_span=> #at::run_caching_final_errors),
     };
     quote_spanned!(ret_span=> #entry(#head, #inner).await)
 }
@@ -430,10 +430,10 @@ fn transactional_call(
     let conn = Ident::new("__idem_tx", Span::mixed_site());
     let token = Ident::new("__idem_token", Span::mixed_site());
     let out = Ident::new("__idem_out", Span::mixed_site());
-    let codec = if args.cache_errors {
-        quote!(#here::ValuesAndErrors)
-    } else {
-        quote!(#here::ValuesOnly)
+    let codec = match args.cache_errors {
+        CacheErrors::None => quote!(#here::ValuesOnly),
+        CacheErrors::All => quote!(#here::ValuesAndErrors),
+        CacheErrors::Final => quote!(#here::ValuesAndFinalErrors),
     };
     quote_spanned! {ret_span=>
         let #conn = #tx;

@@ -10,7 +10,8 @@ use std::future::Future;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-pub use crate::codec::{ResultCodec, ValuesAndErrors, ValuesOnly};
+use crate::codec::IdempotentError;
+pub use crate::codec::{ResultCodec, ValuesAndErrors, ValuesAndFinalErrors, ValuesOnly};
 #[cfg(feature = "_sql")]
 pub use crate::engine::tx::{TxBegin, TxDatabase, TxToken};
 pub use crate::engine::{Call, Payload, Scope, Spec};
@@ -82,6 +83,24 @@ where
 {
 }
 
+/// The return types `#[idempotent(cache_errors = "final")]` accepts.
+#[diagnostic::on_unimplemented(
+    message = "`#[idempotent(cache_errors = \"final\")]` stores final errors, so `E` must be `Serialize + DeserializeOwned` and `idem_runtime::IdempotentError`",
+    label = "the error type of `{Self}` cannot be stored, or does not say which errors are final",
+    note = "derive `serde::Serialize` and `serde::Deserialize` for the error type and implement `idem_runtime::IdempotentError` (`fn is_final(&self) -> bool`)"
+)]
+pub trait FinalErrorOutput:
+    IdempotentOutput<Error: Serialize + DeserializeOwned + IdempotentError>
+{
+}
+
+impl<R> FinalErrorOutput for R
+where
+    R: IdempotentOutput,
+    R::Error: Serialize + DeserializeOwned + IdempotentError,
+{
+}
+
 /// The runtime a call uses: `runtime = ..`, or the installed one.
 fn resolve(runtime: Option<Idem>, function: &'static str) -> Result<Idem, Error> {
     runtime
@@ -123,6 +142,23 @@ where
     F: Future<Output = R>,
 {
     run_with::<M, R, F, ValuesAndErrors>(spec, types, runtime, call, body).await
+}
+
+/// The expansion of `#[idempotent(cache_errors = "final")]`: like [`run`], but an `Err` the
+/// error type calls final is stored and replayed too.
+pub async fn run_caching_final_errors<M, R, F>(
+    spec: &'static Spec,
+    _marker: M,
+    types: &[&'static str],
+    runtime: Option<Idem>,
+    call: Call,
+    body: F,
+) -> R
+where
+    R: FinalErrorOutput,
+    F: Future<Output = R>,
+{
+    run_with::<M, R, F, ValuesAndFinalErrors>(spec, types, runtime, call, body).await
 }
 
 async fn run_with<M, R, F, C>(

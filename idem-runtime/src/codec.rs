@@ -121,6 +121,70 @@ where
     }
 }
 
+/// An error type that tells final errors from transient ones, for
+/// `#[idempotent(cache_errors = "final")]`.
+///
+/// A final error is the answer to this request, however often it is sent (a declined card, an
+/// unknown account): it is stored and replayed like a value, so a retry does not run the body
+/// again. A transient one (a timeout, a dependency that was down) releases the key, so the
+/// retry runs the body again and may succeed.
+///
+/// ```
+/// use idem_runtime::{Error, IdempotentError, idempotent};
+///
+/// #[derive(Debug, serde::Serialize, serde::Deserialize)]
+/// enum PayError {
+///     Declined,
+///     Timeout,
+///     Idem(String),
+/// }
+///
+/// impl IdempotentError for PayError {
+///     fn is_final(&self) -> bool {
+///         matches!(self, PayError::Declined)
+///     }
+/// }
+/// # impl From<Error> for PayError {
+/// #     fn from(e: Error) -> Self { PayError::Idem(e.to_string()) }
+/// # }
+///
+/// #[idempotent(key = id, cache_errors = "final")]
+/// async fn pay(id: u64) -> Result<u64, PayError> {
+///     Err(PayError::Declined)
+/// }
+/// ```
+#[diagnostic::on_unimplemented(
+    message = "`#[idempotent(cache_errors = \"final\")]` needs `{Self}: idem_runtime::IdempotentError` to tell final errors from transient ones",
+    label = "`{Self}` does not say which of its errors are final",
+    note = "implement `idem_runtime::IdempotentError` for the error type (`fn is_final(&self) -> bool`), or use `cache_errors = true` to store every error"
+)]
+pub trait IdempotentError {
+    /// Whether this error is the final answer (stored and replayed) rather than a transient
+    /// failure (the key is released so a retry runs the body again).
+    fn is_final(&self) -> bool;
+}
+
+/// Stores `Ok` values and the final `Err` values (`cache_errors = "final"`); a transient
+/// `Err` releases the key.
+pub struct ValuesAndFinalErrors;
+
+impl<T, E> ResultCodec<T, E> for ValuesAndFinalErrors
+where
+    T: Serialize + DeserializeOwned,
+    E: IdempotentError + Serialize + DeserializeOwned,
+{
+    fn encode(out: &Result<T, E>) -> Option<(Codec, Result<Vec<u8>, String>)> {
+        match out {
+            Err(e) if !e.is_final() => None,
+            stored => ValuesAndErrors::encode(stored),
+        }
+    }
+
+    fn decode(codec: Codec, bytes: &[u8]) -> Result<Result<T, E>, String> {
+        <ValuesAndErrors as ResultCodec<T, E>>::decode(codec, bytes)
+    }
+}
+
 pub(crate) fn encode<T: Serialize + ?Sized>(value: &T) -> Result<Vec<u8>, String> {
     serde_json::to_vec(value).map_err(|e| e.to_string())
 }

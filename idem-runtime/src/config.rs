@@ -20,6 +20,7 @@ const DEFAULT_BATCHING: BatchLimits = BatchLimits {
     max_queued: defaults::BATCH_QUEUE,
 };
 use crate::store::{MemoryStore, Store};
+use crate::switch::{self, Switch};
 use crate::{Error, Idem};
 
 impl Idem {
@@ -58,6 +59,7 @@ pub struct IdemBuilder {
     purge_batch: u32,
     store_timeout: Duration,
     batching: Option<BatchLimits>,
+    switch: Switch,
     error: Option<Error>,
 }
 
@@ -75,6 +77,7 @@ impl Default for IdemBuilder {
             purge_batch: defaults::PURGE_BATCH,
             store_timeout: defaults::STORE_TIMEOUT,
             batching: Some(DEFAULT_BATCHING),
+            switch: Switch::default(),
             error: None,
         }
     }
@@ -235,6 +238,23 @@ impl IdemBuilder {
         self
     }
 
+    /// Turns idem off: every `#[idempotent]` body (and every route behind the HTTP layer)
+    /// runs unprotected, counted as outcome `unprotected`, for test suites that keep the
+    /// attributes. The `IDEM_DISABLED` environment variable, when set, overrides this. A
+    /// release build stays protected unless [`allow_disabled_in_release`](Self::allow_disabled_in_release)
+    /// is also called. One warning is logged when the runtime is built disabled.
+    pub fn disabled(mut self, disabled: bool) -> Self {
+        self.switch.disabled = disabled;
+        self
+    }
+
+    /// Lets a release build run disabled (see [`disabled`](Self::disabled)). Code only, on
+    /// purpose: an environment or a config file alone cannot turn off production's protection.
+    pub fn allow_disabled_in_release(mut self, allow: bool) -> Self {
+        self.switch.allow_in_release = allow;
+        self
+    }
+
     /// How often expired records are purged in the background; `None` turns purging off.
     pub fn purge_interval(mut self, every: Option<Duration>) -> Self {
         self.purge_interval = every;
@@ -276,7 +296,12 @@ impl IdemBuilder {
                 executor_id.len()
             )));
         }
+        let release = !cfg!(debug_assertions);
+        let disabled = self
+            .switch
+            .decide(switch::env_value().as_deref(), release)?;
         let settings = Settings {
+            disabled,
             default_ttl: self.default_ttl,
             default_lease: self.default_lease,
             default_wait: self.default_wait,
@@ -362,6 +387,9 @@ pub struct IdemConfig {
     pub batch_max_bytes: usize,
     /// Group commit: how many batches of one verb may be in flight at once.
     pub batch_concurrency: usize,
+    /// Run every body unprotected (see [`IdemBuilder::disabled`]; a release build also needs
+    /// [`IdemBuilder::allow_disabled_in_release`] in code).
+    pub disabled: bool,
 }
 
 impl Default for IdemConfig {
@@ -381,6 +409,7 @@ impl Default for IdemConfig {
             batch_max_rows: defaults::BATCH_MAX_ROWS,
             batch_max_bytes: defaults::BATCH_MAX_BYTES,
             batch_concurrency: defaults::BATCH_CONCURRENCY,
+            disabled: false,
         }
     }
 }
@@ -418,7 +447,8 @@ impl IdemConfig {
             .store_timeout(self.store_timeout.as_str())
             .group_commit(self.group_commit)
             .batch_max(self.batch_max_rows, self.batch_max_bytes)
-            .batch_concurrency(self.batch_concurrency);
+            .batch_concurrency(self.batch_concurrency)
+            .disabled(self.disabled);
         // Check the durations before connecting, so a typo is reported as such.
         if let Some(e) = &builder.error {
             return Err(e.clone());

@@ -30,9 +30,14 @@ const DIGEST_MARK: char = '#';
 /// A value that can be an idempotency key or scope.
 ///
 /// `#[idempotent(key = ..)]` and `scope = ..` accept anything implementing it: strings,
-/// integers, `char`, references to them, and `Option`s of them (`None` means "no key":
+/// integers, `char`, `uuid::Uuid` (feature `uuid`), `ulid::Ulid` (feature `ulid`), references
+/// to them, and `Option`s of them (`None` means "no key":
 /// [`Error::MissingKey`](crate::Error::MissingKey), or an unprotected call for `optional` fns).
-/// Implement it for your own id types, or call `.to_string()` on anything `Display`.
+///
+/// Any other `Display` type is a key through [`DisplayKey`], on purpose and visibly: its text
+/// becomes the record's name, so a type whose `Display` changes between releases (or prints
+/// floats, or prints less than the whole value) would silently change or merge records.
+/// Implement this trait for your own id types instead when they have a canonical text.
 ///
 /// ```
 /// use std::borrow::Cow;
@@ -45,8 +50,8 @@ const DIGEST_MARK: char = '#';
 /// ```
 #[diagnostic::on_unimplemented(
     message = "`{Self}` cannot be used as an idempotency key",
-    label = "expected a string, an integer, or an `Option` of one",
-    note = "`#[idempotent]` keys and scopes accept `&str`, `String`, integers, `char` and `Option`s of them; call `.to_string()` on other `Display` types or implement `idem_runtime::IntoKey`"
+    label = "expected a string, an integer, a UUID, or an `Option` of one",
+    note = "`#[idempotent]` keys and scopes accept `&str`, `String`, integers, `char`, `uuid::Uuid` (feature `uuid`), `ulid::Ulid` (feature `ulid`) and `Option`s of them; wrap another `Display` type in `idem_runtime::DisplayKey(&value)`, or implement `idem_runtime::IntoKey`"
 )]
 pub trait IntoKey {
     /// The key as a string, or `None` when there is no key.
@@ -82,6 +87,62 @@ macro_rules! into_key_via_display {
 into_key_via_display!(
     char, u8, u16, u32, u64, u128, usize, i8, i16, i32, i64, i128, isize
 );
+
+#[cfg(feature = "uuid")]
+#[cfg_attr(docsrs, doc(cfg(feature = "uuid")))]
+impl IntoKey for uuid::Uuid {
+    /// Hyphenated and lowercase (`67e55044-10b1-426f-9247-bb680e5fe0c8`), the form most
+    /// clients send in `Idempotency-Key`, so a key read from a header as a string and the same
+    /// key parsed as a `Uuid` name the same record.
+    fn to_key(&self) -> Option<Cow<'_, str>> {
+        let mut buf = uuid::Uuid::encode_buffer();
+        Some(Cow::Owned(
+            self.hyphenated().encode_lower(&mut buf).to_owned(),
+        ))
+    }
+}
+
+#[cfg(feature = "ulid")]
+#[cfg_attr(docsrs, doc(cfg(feature = "ulid")))]
+impl IntoKey for ulid::Ulid {
+    /// The canonical 26 characters of Crockford base 32 (uppercase).
+    fn to_key(&self) -> Option<Cow<'_, str>> {
+        Some(Cow::Owned(self.to_string()))
+    }
+}
+
+/// Any `Display` value as a key or scope: its text.
+///
+/// The explicit route for id types idem does not know. Wrap a reference, so the key is read
+/// before the body takes the argument: `key = DisplayKey(&req.order_id)`.
+///
+/// ```
+/// use idem_runtime::{DisplayKey, Error, idempotent};
+///
+/// struct OrderId(u64);
+/// impl std::fmt::Display for OrderId {
+///     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+///         write!(f, "order-{}", self.0)
+///     }
+/// }
+/// # #[derive(serde::Serialize)] struct Ship { order: u64 }
+///
+/// #[idempotent(key = DisplayKey(&order), skip(order))]
+/// async fn ship(order: OrderId, req: Ship) -> Result<u64, Error> {
+///     Ok(order.0)
+/// }
+/// ```
+///
+/// The text is the record's name: use it only for types whose `Display` is a stable,
+/// complete and unambiguous rendering of the value (not floats, not messages).
+#[derive(Clone, Copy, Debug)]
+pub struct DisplayKey<T>(pub T);
+
+impl<T: fmt::Display> IntoKey for DisplayKey<T> {
+    fn to_key(&self) -> Option<Cow<'_, str>> {
+        Some(Cow::Owned(self.0.to_string()))
+    }
+}
 
 impl<T: IntoKey + ?Sized> IntoKey for &T {
     fn to_key(&self) -> Option<Cow<'_, str>> {
@@ -264,6 +325,36 @@ mod tests {
         assert_eq!(None::<String>.to_key(), None);
         assert_eq!((&&"d").to_key().as_deref(), Some("d"));
         assert_eq!(Some(Some(5u8)).to_key().as_deref(), Some("5"));
+    }
+
+    #[test]
+    fn display_types_are_keys_through_the_wrapper() {
+        struct Ticket(u32);
+        impl fmt::Display for Ticket {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                write!(f, "T-{}", self.0)
+            }
+        }
+        let t = Ticket(9);
+        assert_eq!(DisplayKey(&t).to_key().as_deref(), Some("T-9"));
+        assert_eq!(Some(DisplayKey(&t)).to_key().as_deref(), Some("T-9"));
+    }
+
+    #[cfg(feature = "uuid")]
+    #[test]
+    fn uuids_are_keys_in_the_header_form() {
+        let text = "67e55044-10b1-426f-9247-bb680e5fe0c8";
+        let id: uuid::Uuid = text.to_uppercase().parse().expect("a uuid");
+        assert_eq!(id.to_key().as_deref(), Some(text));
+        assert_eq!(Some(id).to_key().as_deref(), Some(text));
+    }
+
+    #[cfg(feature = "ulid")]
+    #[test]
+    fn ulids_are_keys_in_their_canonical_form() {
+        let text = "01ARZ3NDEKTSV4RRFFQ69G5FAV";
+        let id: ulid::Ulid = text.to_lowercase().parse().expect("a ulid");
+        assert_eq!(id.to_key().as_deref(), Some(text));
     }
 
     #[test]

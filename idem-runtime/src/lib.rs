@@ -24,18 +24,21 @@ mod outcome;
 mod purge;
 mod runtime;
 pub mod store;
+mod switch;
 
 #[doc(hidden)]
 pub mod __private;
 
-pub use codec::{Codec, UnknownCodec};
+pub use codec::{Codec, IdempotentError, UnknownCodec};
 pub use config::{IdemBuilder, IdemConfig, IntoDuration, defaults};
 pub use error::{Error, StoreError};
 pub use key::{
-    Fingerprint, IntoKey, KeyHash, MAX_KEY_BYTES, MAX_NAMESPACE_BYTES, MAX_SCOPE_BYTES, RecordId,
+    DisplayKey, Fingerprint, IntoKey, KeyHash, MAX_KEY_BYTES, MAX_NAMESPACE_BYTES, MAX_SCOPE_BYTES,
+    RecordId,
 };
 pub use outcome::{Outcome, observe};
 pub use runtime::Idem;
+pub use switch::ENV_VAR as DISABLED_ENV_VAR;
 
 #[cfg(feature = "_sql")]
 pub use engine::tx::TxDatabase;

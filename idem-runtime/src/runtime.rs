@@ -76,6 +76,12 @@ impl Idem {
         &self.engine.settings.executor_id
     }
 
+    /// Whether this runtime is switched off (`IDEM_DISABLED`, or
+    /// [`IdemBuilder::disabled`](crate::IdemBuilder::disabled)): bodies run unprotected.
+    pub fn is_disabled(&self) -> bool {
+        self.engine.settings.disabled
+    }
+
     /// The store this runtime writes to.
     pub fn store(&self) -> &dyn Store {
         &*self.engine.store

@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
 use std::time::{Duration, Instant};
 
 use idem_runtime::store::Store;
-use idem_runtime::{Error, Idem, Outcome, idempotent, observe};
+use idem_runtime::{Error, Idem, IdempotentError, Outcome, idempotent, observe};
 use serde::{Deserialize, Serialize};
 use support::{Backend, Instrumented};
 
@@ -163,6 +163,63 @@ async fn cached_errors_are_replayed(b: Backend) {
     assert_eq!(again.unwrap_err(), first);
     assert_eq!(how, Some(Outcome::Replayed));
     assert_eq!(runs.load(SeqCst), 1);
+}
+
+/// Mixes a final error (a declined card: the answer, replayed) with a transient one (a
+/// timeout: the retry runs again).
+#[derive(Debug, PartialEq, Serialize, Deserialize)]
+enum PayError {
+    Declined { reason: String },
+    Timeout,
+    Idem(String),
+}
+
+impl From<Error> for PayError {
+    fn from(e: Error) -> Self {
+        PayError::Idem(e.to_string())
+    }
+}
+
+impl IdempotentError for PayError {
+    fn is_final(&self) -> bool {
+        matches!(self, PayError::Declined { .. })
+    }
+}
+
+/// The card `"declined"` is always declined; any other card times out on its first run.
+#[idempotent(key = card, runtime = idem, skip(runs), cache_errors = "final")]
+async fn pay(idem: &Idem, runs: &AtomicUsize, card: &str) -> Result<u64, PayError> {
+    let run = runs.fetch_add(1, SeqCst) + 1;
+    match card {
+        "declined" => Err(PayError::Declined {
+            reason: "insufficient funds".into(),
+        }),
+        _ if run == 1 => Err(PayError::Timeout),
+        _ => Ok(run as u64),
+    }
+}
+
+async fn final_errors_are_replayed_and_transient_ones_run_again(b: Backend) {
+    let idem = idem_on(b.store.clone());
+    let replica = other_replica(b.store.clone());
+
+    let declined = AtomicUsize::new(0);
+    let (first, how) = observe(pay(&idem, &declined, "declined")).await;
+    assert!(matches!(first, Err(PayError::Declined { .. })), "{first:?}");
+    assert_eq!(how, Some(Outcome::Executed));
+    let (again, how) = observe(pay(&replica, &declined, "declined")).await;
+    assert_eq!(again, first, "the final error is replayed from the store");
+    assert_eq!(how, Some(Outcome::Replayed));
+    assert_eq!(declined.load(SeqCst), 1, "the body ran once");
+
+    let flaky = AtomicUsize::new(0);
+    assert_eq!(pay(&idem, &flaky, "visa").await, Err(PayError::Timeout));
+    let (retry, how) = observe(pay(&replica, &flaky, "visa")).await;
+    assert_eq!(retry, Ok(2), "the transient error released the key");
+    assert_eq!(how, Some(Outcome::Executed));
+    let (replay, how) = observe(pay(&idem, &flaky, "visa")).await;
+    assert_eq!((replay, how), (Ok(2), Some(Outcome::Replayed)));
+    assert_eq!(flaky.load(SeqCst), 2);
 }
 
 #[idempotent(key = key, runtime = idem, skip(runs, hold))]
@@ -791,6 +848,7 @@ for_each_store!(
     a_reused_key_with_another_payload_is_refused,
     an_error_releases_the_key,
     cached_errors_are_replayed,
+    final_errors_are_replayed_and_transient_ones_run_again,
     a_panic_releases_the_key,
     a_dropped_call_releases_the_key,
     a_dead_owners_key_is_taken_over_after_its_lease,

@@ -62,6 +62,8 @@ pub use spec::Spec;
 /// The defaults an attribute's missing arguments take, and the runtime's limits.
 #[derive(Clone, Debug)]
 pub(crate) struct Settings {
+    /// The off switch: every body runs unprotected.
+    pub(crate) disabled: bool,
     pub(crate) default_ttl: Duration,
     pub(crate) default_lease: Duration,
     pub(crate) default_wait: Duration,
@@ -184,9 +186,12 @@ impl Engine {
         E: From<Error>,
         C: ResultCodec<T, E>,
     {
+        if self.settings.disabled {
+            return replay::unprotected(site, body, "disabled").await;
+        }
         let call = match call.resolve(self, spec, site, types) {
             Ok(Some(call)) => call,
-            Ok(None) => return replay::unprotected(site, body).await,
+            Ok(None) => return replay::unprotected(site, body, "no key").await,
             Err(e) => return Err(replay::fail(site.path, e)),
         };
         let span = call.span();

@@ -2,7 +2,7 @@
 //! span's outcome, and [`observe`](crate::observe). Shared by the leased and transactional
 //! paths.
 
-use tracing::Span;
+use tracing::{Instrument, Span};
 
 use super::call::ResolvedCall;
 use super::spec::Site;
@@ -61,18 +61,28 @@ impl ResolvedCall {
     }
 }
 
-/// Runs the body of an `optional` fn called without a key.
+/// Runs a body without protection: an `optional` fn called without a key (`why` is
+/// `"no key"`), or a runtime that is switched off (`"disabled"`).
 pub(crate) async fn unprotected<T, E>(
     site: &'static Site,
     body: impl Future<Output = Result<T, E>>,
+    why: &'static str,
 ) -> Result<T, E> {
-    tracing::debug!(
-        function = site.path,
-        "idem: no key; running the body unprotected"
-    );
+    let span = unprotected_span(site, why);
+    tracing::debug!(parent: &span, function = site.path, why, "idem: running the body unprotected");
     metrics::call(&site.labels, Outcome::Unprotected);
     outcome::report(Outcome::Unprotected);
-    body.await
+    body.instrument(span).await
+}
+
+/// The span of a call that runs unprotected, its outcome already known.
+pub(crate) fn unprotected_span(site: &'static Site, why: &'static str) -> Span {
+    tracing::info_span!(
+        "idempotent",
+        function = site.path,
+        outcome = Outcome::Unprotected.as_str(),
+        unprotected = why,
+    )
 }
 
 /// An idem error for the caller, counted and recorded on the span.

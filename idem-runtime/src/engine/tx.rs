@@ -134,10 +134,14 @@ where
         outcome,
         codec: PhantomData,
     };
+    let unprotected = || TxBegin::Run(token(None, Fence::from_raw(0), Outcome::Unprotected));
+    if engine.settings.disabled {
+        return unprotected();
+    }
     let call = match call.resolve(engine, spec, site, types) {
         Ok(Some(call)) => call,
         // `optional` and no key: the body runs unprotected, still inside the transaction.
-        Ok(None) => return TxBegin::Run(token(None, Fence::from_raw(0), Outcome::Unprotected)),
+        Ok(None) => return unprotected(),
         Err(e) => return TxBegin::Done(Err(fail(site.path, e))),
     };
     let span = call.span();
@@ -234,6 +238,8 @@ where
     DB: TxDatabase,
 {
     let Some(call) = token.call else {
+        // Whether the runtime is off or the key was `None`, the body already ran.
+        let _span = super::replay::unprotected_span(token.site, "no key or disabled").entered();
         metrics::call(&token.site.labels, Outcome::Unprotected);
         outcome::report(Outcome::Unprotected);
         return out;
