@@ -94,7 +94,7 @@ where
     }
     let (parts, body) = req.into_parts();
     let key = match key_from(&parts.headers, &config.header) {
-        Ok(Some(key)) => key,
+        Ok(Some(key)) => Some(key),
         Err(why) => {
             let title = "Invalid idempotency key";
             return problem(StatusCode::BAD_REQUEST, "invalid-key", title, why);
@@ -104,17 +104,20 @@ where
             let title = "Idempotency key required";
             return problem(StatusCode::BAD_REQUEST, "missing-key", title, &detail);
         }
-        Ok(None) => return into_response(inner.oneshot(Request::from_parts(parts, body)).await),
+        Ok(None) => None,
+    };
+    #[cfg(feature = "_sql")]
+    if let Some(mode) = config.transactional.clone() {
+        return transactional(mode, config, inner, parts, body, key).await;
+    }
+    let Some(key) = key else {
+        return into_response(inner.oneshot(Request::from_parts(parts, body)).await);
     };
     let bytes = match read_body(body, config.max_request_bytes).await {
         Ok(bytes) => bytes,
         Err(refused) => return refused,
     };
-    let call = Call {
-        key: Some(key),
-        scope: Scope::Value(scope(&config, &parts)),
-        payload: fingerprint(&config, &parts, &bytes),
-    };
+    let call = call_for(&config, &parts, key, &bytes);
 
     // The call runs in a task of its own: a client that hangs up must not cancel a route
     // that has already done its work, or the retry would do it again.
@@ -157,6 +160,58 @@ where
             // The route ran but its response never reached us: it panicked.
             StatusCode::INTERNAL_SERVER_ERROR.into_response()
         }
+    }
+}
+
+/// A request in the layer's transactional mode, run in a task of its own: a client that
+/// hangs up does not cancel a route whose transaction is about to commit.
+#[cfg(feature = "_sql")]
+async fn transactional<S>(
+    mode: Arc<dyn super::tx::Mode>,
+    config: Arc<Config>,
+    inner: S,
+    parts: Parts,
+    body: Body,
+    key: Option<String>,
+) -> Response<Body>
+where
+    S: Service<Request<Body>, Error = Infallible> + Send + 'static,
+    S::Response: IntoResponse,
+    S::Future: Send + 'static,
+{
+    let (body, call) = match key {
+        None => (body, None),
+        Some(key) => {
+            let bytes = match read_body(body, config.max_request_bytes).await {
+                Ok(bytes) => bytes,
+                Err(refused) => return refused,
+            };
+            let call = call_for(&config, &parts, key, &bytes);
+            (Body::from(bytes), Some(call))
+        }
+    };
+    let route: super::tx::Route =
+        Box::new(move |req| Box::pin(async move { into_response(inner.oneshot(req).await) }));
+    let job = super::tx::Job {
+        config,
+        route,
+        parts,
+        body,
+        call,
+    };
+    match tokio::spawn(mode.run(job)).await {
+        Ok(response) => response,
+        // The route panicked; its transaction rolled back as it unwound.
+        Err(_) => StatusCode::INTERNAL_SERVER_ERROR.into_response(),
+    }
+}
+
+/// The engine's call for a request with a key.
+fn call_for(config: &Config, parts: &Parts, key: String, body: &[u8]) -> Call {
+    Call {
+        key: Some(key),
+        scope: Scope::Value(scope(config, parts)),
+        payload: fingerprint(config, parts, body),
     }
 }
 
@@ -357,14 +412,7 @@ where
     let (parts, mut body) = into_response(inner.oneshot(request).await).into_parts();
     let stored = (config.store_status)(parts.status);
     let status = parts.status;
-    let headers = config
-        .replay_headers
-        .iter()
-        .flat_map(|name| {
-            let values = parts.headers.get_all(name).iter();
-            values.map(move |v| (name.clone(), v.clone()))
-        })
-        .collect();
+    let headers = config.replayed_headers(&parts.headers);
     let mut copy = Copier {
         length_left: declared_length(&parts),
         // A response that is not stored is not copied, only streamed.
