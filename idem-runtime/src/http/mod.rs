@@ -34,9 +34,10 @@
 //! ```
 //!
 //! The layer is the right tool when the response is what should be replayed, and for routes
-//! you do not want to touch. `#[idempotent]` on a handler (or on the service fn it calls)
-//! fits when the handler's result is a serializable value, the key is not a header, or the
-//! effect should share a database transaction with its record (`tx = ..`); see [`Json`].
+//! you do not want to touch; [`IdempotencyLayer::transactional`] makes the route's own rows
+//! commit with the recorded response (the route takes [`IdemTx`]). `#[idempotent]` on a
+//! handler (or on the service fn it calls) fits when the handler's result is a serializable
+//! value or the key is not a header; see [`Json`].
 
 mod json;
 mod key;
