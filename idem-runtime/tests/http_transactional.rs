@@ -93,6 +93,8 @@ ledger!(MySql, "INSERT INTO {} (entry, run) VALUES (?, ?)", false);
 struct App {
     ledger: Arc<str>,
     runs: Arc<AtomicUsize>,
+    /// The next run answers 503 after its insert (and a pause), then this turns off.
+    fail_next: Arc<std::sync::atomic::AtomicBool>,
 }
 
 #[derive(Deserialize, Default)]
@@ -119,6 +121,9 @@ async fn pay<DB: Ledger>(
         return (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response();
     }
     tokio::time::sleep(Duration::from_millis(opts.sleep_ms)).await;
+    if app.fail_next.swap(false, SeqCst) {
+        return (StatusCode::SERVICE_UNAVAILABLE, "failed after its insert").into_response();
+    }
     let status = StatusCode::from_u16(opts.status.unwrap_or(201)).unwrap();
     let json = format!(
         r#"{{"payment":{run},"entry":{body:?},"pad":"{}"}}"#,
@@ -165,6 +170,7 @@ async fn serve<DB: Ledger>(store: Arc<dyn Store>, pool: Pool<DB>, records: &str)
     let app = App {
         ledger: ledger.clone().into(),
         runs: Arc::default(),
+        fail_next: Arc::default(),
     };
     let layer = IdempotencyLayer::new(idem)
         .transactional()
@@ -250,6 +256,7 @@ async fn problem(resp: reqwest::Response, status: u16) -> serde_json::Value {
 
 async fn scenarios<DB: Ledger>(s: Server<DB>) {
     concurrent_duplicates_make_one_row(&s).await;
+    a_duplicate_waiting_on_a_first_that_rolls_back_runs_the_route(&s).await;
     a_route_that_fails_leaves_no_row_and_no_record(&s).await;
     tenants_and_reused_keys(&s).await;
     an_oversized_response_commits_nothing(&s).await;
@@ -286,6 +293,32 @@ async fn concurrent_duplicates_make_one_row<DB: Ledger>(s: &Server<DB>) {
     assert_eq!(
         fresh, 1,
         "one response is the route's, the others are replays"
+    );
+}
+
+async fn a_duplicate_waiting_on_a_first_that_rolls_back_runs_the_route<DB: Ledger>(s: &Server<DB>) {
+    let (rows, runs) = (s.rows().await, s.app.runs.load(SeqCst));
+    s.app.fail_next.store(true, SeqCst);
+    let first = s.post("/payments?sleep_ms=300", Some("retry-me"), "a", "tea");
+    let second = async {
+        // Sent while the first holds the record's row (its insert is done, its answer not).
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        s.post("/payments?sleep_ms=300", Some("retry-me"), "a", "tea")
+            .await
+    };
+    let (first, second) = tokio::join!(first, second);
+    assert_eq!(first.status(), 503, "the first fails after its insert");
+    assert_eq!(
+        second.status(),
+        201,
+        "the duplicate ran the route once the first rolled back"
+    );
+    assert!(second.headers().get("idempotent-replayed").is_none());
+    assert_eq!(s.app.runs.load(SeqCst), runs + 2);
+    assert_eq!(
+        s.rows().await,
+        rows + 1,
+        "the first's row rolled back; the second's committed"
     );
 }
 
@@ -445,6 +478,7 @@ async fn misuse_is_a_500_that_says_what_to_change() {
     let app = App {
         ledger: "nowhere".into(),
         runs: Arc::default(),
+        fail_next: Arc::default(),
     };
     let router = Router::new()
         // A transactional layer on a store that cannot lend a transaction.
