@@ -108,7 +108,7 @@ where
     };
     #[cfg(feature = "_sql")]
     if let Some(mode) = config.transactional.clone() {
-        return transactional(mode, config, inner, parts, body, key).await;
+        return super::tx::handle(mode, config, inner, parts, body, key).await;
     }
     let Some(key) = key else {
         return into_response(inner.oneshot(Request::from_parts(parts, body)).await);
@@ -163,51 +163,8 @@ where
     }
 }
 
-/// A request in the layer's transactional mode, run in a task of its own: a client that
-/// hangs up does not cancel a route whose transaction is about to commit.
-#[cfg(feature = "_sql")]
-async fn transactional<S>(
-    mode: Arc<dyn super::tx::Mode>,
-    config: Arc<Config>,
-    inner: S,
-    parts: Parts,
-    body: Body,
-    key: Option<String>,
-) -> Response<Body>
-where
-    S: Service<Request<Body>, Error = Infallible> + Send + 'static,
-    S::Response: IntoResponse,
-    S::Future: Send + 'static,
-{
-    let (body, call) = match key {
-        None => (body, None),
-        Some(key) => {
-            let bytes = match read_body(body, config.max_request_bytes).await {
-                Ok(bytes) => bytes,
-                Err(refused) => return refused,
-            };
-            let call = call_for(&config, &parts, key, &bytes);
-            (Body::from(bytes), Some(call))
-        }
-    };
-    let route: super::tx::Route =
-        Box::new(move |req| Box::pin(async move { into_response(inner.oneshot(req).await) }));
-    let job = super::tx::Job {
-        config,
-        route,
-        parts,
-        body,
-        call,
-    };
-    match tokio::spawn(mode.run(job)).await {
-        Ok(response) => response,
-        // The route panicked; its transaction rolled back as it unwound.
-        Err(_) => StatusCode::INTERNAL_SERVER_ERROR.into_response(),
-    }
-}
-
 /// The engine's call for a request with a key.
-fn call_for(config: &Config, parts: &Parts, key: String, body: &[u8]) -> Call {
+pub(super) fn call_for(config: &Config, parts: &Parts, key: String, body: &[u8]) -> Call {
     Call {
         key: Some(key),
         scope: Scope::Value(scope(config, parts)),
@@ -216,7 +173,7 @@ fn call_for(config: &Config, parts: &Parts, key: String, body: &[u8]) -> Call {
 }
 
 /// The request body, read to be fingerprinted; a problem response if it cannot be.
-async fn read_body(body: Body, limit: usize) -> Result<Bytes, Response<Body>> {
+pub(super) async fn read_body(body: Body, limit: usize) -> Result<Bytes, Response<Body>> {
     match http_body_util::Limited::new(body, limit).collect().await {
         Ok(collected) => Ok(collected.to_bytes()),
         Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(problem(
@@ -580,7 +537,7 @@ impl http_body::Body for ChannelBody {
     }
 }
 
-fn into_response<R: IntoResponse>(resp: Result<R, Infallible>) -> Response<Body> {
+pub(super) fn into_response<R: IntoResponse>(resp: Result<R, Infallible>) -> Response<Body> {
     match resp {
         Ok(r) => r.into_response(),
         Err(never) => match never {},

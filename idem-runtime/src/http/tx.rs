@@ -14,6 +14,7 @@
 //! route wrote, and the key stays free. A failed commit is [`Error::NotCommitted`] (503): the
 //! route's response is never sent for writes that were not kept.
 
+use std::convert::Infallible;
 use std::future::Future;
 use std::marker::PhantomData;
 use std::ops::{Deref, DerefMut};
@@ -24,11 +25,14 @@ use axum::body::Body;
 use axum::extract::FromRequestParts;
 use axum::http::request::Parts;
 use axum::http::{Request, Response, StatusCode};
+use axum::response::IntoResponse;
 use http_body_util::BodyExt;
 use sqlx::{Database, Transaction};
+use tower::{Service, ServiceExt};
 
 use super::Config;
 use super::problem::{error_response, problem};
+use super::service::{call_for, into_response, read_body};
 use super::stored::StoredResponse;
 use crate::Error;
 use crate::codec::ValuesOnly;
@@ -150,6 +154,48 @@ impl<DB: Database, S: Send + Sync> FromRequestParts<S> for IdemTx<DB> {
                 "the route takes `IdemTx` more than once; take it once and pass it on".into(),
             )),
         }
+    }
+}
+
+/// A request in the layer's transactional mode, run in a task of its own: a client that
+/// hangs up does not cancel a route whose transaction is about to commit.
+pub(super) async fn handle<S>(
+    mode: Arc<dyn Mode>,
+    config: Arc<Config>,
+    inner: S,
+    parts: Parts,
+    body: Body,
+    key: Option<String>,
+) -> Response<Body>
+where
+    S: Service<Request<Body>, Error = Infallible> + Send + 'static,
+    S::Response: IntoResponse,
+    S::Future: Send + 'static,
+{
+    let (body, call) = match key {
+        None => (body, None),
+        Some(key) => {
+            let bytes = match read_body(body, config.max_request_bytes).await {
+                Ok(bytes) => bytes,
+                Err(refused) => return refused,
+            };
+            let call = call_for(&config, &parts, key, &bytes);
+            (Body::from(bytes), Some(call))
+        }
+    };
+    let route: Route =
+        Box::new(move |req| Box::pin(async move { into_response(inner.oneshot(req).await) }));
+    let job = Job {
+        config,
+        route,
+        parts,
+        body,
+        call,
+    };
+    match tokio::spawn(mode.run(job)).await {
+        Ok(response) => response,
+        // The route panicked; its transaction rolled back as it unwound.
+        Err(_) => StatusCode::INTERNAL_SERVER_ERROR.into_response(),
     }
 }
 
