@@ -94,7 +94,7 @@ where
     }
     let (parts, body) = req.into_parts();
     let key = match key_from(&parts.headers, &config.header) {
-        Ok(Some(key)) => key,
+        Ok(Some(key)) => Some(key),
         Err(why) => {
             let title = "Invalid idempotency key";
             return problem(StatusCode::BAD_REQUEST, "invalid-key", title, why);
@@ -104,17 +104,20 @@ where
             let title = "Idempotency key required";
             return problem(StatusCode::BAD_REQUEST, "missing-key", title, &detail);
         }
-        Ok(None) => return into_response(inner.oneshot(Request::from_parts(parts, body)).await),
+        Ok(None) => None,
+    };
+    #[cfg(feature = "_sql")]
+    if let Some(mode) = config.transactional.clone() {
+        return super::tx::handle(mode, config, inner, parts, body, key).await;
+    }
+    let Some(key) = key else {
+        return into_response(inner.oneshot(Request::from_parts(parts, body)).await);
     };
     let bytes = match read_body(body, config.max_request_bytes).await {
         Ok(bytes) => bytes,
         Err(refused) => return refused,
     };
-    let call = Call {
-        key: Some(key),
-        scope: Scope::Value(scope(&config, &parts)),
-        payload: fingerprint(&config, &parts, &bytes),
-    };
+    let call = call_for(&config, &parts, key, &bytes);
 
     // The call runs in a task of its own: a client that hangs up must not cancel a route
     // that has already done its work, or the retry would do it again.
@@ -161,8 +164,17 @@ where
     }
 }
 
+/// The engine's call for a request with a key.
+pub(super) fn call_for(config: &Config, parts: &Parts, key: String, body: &[u8]) -> Call {
+    Call {
+        key: Some(key),
+        scope: Scope::Value(scope(config, parts)),
+        payload: fingerprint(config, parts, body),
+    }
+}
+
 /// The request body, read to be fingerprinted; a problem response if it cannot be.
-async fn read_body(body: Body, limit: usize) -> Result<Bytes, Response<Body>> {
+pub(super) async fn read_body(body: Body, limit: usize) -> Result<Bytes, Response<Body>> {
     match http_body_util::Limited::new(body, limit).collect().await {
         Ok(collected) => Ok(collected.to_bytes()),
         Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(problem(
@@ -372,14 +384,7 @@ where
     let (parts, mut body) = into_response(inner.oneshot(request).await).into_parts();
     let stored = (config.store_status)(parts.status);
     let status = parts.status;
-    let headers = config
-        .replay_headers
-        .iter()
-        .flat_map(|name| {
-            let values = parts.headers.get_all(name).iter();
-            values.map(move |v| (name.clone(), v.clone()))
-        })
-        .collect();
+    let headers = config.replayed_headers(&parts.headers);
     let mut copy = Copier {
         length_left: declared_length(&parts),
         // A response that is not stored is not copied, only streamed.
@@ -612,7 +617,7 @@ impl http_body::Body for FailingBody {
     }
 }
 
-fn into_response<R: IntoResponse>(resp: Result<R, Infallible>) -> Response<Body> {
+pub(super) fn into_response<R: IntoResponse>(resp: Result<R, Infallible>) -> Response<Body> {
     match resp {
         Ok(r) => r.into_response(),
         Err(never) => match never {},

@@ -185,6 +185,13 @@ fn store_error<D: Dialect>(e: sqlx::Error) -> StoreError {
 
 #[async_trait::async_trait]
 impl<D: Dialect> TxStatements<D::Db> for SqlStore<D> {
+    async fn begin(&self) -> Result<sqlx::Transaction<'static, D::Db>, StoreError> {
+        self.pool
+            .begin_with(D::BEGIN)
+            .await
+            .map_err(|e| self.error(e))
+    }
+
     async fn reserve_in(
         &self,
         conn: &mut Connection<D>,
