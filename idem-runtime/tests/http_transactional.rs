@@ -188,6 +188,10 @@ async fn serve<DB: Ledger>(store: Arc<dyn Store>, pool: Pool<DB>, records: &str)
             "/optional",
             post(pay::<DB>).layer(layer.clone().required(false)),
         )
+        .route(
+            "/accepted",
+            post(pay::<DB>).layer(layer.clone().store_status(|s| s != StatusCode::ACCEPTED)),
+        )
         .route("/plain", post(plain).layer(layer))
         .with_state(app.clone());
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -258,6 +262,7 @@ async fn scenarios<DB: Ledger>(s: Server<DB>) {
     concurrent_duplicates_make_one_row(&s).await;
     a_duplicate_waiting_on_a_first_that_rolls_back_runs_the_route(&s).await;
     a_route_that_fails_leaves_no_row_and_no_record(&s).await;
+    a_success_the_policy_does_not_store_is_not_sent_for_rolled_back_writes(&s).await;
     tenants_and_reused_keys(&s).await;
     an_oversized_response_commits_nothing(&s).await;
     a_failed_commit_is_503_and_never_the_routes_response(&s).await;
@@ -351,6 +356,27 @@ async fn a_route_that_fails_leaves_no_row_and_no_record<DB: Ledger>(s: &Server<D
     assert_eq!(resp.status(), 201);
     assert_eq!(s.rows().await, rows + 1);
     assert_eq!(s.completed().await, records + 1);
+}
+
+/// A `store_status` policy that does not store a 2xx (here 202): the writes roll back with
+/// the reservation, so the client must not be told they happened.
+async fn a_success_the_policy_does_not_store_is_not_sent_for_rolled_back_writes<DB: Ledger>(
+    s: &Server<DB>,
+) {
+    let (rows, records) = (s.rows().await, s.records().await);
+    let resp = s
+        .post("/accepted?status=202", Some("accepted"), "a", "job")
+        .await;
+    let json = problem(resp, 500).await;
+    assert_eq!(
+        json["type"]
+            .as_str()
+            .map(|t| t.ends_with("status-not-stored")),
+        Some(true),
+        "{json}"
+    );
+    assert_eq!(s.rows().await, rows, "the route's insert rolled back");
+    assert_eq!(s.records().await, records, "no record is left");
 }
 
 async fn tenants_and_reused_keys<DB: Ledger>(s: &Server<DB>) {

@@ -303,9 +303,6 @@ async fn run<DB: TxDatabase>(job: Job) -> Response<Body> {
     parts.extensions.insert(Lent(slot.clone()));
     let response = route(Request::from_parts(parts, body)).await;
     let (head, body) = response.into_parts();
-    // The whole body, before anything is committed or sent: it is part of the record.
-    let limit = config.max_response_bytes;
-    let body = http_body_util::Limited::new(body, limit).collect().await;
     let tx = slot.lock().unwrap_or_else(|p| p.into_inner()).take();
     let rolled_back = |token: Option<tx::TxToken<ValuesOnly>>, why: &str, detail: &str| {
         if let Some(token) = token {
@@ -323,6 +320,25 @@ async fn run<DB: TxDatabase>(job: Job) -> Response<Body> {
         let detail = "the route kept its `IdemTx` beyond its response (in a task it spawned?), so the layer could not commit it; its writes are rolled back";
         return rolled_back(token, "transaction-kept", detail);
     };
+    if !(config.store_status)(head.status) {
+        // Not stored: the route's writes roll back with the reservation, the key stays free.
+        drop(tx);
+        if head.status.is_success() || head.status.is_redirection() {
+            // A success must not be sent for writes that were just rolled back.
+            let detail = format!(
+                "the route answered {}, a status the layer's `store_status` does not store, so its writes were rolled back",
+                head.status
+            );
+            return rolled_back(token, "status-not-stored", &detail);
+        }
+        if let Some(token) = token {
+            tx::abandon(token);
+        }
+        return Response::from_parts(head, body);
+    }
+    // The whole body, before anything is committed or sent: it is part of the record.
+    let limit = config.max_response_bytes;
+    let body = http_body_util::Limited::new(body, limit).collect().await;
     let body = match body {
         Ok(body) => body.to_bytes(),
         Err(e) => {
@@ -338,14 +354,6 @@ async fn run<DB: TxDatabase>(job: Job) -> Response<Body> {
             return rolled_back(token, "response-failed", &detail);
         }
     };
-    if !(config.store_status)(head.status) {
-        // Not stored: the route's writes roll back with the reservation, the key stays free.
-        drop(tx);
-        if let Some(token) = token {
-            tx::abandon(token);
-        }
-        return Response::from_parts(head, Body::from(body));
-    }
     if let Some(token) = token {
         let stored = StoredResponse {
             status: head.status,
