@@ -19,17 +19,29 @@ export RUSTC_BOOTSTRAP=1
 
 targets=("$@")
 if [ ${#targets[@]} -eq 0 ]; then
-  mapfile -t targets < <(cargo fuzz list)
+  listed=$(cargo fuzz list)
+  mapfile -t targets <<<"$listed"
+fi
+if [ ${#targets[@]} -eq 0 ] || [ -z "${targets[0]}" ]; then
+  echo "fuzz: no targets found under fuzz/fuzz_targets" >&2
+  exit 1
 fi
 cargo fuzz build
 for target in "${targets[@]}"; do
   echo "== fuzz $target for ${seconds}s"
   scratch="$(mktemp -d)"
   mkdir -p "corpus/$target"
+  log="$scratch.log"
+  # The fuzzer's own exit status decides; its log is shown in part (the last 60 lines after a crash).
+  status=0
   cargo fuzz run "$target" "$scratch" "corpus/$target" -- \
-    -max_total_time="$seconds" -print_final_stats=1 2>&1 |
-    grep -E "^(stat::number_of_executed_units|stat::new_units_added|Done)|ERROR|panicked|SUMMARY" || true
-  status=${PIPESTATUS[0]}
+    -max_total_time="$seconds" -print_final_stats=1 >"$log" 2>&1 || status=$?
+  if [ "$status" -ne 0 ]; then
+    tail -n 60 "$log" >&2
+  else
+    grep -E "^(stat::number_of_executed_units|stat::new_units_added|Done)" "$log" || true
+  fi
+  rm -f "$log"
   rm -rf "$scratch"
   if [ "$status" -ne 0 ]; then
     echo "fuzz target $target failed (exit $status); the input is under fuzz/artifacts/$target/" >&2
