@@ -313,14 +313,18 @@ impl RetryingClient {
                 key
             }
         };
-        if let Some(limit) = self.attempt_timeout {
-            *request.timeout_mut() = Some(limit);
-        }
         let started_at = SystemTime::now();
-        let deadline = Instant::now() + self.max_elapsed;
+        // `max_elapsed` beyond what an `Instant` can hold means no limit.
+        let deadline = Instant::now().checked_add(self.max_elapsed);
         let mut retries = Vec::new();
         loop {
-            let attempt = request.try_clone().ok_or(Error::BodyNotReplayable)?;
+            let mut attempt = request.try_clone().ok_or(Error::BodyNotReplayable)?;
+            // An attempt ends by the total time too, not only its own limit.
+            let left = deadline.map(|d| d.saturating_duration_since(Instant::now()));
+            *attempt.timeout_mut() = match (self.attempt_timeout, left) {
+                (Some(limit), Some(left)) => Some(limit.min(left)),
+                (limit, left) => limit.or(left),
+            };
             let outcome = match self.http.execute(attempt).await {
                 Ok(response) => classify(response),
                 Err(e) if is_transport(&e) => Attempt::Broken(e),
@@ -357,7 +361,7 @@ impl RetryingClient {
         outcome: &Attempt,
         past: u32,
         started_at: SystemTime,
-        deadline: Instant,
+        deadline: Option<Instant>,
     ) -> Option<Retry> {
         let (reason, retry_after) = match outcome {
             Attempt::Done(_) => return None,
@@ -381,7 +385,10 @@ impl RetryingClient {
             },
         };
         // A wait that would end past the total time is not started.
-        if Instant::now() + waited >= deadline {
+        let ends = Instant::now().checked_add(waited);
+        if let Some(deadline) = deadline
+            && ends.is_none_or(|ends| ends >= deadline)
+        {
             return None;
         }
         Some(Retry {
@@ -394,6 +401,15 @@ impl RetryingClient {
 
 /// Whether a response is final, or worth another attempt.
 fn classify(response: Response) -> Attempt {
+    // A replayed answer is the recorded one (say a route's own 409): sending again gets it
+    // again.
+    let replayed = response
+        .headers()
+        .get(IDEMPOTENT_REPLAYED)
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"true"));
+    if replayed {
+        return Attempt::Done(response);
+    }
     match response.status() {
         StatusCode::CONFLICT | StatusCode::TOO_MANY_REQUESTS | StatusCode::SERVICE_UNAVAILABLE => {
             let after = retry_after::parse(response.headers(), SystemTime::now());

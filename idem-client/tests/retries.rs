@@ -82,6 +82,11 @@ async fn server() -> (SocketAddr, Seen) {
             }),
         )
         .route(
+            "/taken",
+            // The route's own 409, a final answer: stored and replayed by the layer.
+            post(|| async { (StatusCode::CONFLICT, "that name is taken") }),
+        )
+        .route(
             "/slow",
             post(move || async move {
                 s5.started.notify_one();
@@ -366,4 +371,70 @@ async fn bad_settings_are_refused() {
     assert!(matches!(inverted, Err(Error::Config(m)) if m.contains("larger than its max")));
     let header = RetryingClient::builder(http).header("not a header").build();
     assert!(matches!(header, Err(Error::Config(_))));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replayed_conflict_is_final() {
+    let (server, seen) = server().await;
+    let client = client();
+    let taken = || {
+        client
+            .http()
+            .post(format!("http://{server}/taken"))
+            .header("idempotency-key", "k-taken")
+    };
+    // First: the route's own 409, which the layer stores; the client cannot tell it from
+    // "in progress" and retries, and the retry is the replay, which ends it.
+    let first = client.send(taken()).await.unwrap();
+    assert_eq!(first.status(), StatusCode::CONFLICT);
+    assert!(first.replayed());
+    assert_eq!(first.attempts(), 2);
+    // Sent again later: the replayed 409 comes back at once, not retried to the limit.
+    let again = client.send(taken()).await.unwrap();
+    assert_eq!(
+        (again.status(), again.attempts()),
+        (StatusCode::CONFLICT, 1)
+    );
+    assert!(again.replayed());
+    assert_eq!(seen.effects.load(SeqCst), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_attempt_that_never_answers_ends_with_the_total_time() {
+    // Accepts connections and never answers.
+    let silent = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = silent.local_addr().unwrap();
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((conn, _)) = silent.accept().await {
+            held.push(conn);
+        }
+    });
+    let client = RetryingClient::builder(reqwest::Client::new())
+        .max_elapsed(Duration::from_millis(500))
+        .build()
+        .unwrap();
+    let sent = client.send(client.http().post(format!("http://{addr}/charge")));
+    // Bounded by max_elapsed, not by the (absent) reqwest timeout: a hang would stop here.
+    let outcome = tokio::time::timeout(Duration::from_secs(30), sent).await;
+    let outcome = outcome.expect("send() outlived its total time by far");
+    assert!(
+        matches!(outcome, Err(Error::Transport { .. })),
+        "{outcome:?}"
+    );
+    assert!(started.elapsed() < Duration::from_secs(30));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_total_time_limit_is_a_setting_not_a_panic() {
+    let (server, _seen) = server().await;
+    let client = RetryingClient::builder(reqwest::Client::new())
+        .max_elapsed(Duration::MAX)
+        .build()
+        .unwrap();
+    let reply = client
+        .send(client.http().post(format!("http://{server}/charge")))
+        .await
+        .unwrap();
+    assert_eq!(reply.status(), StatusCode::CREATED);
 }
