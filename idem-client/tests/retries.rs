@@ -422,7 +422,6 @@ async fn an_attempt_that_never_answers_ends_with_the_total_time() {
         matches!(outcome, Err(Error::Transport { .. })),
         "{outcome:?}"
     );
-    assert!(started.elapsed() < Duration::from_secs(30));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
