@@ -22,7 +22,7 @@
 //! - the answer is an execution that happened, and each key has one completed record and
 //!   nothing is left in progress (nothing stuck past its lease);
 //! - every other execution of a key was in flight at a kill (its replica incarnation was
-//!   killed) or was told its result could not be recorded (the store was cut off: lease lost
+//!   killed before it answered) or was told its result could not be recorded (the store was cut off: lease lost
 //!   or result not recorded, answered with an error, so the client retried).
 
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -175,6 +175,14 @@ impl Effects {
         .await
     }
 
+    /// The execution's handler has its outcome and answers: it was no longer in flight.
+    async fn answered(&self, table: &str, exec: u64) -> Result<(), sqlx::Error> {
+        self.run(format!(
+            "UPDATE {table}_effects SET answered = 1 WHERE exec = {exec}"
+        ))
+        .await
+    }
+
     async fn unrecorded(&self, table: &str, exec: u64) -> Result<(), sqlx::Error> {
         self.run(format!(
             "UPDATE {table}_effects SET unrecorded = 1 WHERE exec = {exec}"
@@ -182,24 +190,24 @@ impl Effects {
         .await
     }
 
-    /// (key, exec, replica incarnation, unrecorded) for every execution.
-    async fn all(&self, table: &str) -> Result<Vec<(String, u64, String, bool)>, sqlx::Error> {
-        let sql = format!("SELECT k, exec, replica, unrecorded FROM {table}_effects");
+    /// (key, exec, replica incarnation, unrecorded, answered) for every execution.
+    async fn all(&self, table: &str) -> Result<Vec<Execution>, sqlx::Error> {
+        let sql = format!("SELECT k, exec, replica, unrecorded, answered FROM {table}_effects");
         let sql = sqlx::AssertSqlSafe(sql);
         Ok(match self {
             Effects::Pg(p) => {
-                sqlx::query_as::<_, (String, i64, String, i32)>(sql)
+                sqlx::query_as::<_, (String, i64, String, i32, i32)>(sql)
                     .fetch_all(p)
                     .await?
             }
             Effects::My(p) => {
-                sqlx::query_as::<_, (String, i64, String, i32)>(sql)
+                sqlx::query_as::<_, (String, i64, String, i32, i32)>(sql)
                     .fetch_all(p)
                     .await?
             }
         }
         .into_iter()
-        .map(|(k, e, r, u)| (k, e as u64, r, u != 0))
+        .map(|(k, e, r, u, a)| (k, e as u64, r, u != 0, a != 0))
         .collect())
     }
 
@@ -251,10 +259,17 @@ async fn charge(app: &App, key: &str, slot: &ExecSlot) -> Result<u64, Error> {
     execute(app, key, slot).await
 }
 
+/// One body execution: key, exec id, replica incarnation, marked unrecorded, answered.
+type Execution = (String, u64, String, bool, bool);
+
 /// `POST /attr/{key}`: the attribute.
 async fn by_attribute(State(app): State<App>, Path(key): Path<String>) -> Response {
     let slot = ExecSlot::default();
     let got = charge(&app, &key, &slot).await;
+    let ran = *slot.lock().expect("slot");
+    if let Some(exec) = ran {
+        let _ = app.effects.answered(&app.table, exec).await;
+    }
     match got {
         Ok(exec) => (StatusCode::OK, exec.to_string()).into_response(),
         Err(e) => {
@@ -294,10 +309,11 @@ async fn watch_layer(State(app): State<App>, mut request: Request, next: Next) -
     request.extensions_mut().insert(slot.clone());
     let response = next.run(request).await;
     let ran = *slot.lock().expect("slot");
-    if !response.status().is_success()
-        && let Some(exec) = ran
-    {
-        let _ = app.effects.unrecorded(&app.table, exec).await;
+    if let Some(exec) = ran {
+        if !response.status().is_success() {
+            let _ = app.effects.unrecorded(&app.table, exec).await;
+        }
+        let _ = app.effects.answered(&app.table, exec).await;
     }
     response
 }
@@ -537,7 +553,7 @@ async fn controller(o: Opts) -> Result<bool, BoxError> {
     };
     effects
         .run(format!(
-            "CREATE TABLE IF NOT EXISTS {}_effects (k VARCHAR(64) NOT NULL, exec BIGINT NOT NULL, replica VARCHAR(64) NOT NULL, unrecorded INT NOT NULL)",
+            "CREATE TABLE IF NOT EXISTS {}_effects (k VARCHAR(64) NOT NULL, exec BIGINT NOT NULL PRIMARY KEY, replica VARCHAR(64) NOT NULL, unrecorded INT NOT NULL, answered INT NOT NULL DEFAULT 0)",
             o.table
         ))
         .await?;
@@ -649,7 +665,7 @@ async fn controller(o: Opts) -> Result<bool, BoxError> {
         .iter()
         .map(|k| format!("{k}: a sender got no answer before its deadline"))
         .collect();
-    let mut by_key: HashMap<&str, Vec<&(String, u64, String, bool)>> = HashMap::new();
+    let mut by_key: HashMap<&str, Vec<&Execution>> = HashMap::new();
     for e in &execs {
         by_key.entry(e.0.as_str()).or_default().push(e);
     }
@@ -675,7 +691,8 @@ async fn controller(o: Opts) -> Result<bool, BoxError> {
             ));
         }
         for e in ran.iter().filter(|e| e.1 != answer) {
-            if killed.contains(&e.2) {
+            // Excused by a kill only if the killed replica never answered it: it was in flight.
+            if killed.contains(&e.2) && !e.4 {
                 reexec_kill += 1;
             } else if e.3 {
                 reexec_unrecorded += 1;

@@ -9,20 +9,14 @@
 
 #![allow(clippy::unwrap_used)] // tests: a panic is the failure report
 
+mod support;
+
 use std::path::PathBuf;
 use std::process::Command;
 
 fn example_binary() -> PathBuf {
-    // target/<profile>/deps/chaos-<hash> -> target/<profile>/examples/chaos
-    let exe = std::env::current_exe().unwrap();
-    let dir = exe.parent().and_then(|d| d.parent()).unwrap();
-    let bin = dir.join("examples").join("chaos");
-    assert!(
-        bin.exists(),
-        "{} is missing: `cargo test` builds examples; with `--test chaos` alone run `cargo build --example chaos` first",
-        bin.display()
-    );
-    bin
+    // Built here if a source is newer than the binary: never a stale one.
+    support::example_binary("chaos")
 }
 
 /// Whether the database at `url` answers; outside CI a missing one skips the soak, loudly.

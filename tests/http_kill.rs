@@ -13,6 +13,8 @@
 
 #![allow(clippy::unwrap_used)] // tests: a panic is the failure report
 
+mod support;
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
@@ -25,15 +27,8 @@ const KILLS: usize = 10;
 const PER_ROUND: usize = 5;
 
 fn example_binary() -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    let dir = exe.parent().and_then(|d| d.parent()).unwrap();
-    let bin = dir.join("examples").join("http");
-    assert!(
-        bin.exists(),
-        "{} is missing: `cargo test` builds examples; with `--test http_kill` alone run `cargo build --example http` first",
-        bin.display()
-    );
-    bin
+    // Built here if a source is newer than the binary: never a stale one.
+    support::example_binary("http")
 }
 
 /// The demo server, on a port of its own.
