@@ -1,22 +1,31 @@
-//! An orders service whose `POST /orders` honours the `Idempotency-Key` header, and a client
-//! that retries through a lossy link with one key per order.
+//! An orders and payments service whose `POST /orders` and `POST /payments` honour the
+//! `Idempotency-Key` header, and a client that retries through a lossy link with one key per
+//! order.
 //!
 //! ```text
 //! cargo run --example http                                   # SQLite file in a temp dir
 //! cargo run --example http -- sqlite:///tmp/idem-demo.db     # a SQLite file that outlives the process
 //! cargo run --example http -- postgres://postgres@127.0.0.1:5432/test
+//! cargo run --example http -- mysql://root@127.0.0.1:3306/test
 //! cargo run --example http -- client URL BODY [KEY]          # one order, retried with idem-client
 //! ```
+//!
+//! `POST /orders` is under the leased layer: the order row commits on its own, before its
+//! response is recorded. `POST /payments` is under the transactional layer: its ledger row is
+//! written in the layer's transaction ([`IdemTx`]) and commits together with the recorded
+//! response, or not at all.
 //!
 //! The service listens on 127.0.0.1:3000 (`IDEM_DEMO_ADDR` to change), serves its metrics in
 //! Prometheus' text format at `GET /metrics`, and opens a lossy link to itself on
 //! 127.0.0.1:3001 (`IDEM_DEMO_LOSSY_ADDR`) that cuts every other connection once the response
 //! has started: the order is made, its client never hears of it. The README shows the `curl`
 //! calls to try: a first POST, its retry (replayed), the same key with another body (422), two
-//! concurrent duplicates, the client through the lossy link (a replay), and a server killed
-//! mid-request (a takeover). `X-Api-Key` names the caller; keys are scoped by it.
+//! concurrent duplicates, a payment, the client through the lossy link (a replay), and a server
+//! killed mid-request (a takeover). `X-Api-Key` names the caller; keys are scoped by it.
+//! `IDEM_DEMO_PREFIX` prefixes the tables' names (the kill test keeps its runs apart with it).
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
@@ -27,9 +36,10 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use idem_client::RetryingClient;
 use idem_runtime::Idem;
-use idem_runtime::http::IdempotencyLayer;
+use idem_runtime::http::{IdemTx, IdempotencyLayer};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use serde::{Deserialize, Serialize};
+use sqlx::{AssertSqlSafe, MySql, Postgres, Sqlite};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
@@ -51,63 +61,99 @@ struct Slow {
     /// Makes the handler take this long: to see a concurrent duplicate wait or get 409.
     #[serde(default)]
     delay_ms: u64,
+    /// Makes `POST /payments` answer 503 after its insert: to see the row roll back.
+    #[serde(default)]
+    fail: bool,
 }
 
 #[derive(Clone)]
 struct App {
     db: Db,
+    tables: Tables,
 }
 
-/// The orders table lives in the same database as the idem records.
+/// The demo's tables, in the same database as the idem records.
+#[derive(Clone)]
+struct Tables {
+    orders: Arc<str>,
+    ledger: Arc<str>,
+}
+
 #[derive(Clone)]
 enum Db {
     Sqlite(sqlx::SqlitePool),
     Postgres(sqlx::PgPool),
+    MySql(sqlx::MySqlPool),
 }
 
 impl Db {
-    async fn setup(&self) -> Result<(), sqlx::Error> {
-        match self {
-            Db::Sqlite(p) => sqlx::query("CREATE TABLE IF NOT EXISTS demo_orders (id INTEGER PRIMARY KEY, sku TEXT NOT NULL, quantity INTEGER NOT NULL)").execute(p).await.map(drop),
-            Db::Postgres(p) => sqlx::query("CREATE TABLE IF NOT EXISTS demo_orders (id BIGSERIAL PRIMARY KEY, sku TEXT NOT NULL, quantity INTEGER NOT NULL)").execute(p).await.map(drop),
-        }
-    }
-
-    async fn insert(&self, sku: &str, quantity: u32) -> Result<i64, sqlx::Error> {
-        match self {
-            Db::Sqlite(p) => {
-                sqlx::query_scalar(
-                    "INSERT INTO demo_orders (sku, quantity) VALUES (?1, ?2) RETURNING id",
-                )
-                .bind(sku)
-                .bind(i64::from(quantity))
-                .fetch_one(p)
-                .await
-            }
-            Db::Postgres(p) => {
-                sqlx::query_scalar(
-                    "INSERT INTO demo_orders (sku, quantity) VALUES ($1, $2) RETURNING id",
-                )
-                .bind(sku)
-                .bind(i64::from(quantity) as i32)
-                .fetch_one(p)
-                .await
+    async fn setup(&self, t: &Tables) -> Result<(), sqlx::Error> {
+        let (orders, ledger) = (&t.orders, &t.ledger);
+        let id = match self {
+            Db::Sqlite(_) => "INTEGER PRIMARY KEY",
+            Db::Postgres(_) => "BIGSERIAL PRIMARY KEY",
+            Db::MySql(_) => "BIGINT AUTO_INCREMENT PRIMARY KEY",
+        };
+        for sql in [
+            format!(
+                "CREATE TABLE IF NOT EXISTS {orders} (id {id}, sku VARCHAR(100) NOT NULL, quantity INTEGER NOT NULL)"
+            ),
+            format!(
+                "CREATE TABLE IF NOT EXISTS {ledger} (id {id}, account VARCHAR(100) NOT NULL, amount_cents BIGINT NOT NULL)"
+            ),
+        ] {
+            let sql = AssertSqlSafe(sql);
+            match self {
+                Db::Sqlite(p) => sqlx::raw_sql(sql).execute(p).await.map(drop)?,
+                Db::Postgres(p) => sqlx::raw_sql(sql).execute(p).await.map(drop)?,
+                Db::MySql(p) => sqlx::raw_sql(sql).execute(p).await.map(drop)?,
             }
         }
+        Ok(())
     }
 
-    async fn count(&self) -> Result<i64, sqlx::Error> {
-        match self {
-            Db::Sqlite(p) => {
-                sqlx::query_scalar("SELECT COUNT(*) FROM demo_orders")
-                    .fetch_one(p)
-                    .await
-            }
+    /// An order row, committed on its own (the leased layer's route).
+    async fn insert(&self, t: &Tables, sku: &str, quantity: u32) -> Result<i64, sqlx::Error> {
+        let q = i64::from(quantity);
+        let sql = |p: &str| {
+            AssertSqlSafe(format!(
+                "INSERT INTO {} (sku, quantity) VALUES ({p})",
+                t.orders
+            ))
+        };
+        Ok(match self {
+            Db::Sqlite(p) => sqlx::query(sql("?1, ?2"))
+                .bind(sku)
+                .bind(q)
+                .execute(p)
+                .await?
+                .last_insert_rowid(),
             Db::Postgres(p) => {
-                sqlx::query_scalar("SELECT COUNT(*) FROM demo_orders")
+                let sql = AssertSqlSafe(format!(
+                    "INSERT INTO {} (sku, quantity) VALUES ($1, $2) RETURNING id",
+                    t.orders
+                ));
+                sqlx::query_scalar(sql)
+                    .bind(sku)
+                    .bind(q as i32)
                     .fetch_one(p)
-                    .await
+                    .await?
             }
+            Db::MySql(p) => sqlx::query(sql("?, ?"))
+                .bind(sku)
+                .bind(q)
+                .execute(p)
+                .await?
+                .last_insert_id() as i64,
+        })
+    }
+
+    async fn count(&self, table: &str) -> Result<i64, sqlx::Error> {
+        let sql = || AssertSqlSafe(format!("SELECT COUNT(*) FROM {table}"));
+        match self {
+            Db::Sqlite(p) => sqlx::query_scalar(sql()).fetch_one(p).await,
+            Db::Postgres(p) => sqlx::query_scalar(sql()).fetch_one(p).await,
+            Db::MySql(p) => sqlx::query_scalar(sql()).fetch_one(p).await,
         }
     }
 }
@@ -118,7 +164,7 @@ async fn create_order(
     Json(req): Json<CreateOrder>,
 ) -> impl IntoResponse {
     tokio::time::sleep(Duration::from_millis(slow.delay_ms)).await;
-    match app.db.insert(&req.sku, req.quantity).await {
+    match app.db.insert(&app.tables, &req.sku, req.quantity).await {
         Ok(id) => (
             StatusCode::CREATED,
             [("location", format!("/orders/{id}"))],
@@ -134,10 +180,108 @@ async fn create_order(
 }
 
 async fn count_orders(State(app): State<App>) -> impl IntoResponse {
-    match app.db.count().await {
+    match app.db.count(&app.tables.orders).await {
         Ok(n) => format!("{n} orders\n").into_response(),
         Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
     }
+}
+
+async fn count_payments(State(app): State<App>) -> impl IntoResponse {
+    match app.db.count(&app.tables.ledger).await {
+        Ok(n) => format!("{n} payments\n").into_response(),
+        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
+    }
+}
+
+#[derive(Deserialize)]
+struct Pay {
+    account: String,
+    amount_cents: i64,
+}
+
+#[derive(Serialize)]
+struct Payment {
+    id: i64,
+    account: String,
+    amount_cents: i64,
+}
+
+/// `POST /payments`: the ledger row goes into the layer's transaction, with the record of
+/// this response. One route per database, as `IdemTx` names its database; they share
+/// [`paid`].
+async fn pay_postgres(
+    State(app): State<App>,
+    Query(slow): Query<Slow>,
+    mut tx: IdemTx<Postgres>,
+    Json(p): Json<Pay>,
+) -> axum::response::Response {
+    let sql = format!(
+        "INSERT INTO {} (account, amount_cents) VALUES ($1, $2) RETURNING id",
+        app.tables.ledger
+    );
+    let id = sqlx::query_scalar(AssertSqlSafe(sql))
+        .bind(&p.account)
+        .bind(p.amount_cents);
+    paid(id.fetch_one(&mut *tx).await, p, slow).await
+}
+
+async fn pay_mysql(
+    State(app): State<App>,
+    Query(slow): Query<Slow>,
+    mut tx: IdemTx<MySql>,
+    Json(p): Json<Pay>,
+) -> axum::response::Response {
+    let sql = format!(
+        "INSERT INTO {} (account, amount_cents) VALUES (?, ?)",
+        app.tables.ledger
+    );
+    let done = sqlx::query(AssertSqlSafe(sql))
+        .bind(&p.account)
+        .bind(p.amount_cents);
+    let id = done
+        .execute(&mut *tx)
+        .await
+        .map(|r| r.last_insert_id() as i64);
+    paid(id, p, slow).await
+}
+
+async fn pay_sqlite(
+    State(app): State<App>,
+    Query(slow): Query<Slow>,
+    mut tx: IdemTx<Sqlite>,
+    Json(p): Json<Pay>,
+) -> axum::response::Response {
+    let sql = format!(
+        "INSERT INTO {} (account, amount_cents) VALUES (?1, ?2)",
+        app.tables.ledger
+    );
+    let done = sqlx::query(AssertSqlSafe(sql))
+        .bind(&p.account)
+        .bind(p.amount_cents);
+    let id = done.execute(&mut *tx).await.map(|r| r.last_insert_rowid());
+    paid(id, p, slow).await
+}
+
+/// The answer once the ledger row is inserted (not yet committed: the layer commits it).
+async fn paid(id: Result<i64, sqlx::Error>, p: Pay, slow: Slow) -> axum::response::Response {
+    let id = match id {
+        Ok(id) => id,
+        Err(e) => return (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
+    };
+    // The slow part comes after the insert: a kill or a duplicate meanwhile finds the row
+    // written but not committed.
+    tokio::time::sleep(Duration::from_millis(slow.delay_ms)).await;
+    if slow.fail {
+        let detail = "the ledger is busy; try again";
+        return (StatusCode::SERVICE_UNAVAILABLE, detail).into_response();
+    }
+    let payment = Payment {
+        id,
+        account: p.account,
+        amount_cents: p.amount_cents,
+    };
+    let location = format!("/payments/{id}");
+    (StatusCode::CREATED, [("location", location)], Json(payment)).into_response()
 }
 
 #[tokio::main]
@@ -196,11 +340,20 @@ async fn client(args: &[String]) -> Result<(), Box<dyn std::error::Error>> {
 
 async fn serve(url: Option<&str>) -> Result<(), Box<dyn std::error::Error>> {
     let prometheus = PrometheusBuilder::new().install_recorder()?;
+    let prefix = std::env::var("IDEM_DEMO_PREFIX").unwrap_or_else(|_| "demo".into());
+    let records = format!("{prefix}_idem_records");
     let dir = tempfile::tempdir()?;
     let (idem, db) = match url {
         Some(url) if url.starts_with("postgres") => {
-            let store = idem_runtime::store::PgStore::connect(url).await?;
+            let options = idem_runtime::store::PgStoreOptions::new().table(&records);
+            let store = idem_runtime::store::PgStore::connect_with(url, options).await?;
             let db = Db::Postgres(store.pool().clone());
+            (Idem::builder().store(store).build()?, db)
+        }
+        Some(url) if url.starts_with("mysql") || url.starts_with("mariadb") => {
+            let options = idem_runtime::store::MySqlStoreOptions::new().table(&records);
+            let store = idem_runtime::store::MySqlStore::connect_with(url, options).await?;
+            let db = Db::MySql(store.pool().clone());
             (Idem::builder().store(store).build()?, db)
         }
         other => {
@@ -208,13 +361,18 @@ async fn serve(url: Option<&str>) -> Result<(), Box<dyn std::error::Error>> {
                 Some(path) => path.into(),
                 None => dir.path().join("orders.db"),
             };
-            let store = idem_runtime::store::SqliteStore::open(&path).await?;
+            let options = idem_runtime::store::SqliteStoreOptions::new().table(&records);
+            let store = idem_runtime::store::SqliteStore::open_with(&path, options).await?;
             let db = Db::Sqlite(store.pool().clone());
             println!("SQLite database: {}", path.display());
             (Idem::builder().store(store).build()?, db)
         }
     };
-    db.setup().await?;
+    let tables = Tables {
+        orders: format!("{prefix}_orders").into(),
+        ledger: format!("{prefix}_ledger").into(),
+    };
+    db.setup(&tables).await?;
     let idempotent = IdempotencyLayer::new(idem)
         .principal(|req| {
             req.headers
@@ -227,6 +385,13 @@ async fn serve(url: Option<&str>) -> Result<(), Box<dyn std::error::Error>> {
         .wait("PT2S")
         // A replica that dies mid-request holds its key this long; then a retry takes over.
         .lease("PT5S");
+    // The same settings, with the ledger row and the record in one transaction.
+    let transactional = idempotent.clone().transactional();
+    let pay = match db {
+        Db::Postgres(_) => post(pay_postgres),
+        Db::MySql(_) => post(pay_mysql),
+        Db::Sqlite(_) => post(pay_sqlite),
+    };
     let metrics = {
         let prometheus = prometheus.clone();
         move || async move { prometheus.render() }
@@ -236,8 +401,9 @@ async fn serve(url: Option<&str>) -> Result<(), Box<dyn std::error::Error>> {
             "/orders",
             post(create_order).layer(idempotent).get(count_orders),
         )
+        .route("/payments", pay.layer(transactional).get(count_payments))
         .route("/metrics", get(metrics))
-        .with_state(App { db });
+        .with_state(App { db, tables });
     tokio::spawn(upkeep(prometheus));
     let addr = std::env::var("IDEM_DEMO_ADDR").unwrap_or_else(|_| "127.0.0.1:3000".into());
     let listener = TcpListener::bind(&addr).await?;
@@ -245,7 +411,7 @@ async fn serve(url: Option<&str>) -> Result<(), Box<dyn std::error::Error>> {
     let lossy = std::env::var("IDEM_DEMO_LOSSY_ADDR").unwrap_or_else(|_| "127.0.0.1:3001".into());
     let lossy = TcpListener::bind(&lossy).await?;
     println!(
-        "orders service on http://{addr} (POST /orders needs an Idempotency-Key; GET /orders counts; GET /metrics)"
+        "orders service on http://{addr} (POST /orders and /payments need an Idempotency-Key; GET counts them; GET /metrics)"
     );
     println!(
         "lossy link on http://{} (cuts every other response)",

@@ -18,8 +18,9 @@
 //! Both key their calls on the message's `Nats-Msg-Id` (`idem_runtime::broker::nats`). The
 //! consumers misbehave on purpose: some crash between the effect and the commit, some
 //! between the commit and the ack (JetStream redelivers once the ack wait is over), some nak
-//! a committed message or never ack it. Then the demo counts what happened, and checks that
-//! there is one order row and one email per message.
+//! a committed message or never ack it. Two more messages cannot be used at all (one has no
+//! id, one is not an order): they are terminated, not redelivered forever. Then the demo
+//! counts what happened, and checks that there is one order row and one email per message.
 //!
 //! `nats worker ..` consumes in a process of its own, for `tests/queue_consumers.rs`, which
 //! SIGKILLs such workers at the points where they print `HANG`.
@@ -59,18 +60,20 @@ async fn consume(
         let msg = match next {
             Ok(msg) => msg,
             Err(e) => {
-                eprintln!("nats: {e}");
+                eprintln!("nats: {e}"); // the client reconnects; the message comes back
                 continue;
             }
         };
         // 1. The key is the message's identity, the same in every redelivery. A message
-        //    without one cannot be deduplicated: terminate it (it is not redelivered; a real
-        //    consumer would also alert) rather than apply it unprotected.
+        //    without one cannot be deduplicated, and a redelivery will not give it one:
+        //    terminate it (JetStream never redelivers it; a real consumer also alerts)
+        //    rather than apply it unprotected.
         let key = match broker::nats::message_id(&msg) {
             Ok(key) => key,
             Err(e) => {
                 eprintln!("{e}");
-                msg.ack_with(AckKind::Term).await?;
+                chaos.tally.terminated("-", "no-id");
+                settle(&msg, AckKind::Term).await;
                 continue;
             }
         };
@@ -78,41 +81,59 @@ async fn consume(
             Ok(order) => order,
             Err(e) => {
                 eprintln!("message {key}: not an order ({e})");
-                msg.ack_with(AckKind::Term).await?;
+                chaos.tally.terminated(&key, "not-an-order");
+                settle(&msg, AckKind::Term).await;
                 continue;
             }
         };
-        chaos.start(key, msg.info().is_ok_and(|i| i.delivered > 1));
+        chaos.start(&key, msg.info().is_ok_and(|i| i.delivered > 1));
         // 2. The effect, committed with its record; or, for a message handled before, the
         //    committed answer replayed.
-        match handler.handle(key, &order, &chaos).await {
-            Ok(Handled::Done { answer, outcome }) => chaos.tally.done(key, &answer, outcome),
+        match handler.handle(&key, &order, &chaos).await {
+            Ok(Handled::Done { answer, outcome }) => chaos.tally.done(&key, &answer, outcome),
             // (The demo's crash: no ack. JetStream redelivers it once the ack wait is over.)
             Ok(Handled::Crashed) => continue,
+            Err(e) if e.is_permanent() => {
+                // The message itself is wrong (its id reused with another payload, say):
+                // every redelivery would fail the same way. Terminate it, and count it.
+                eprintln!("message {key}: {e}; terminated");
+                chaos.tally.terminated(&key, e.kind());
+                settle(&msg, AckKind::Term).await;
+                continue;
+            }
             Err(e) => {
-                // Nothing is committed: let JetStream deliver it again, a little later.
+                // Nothing is committed, and it may work next time (the database was down,
+                // another consumer holds the key): let JetStream deliver it again, later.
                 eprintln!("message {key}: {e}");
-                let later = AckKind::Nak(Some(Duration::from_millis(100)));
-                msg.ack_with(later).await?;
+                chaos.tally.failed(&key, e.kind());
+                settle(&msg, AckKind::Nak(Some(Duration::from_millis(100)))).await;
                 continue;
             }
         }
         // 3. Ack only now. A consumer that dies before this line gets the message again
         //    after the ack wait, and the redelivery is answered by a replay.
-        if chaos.crash(Before::Ack, key).await {
+        if chaos.crash(Before::Ack, &key).await {
             continue;
         }
         if chaos.redeliver() {
             // (The demo sends some committed messages back: a nak redelivers at once; no ack
             // at all, after the ack wait.)
             if chaos.coin() {
-                msg.ack_with(AckKind::Nak(None)).await?;
+                settle(&msg, AckKind::Nak(None)).await;
             }
             continue;
         }
-        msg.ack().await?;
+        settle(&msg, AckKind::Ack).await;
     }
     Ok(())
+}
+
+/// Acks, naks or terminates `msg`. A failure is logged, not fatal: a message whose ack was
+/// lost is redelivered after the ack wait, and the redelivery is answered by a replay.
+async fn settle(msg: &jetstream::Message, kind: AckKind) {
+    if let Err(e) = msg.ack_with(kind).await {
+        eprintln!("nats: ack: {e}; the message will be redelivered");
+    }
 }
 
 /// The durable pull consumer `name` on `stream`: explicit acks, redelivered after `ack_wait`.
@@ -185,6 +206,18 @@ async fn run_demo(
         }
     }
 
+    // And two messages no consumer can use: one without an id, one whose body is not an
+    // order. The consumers terminate both, and count them.
+    let poison = [
+        PublishMessage::build().payload(serde_json::to_vec(&OrderPlaced::numbered(0).1)?.into()),
+        PublishMessage::build()
+            .message_id("poison-1")
+            .payload("not json".into()),
+    ];
+    for publish in poison {
+        js.send_publish(subject.to_string(), publish).await?.await?;
+    }
+
     let stream = js.get_stream(stream_name).await?;
     let ack_wait = Duration::from_secs(1);
     let mailer = Arc::new(Mailer::new(outbox)?);
@@ -219,7 +252,8 @@ async fn run_demo(
     line("messages published (each with a Nats-Msg-Id)", messages, "");
     line("  publisher retries (same Nats-Msg-Id)", retries, "");
     line("  dropped by JetStream as duplicates", dropped, "");
-    shared::report(db, &mailer, &tallies, messages, left).await
+    line("messages no consumer can use (no id; not an order)", 2, "");
+    shared::report(db, &mailer, &tallies, messages, 2, left).await
 }
 
 /// `nats worker --stream S --consumer C ..` (and the options of `shared::worker`): one

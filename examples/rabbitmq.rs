@@ -20,8 +20,9 @@
 //! consumers misbehave on purpose: some crash between the effect and the commit, some
 //! between the commit and the ack (their channel closes, and RabbitMQ requeues every unacked
 //! delivery on it), some nack a committed message or close their channel instead of acking
-//! it. Then the demo counts what happened, and checks that there is one order row and one
-//! email per message.
+//! it. Two more messages cannot be used at all (one has no id, one is not an order): they are
+//! rejected without requeue, not redelivered forever. Then the demo counts what happened,
+//! and checks that there is one order row and one email per message.
 //!
 //! `rabbitmq worker ..` consumes in a process of its own, for `tests/queue_consumers.rs`,
 //! which SIGKILLs such workers at the points where they print `HANG`.
@@ -57,7 +58,8 @@ async fn consume(
     idle: Duration,
 ) -> Result<(), BoxError> {
     'channel: loop {
-        // A channel with at most ten unacked deliveries on it at a time.
+        // A channel with at most ten unacked deliveries on it at a time (without a prefetch
+        // limit RabbitMQ pushes the whole queue to the first consumer).
         let channel = conn.create_channel().await?;
         channel.basic_qos(10, BasicQosOptions::default()).await?;
         let options = BasicConsumeOptions::default(); // no_ack: false, so acks are explicit
@@ -65,17 +67,25 @@ async fn consume(
             .basic_consume(queue.into(), "".into(), options, FieldTable::default())
             .await?;
         while let Ok(Some(next)) = tokio::time::timeout(idle, deliveries.next()).await {
-            let delivery = next?;
+            let delivery = match next {
+                Ok(delivery) => delivery,
+                Err(e) => {
+                    // The channel failed: its unacked deliveries go back to the queue. Open
+                    // another one.
+                    eprintln!("amqp: {e}");
+                    continue 'channel;
+                }
+            };
             // 1. The key is the message's identity, the same in every redelivery. A message
-            //    without one cannot be deduplicated: reject it (to the queue's dead-letter
-            //    exchange, if it has one) rather than apply it unprotected.
+            //    without one cannot be deduplicated, and a redelivery will not give it one:
+            //    reject it without requeue (to the queue's dead-letter exchange, if it has
+            //    one) rather than apply it unprotected.
             let key = match broker::amqp::message_id(&delivery) {
                 Ok(key) => key,
                 Err(e) => {
                     eprintln!("{e}");
-                    delivery
-                        .reject(BasicRejectOptions { requeue: false })
-                        .await?;
+                    chaos.tally.terminated("-", "no-id");
+                    settle(&delivery, Settle::Reject).await;
                     continue;
                 }
             };
@@ -83,37 +93,42 @@ async fn consume(
                 Ok(order) => order,
                 Err(e) => {
                     eprintln!("message {key}: not an order ({e})");
-                    delivery
-                        .reject(BasicRejectOptions { requeue: false })
-                        .await?;
+                    chaos.tally.terminated(&key, "not-an-order");
+                    settle(&delivery, Settle::Reject).await;
                     continue;
                 }
             };
-            chaos.start(key, delivery.redelivered);
+            chaos.start(&key, delivery.redelivered);
             // 2. The effect, committed with its record; or, for a message handled before,
             //    the committed answer replayed.
-            match handler.handle(key, &order, &chaos).await {
-                Ok(Handled::Done { answer, outcome }) => chaos.tally.done(key, &answer, outcome),
+            match handler.handle(&key, &order, &chaos).await {
+                Ok(Handled::Done { answer, outcome }) => chaos.tally.done(&key, &answer, outcome),
                 Ok(Handled::Crashed) => {
                     // (The demo's crash: the channel goes away with its unacked deliveries,
                     // and RabbitMQ requeues them, as it does for a consumer that died.)
                     let _ = channel.close(200, "crashed".into()).await;
                     continue 'channel;
                 }
+                Err(e) if e.is_permanent() => {
+                    // The message itself is wrong (its id reused with another payload, say):
+                    // every redelivery would fail the same way. Reject it, and count it.
+                    eprintln!("message {key}: {e}; rejected");
+                    chaos.tally.terminated(&key, e.kind());
+                    settle(&delivery, Settle::Reject).await;
+                    continue;
+                }
                 Err(e) => {
-                    // Nothing is committed: back to the queue, to be delivered again.
+                    // Nothing is committed, and it may work next time (the database was down,
+                    // another consumer holds the key): back to the queue.
                     eprintln!("message {key}: {e}");
-                    let requeue = BasicNackOptions {
-                        requeue: true,
-                        ..Default::default()
-                    };
-                    delivery.nack(requeue).await?;
+                    chaos.tally.failed(&key, e.kind());
+                    settle(&delivery, Settle::Requeue).await;
                     continue;
                 }
             }
             // 3. Ack only now. A consumer that dies before this line gets its deliveries
             //    requeued, and the redelivery is answered by a replay.
-            if chaos.crash(Before::Ack, key).await {
+            if chaos.crash(Before::Ack, &key).await {
                 let _ = channel.close(200, "crashed".into()).await;
                 continue 'channel;
             }
@@ -121,20 +136,45 @@ async fn consume(
                 // (The demo sends some committed messages back: a nack with requeue, or a
                 // channel closed with the delivery unacked.)
                 if chaos.coin() {
-                    let requeue = BasicNackOptions {
-                        requeue: true,
-                        ..Default::default()
-                    };
-                    delivery.nack(requeue).await?;
+                    settle(&delivery, Settle::Requeue).await;
                     continue;
                 }
                 let _ = channel.close(200, "closed".into()).await;
                 continue 'channel;
             }
-            delivery.ack(BasicAckOptions::default()).await?;
+            settle(&delivery, Settle::Ack).await;
         }
         let _ = channel.close(200, "idle".into()).await;
         return Ok(());
+    }
+}
+
+/// What a consumer does with a delivery once it is handled.
+enum Settle {
+    Ack,
+    /// Back to the queue, to be delivered again.
+    Requeue,
+    /// Dropped (or dead-lettered): never delivered again.
+    Reject,
+}
+
+/// Acks, requeues or rejects `delivery`. A failure is logged, not fatal: the channel is gone
+/// with its unacked deliveries, which RabbitMQ delivers again, and a redelivery of a handled
+/// message is answered by a replay.
+async fn settle(delivery: &lapin::message::Delivery, how: Settle) {
+    let done = match how {
+        Settle::Ack => delivery.ack(BasicAckOptions::default()).await,
+        Settle::Requeue => {
+            let requeue = BasicNackOptions {
+                requeue: true,
+                ..Default::default()
+            };
+            delivery.nack(requeue).await
+        }
+        Settle::Reject => delivery.reject(BasicRejectOptions { requeue: false }).await,
+    };
+    if let Err(e) = done {
+        eprintln!("amqp: ack: {e}; the message will be redelivered");
     }
 }
 
@@ -259,6 +299,31 @@ async fn run_demo(
         }
     }
 
+    // And two messages no consumer can use: one without an id, one whose body is not an
+    // order. The consumers reject both, and count them.
+    let poison = [
+        (
+            BasicProperties::default(),
+            serde_json::to_vec(&OrderPlaced::numbered(0).1)?,
+        ),
+        (
+            BasicProperties::default().with_message_id("poison-1".into()),
+            b"not json".to_vec(),
+        ),
+    ];
+    for (properties, body) in poison {
+        channel
+            .basic_publish(
+                exchange.into(),
+                "".into(),
+                BasicPublishOptions::default(),
+                &body,
+                properties.with_delivery_mode(2),
+            )
+            .await?
+            .await?;
+    }
+
     let mailer = Arc::new(Mailer::new(outbox)?);
     let orders = Arc::new(Handler::Orders(db.clone()));
     let emails = Arc::new(Handler::Emails(mailer.clone()));
@@ -292,7 +357,8 @@ async fn run_demo(
         retries,
         "RabbitMQ keeps both copies",
     );
-    shared::report(db, &mailer, &tallies, messages, left).await
+    line("messages no consumer can use (no id; not an order)", 2, "");
+    shared::report(db, &mailer, &tallies, messages, 2, left).await
 }
 
 /// Messages still in the two queues (with no consumer connected, unacked ones are back).

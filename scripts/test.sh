@@ -44,3 +44,9 @@ echo "== cargo doc (broken links are errors)"
 RUSTDOCFLAGS="-D warnings" cargo doc --no-deps -p idem-runtime -p idem-client --all-features
 echo "== cargo test"
 cargo test --workspace --all-features
+# Fuzzing (cargo-fuzz, installed here if missing): every target for FUZZ_SECONDS (20) each,
+# two minutes of fuzzing plus the build. IDEM_SKIP_FUZZ=1 leaves it out of a local run.
+if [[ "${IDEM_SKIP_FUZZ:-}" != "1" ]]; then
+  echo "== fuzzing"
+  ./scripts/fuzz.sh
+fi

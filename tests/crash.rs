@@ -11,6 +11,8 @@
 
 #![allow(clippy::unwrap_used)] // tests: a panic is the failure report
 
+mod support;
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
@@ -23,15 +25,7 @@ const KILL_BEFORE_COMMIT: [u64; 6] = [2, 5, 8, 11, 14, 17];
 const KILL_AFTER_COMMIT: [u64; 3] = [4, 10, 16];
 
 fn example_binary() -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    let dir = exe.parent().and_then(|d| d.parent()).unwrap();
-    let bin = dir.join("examples").join("consumer");
-    assert!(
-        bin.exists(),
-        "{} is missing: `cargo test` builds examples; with `--test crash` alone run `cargo build --example consumer` first",
-        bin.display()
-    );
-    bin
+    support::example_binary("consumer")
 }
 
 struct Worker {

@@ -12,6 +12,8 @@
 
 #![allow(clippy::unwrap_used)] // tests: a panic is the failure report
 
+mod support;
+
 use std::collections::{BTreeMap, HashMap};
 use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
@@ -23,16 +25,7 @@ const KEYS: u64 = 60;
 const LEASE_MS: u64 = 1_500;
 
 fn example_binary() -> PathBuf {
-    // target/<profile>/deps/replicas-<hash> -> target/<profile>/examples/replicas
-    let exe = std::env::current_exe().unwrap();
-    let dir = exe.parent().and_then(|d| d.parent()).unwrap();
-    let bin = dir.join("examples").join("replicas");
-    assert!(
-        bin.exists(),
-        "{} is missing: `cargo test` builds examples; with `--test replicas` alone run `cargo build --example replicas` first",
-        bin.display()
-    );
-    bin
+    support::example_binary("replicas")
 }
 
 struct Worker {

@@ -48,6 +48,9 @@ pub(crate) struct Tally {
     /// Committed messages sent back on purpose: nacked, ack withheld, channel closed.
     pub(crate) forced_redeliveries: AtomicUsize,
     pub(crate) replays: AtomicUsize,
+    /// Messages terminated (JetStream) or rejected without requeue (AMQP): no id, not an
+    /// order, or refused by idem (`PayloadMismatch`).
+    pub(crate) terminated: AtomicUsize,
     /// Worker mode: print one line per event for the kill tests to read.
     pub(crate) lines: bool,
 }
@@ -76,6 +79,18 @@ impl Tally {
         }
         let how = outcome.map_or("-", Outcome::as_str);
         self.line(format_args!("DONE {key} {answer} {how}"));
+    }
+
+    /// The message `key` (`-` without one) cannot be used, for `reason`: it is terminated.
+    pub(crate) fn terminated(&self, key: &str, reason: &str) {
+        self.terminated.fetch_add(1, Relaxed);
+        self.line(format_args!("TERM {key} {reason}"));
+    }
+
+    /// Handling the message `key` failed in a way that may pass (`kind`): it goes back to
+    /// the broker.
+    pub(crate) fn failed(&self, key: &str, kind: &str) {
+        self.line(format_args!("ERR {key} {kind}"));
     }
 
     fn line(&self, line: std::fmt::Arguments<'_>) {
@@ -119,6 +134,11 @@ impl Tally {
             "redelivered, then replayed",
         );
         super::line("  deliveries answered by a replay", n(&self.replays), "");
+        super::line(
+            "  unusable messages terminated",
+            n(&self.terminated),
+            "not redelivered",
+        );
         super::line("  bodies run", bodies, "");
     }
 }

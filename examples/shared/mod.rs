@@ -65,6 +65,30 @@ impl From<std::io::Error> for AppError {
     }
 }
 
+impl AppError {
+    /// Whether the message itself is at fault, so that every redelivery would fail the same
+    /// way: terminate (or dead-letter) it instead of sending it back. That is what an HTTP
+    /// API would answer with a 4xx: idem's `PayloadMismatch` (its id reused with another
+    /// payload: 422) and a key idem refuses (400). The rest (a store or a provider that is
+    /// down, a key in progress elsewhere) may pass: redeliver.
+    pub(crate) fn is_permanent(&self) -> bool {
+        match self {
+            AppError::Idem(e) => matches!(e.http_status(), 400 | 422),
+            AppError::Db(_) | AppError::Provider(_) | AppError::Crashed => false,
+        }
+    }
+
+    /// A short name for the counts.
+    pub(crate) fn kind(&self) -> &'static str {
+        match self {
+            AppError::Idem(e) => e.kind(),
+            AppError::Db(_) => "database",
+            AppError::Provider(_) => "provider",
+            AppError::Crashed => "crashed",
+        }
+    }
+}
+
 impl std::fmt::Display for AppError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
@@ -161,6 +185,7 @@ pub(crate) async fn report(
     mailer: &emails::Mailer,
     tallies: &[Arc<chaos::Tally>],
     messages: u64,
+    unusable: usize,
     left_unacked: u64,
 ) -> Result<bool, BoxError> {
     let (rows, distinct) = db.count().await?;
@@ -183,17 +208,24 @@ pub(crate) async fn report(
         &format!("{} second sends dropped by their key", calls - sent),
     );
     line("\nmessages left unacked in the broker", left_unacked, "");
+    let terminated = |t: &chaos::Tally| t.terminated.load(Relaxed);
     let want = messages as i64;
-    Ok(rows == want && distinct == want && sent as i64 == want && left_unacked == 0)
+    Ok(rows == want
+        && distinct == want
+        && sent as i64 == want
+        && left_unacked == 0
+        && tallies.iter().all(|t| terminated(t) == unusable))
 }
 
 /// The demo's exit: an error unless every message was handled exactly once.
 pub(crate) fn verdict(report: Result<bool, BoxError>) -> Result<(), BoxError> {
     if report? {
-        println!("\none order row and one email per message, nothing left unacked.");
+        println!(
+            "\none order row and one email per message, the unusable messages terminated, nothing left unacked."
+        );
         Ok(())
     } else {
-        Err("the orders table or the outbox does not hold one entry per message".into())
+        Err("the orders table or the outbox does not hold one entry per message, or an unusable message was not terminated exactly once".into())
     }
 }
 

@@ -108,7 +108,7 @@ pub mod defaults {
     /// Group commit: the most result bytes one batch of finalizes carries: 4 MiB.
     pub const BATCH_MAX_BYTES: usize = 4 << 20;
     /// Group commit: how many batches of one verb may be in flight at once.
-    pub const BATCH_CONCURRENCY: usize = 4;
+    pub const BATCH_CONCURRENCY: usize = 2;
     /// Group commit: how many statements of one verb may wait for a batch before callers
     /// wait for room.
     pub const BATCH_QUEUE: usize = 4_096;
@@ -229,7 +229,7 @@ impl IdemBuilder {
         self
     }
 
-    /// Group commit: how many batches of one verb may be in flight at once (default 4). One
+    /// Group commit: how many batches of one verb may be in flight at once (default 2). One
     /// keeps batches largest; more lowers latency when calls arrive steadily.
     pub fn batch_concurrency(mut self, batches: usize) -> Self {
         if let Some(b) = &mut self.batching {

@@ -163,6 +163,23 @@ pub enum Error {
         retry_after: Duration,
     },
 
+    /// The HTTP layer's transactional mode: the route ran in the layer's transaction and its
+    /// response was recorded there, but the commit failed. What the route wrote and the
+    /// record are not kept, unless the commit went through and only its answer was lost; the
+    /// route's response is not sent, since it may describe writes that never happened.
+    ///
+    /// Retry with the same key: the committed response is replayed, or the route runs again.
+    /// HTTP 503.
+    #[error(
+        "`{function}`: the transaction did not commit ({source}); nothing the route wrote is kept unless only the commit's answer was lost, so retry with the same key to get the committed response or run it again"
+    )]
+    NotCommitted {
+        /// The record path of the layer.
+        function: &'static str,
+        /// What the database said.
+        source: StoreError,
+    },
+
     /// An `#[idempotent]` fn ran before any [`Idem`](crate::Idem) was installed, and the
     /// attribute names no `runtime = ..`. Call `Idem::builder()...install()` at startup.
     #[error(
@@ -190,7 +207,9 @@ impl Error {
             Error::InProgress { .. } | Error::LeaseLost { .. } => 409,
             Error::PayloadMismatch { .. } => 422,
             Error::MissingKey { .. } | Error::InvalidKey { .. } => 400,
-            Error::StoreUnavailable { .. } | Error::ResultNotRecorded { .. } => 503,
+            Error::StoreUnavailable { .. }
+            | Error::ResultNotRecorded { .. }
+            | Error::NotCommitted { .. } => 503,
             Error::Decode { .. }
             | Error::ResultTooLarge { .. }
             | Error::Encode { .. }
@@ -221,6 +240,7 @@ impl Error {
             Error::Encode { .. } => "encode",
             Error::LeaseLost { .. } => "lease_lost",
             Error::ResultNotRecorded { .. } => "result_not_recorded",
+            Error::NotCommitted { .. } => "not_committed",
             Error::NotInstalled { .. } => "not_installed",
             Error::Config(_) => "config",
         }

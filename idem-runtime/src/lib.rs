@@ -8,7 +8,6 @@
 )]
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
-#[cfg(any(feature = "nats", feature = "amqp"))]
 pub mod broker;
 mod cache;
 mod codec;

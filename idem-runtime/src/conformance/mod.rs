@@ -15,6 +15,15 @@
 //!
 //! The checks use short leases and TTLs (hundreds of milliseconds) and real sleeps: they test
 //! the store's own clock, which cannot be faked from here.
+//!
+//! Two of them are model-based: [`model_sequences`] and [`model_concurrent_steps`] generate
+//! random runs of the protocol's statements (reserve, load, take over, heartbeat, finalize,
+//! release, alone or batched through the `_many` verbs, purge, sleeps) by three simulated
+//! owners on two keys, and check every answer against a reference model of the protocol; the
+//! concurrent one sends up to three statements at once and accepts the answers of any order
+//! of them. A failing run is shrunk and printed with its seed. `IDEM_MODEL_CASES` (runs,
+//! default 24; the concurrent check does half), `IDEM_MODEL_STEPS` (longest run, default 24)
+//! and `IDEM_MODEL_SEED` (replay a reported run) tune them.
 
 use std::time::Duration;
 
@@ -52,7 +61,9 @@ macro_rules! store_conformance_tests {
             namespaces_keep_records_apart,
             fingerprints_and_results_round_trip,
             a_batch_of_reservations_answers_each_claim,
-            batched_writes_are_fenced_item_by_item
+            batched_writes_are_fenced_item_by_item,
+            model_sequences,
+            model_concurrent_steps
         );
     };
     (@each required $make:expr; $($check:ident),*) => {$(
@@ -81,8 +92,12 @@ const PAST_SHORT: Duration = Duration::from_millis(800);
 const TTL: Duration = Duration::from_secs(3600);
 
 mod checks;
+mod explore;
+mod model;
+mod ops;
 
 pub use checks::*;
+pub use explore::{model_concurrent_steps, model_sequences};
 
 fn ns() -> String {
     format!("conformance-{:016x}/m::f/v0", fastrand::u64(..))

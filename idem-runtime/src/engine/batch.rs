@@ -361,28 +361,7 @@ impl Batcher {
             // One global lock order: two batches touching the same rows cannot deadlock.
             batch.sort_by(|a, b| V::id(&a.item).cmp(V::id(&b.item)));
             let items: Vec<&I> = batch.iter().map(|job| &job.item).collect();
-            let start = Instant::now();
-            let outs = match tokio::time::timeout(self.timeout, V::run(&*self.store, &items)).await
-            {
-                Ok(outs) if outs.len() == items.len() => outs,
-                Ok(outs) => {
-                    let e = format!(
-                        "the store answered {} of {} statements",
-                        outs.len(),
-                        items.len()
-                    );
-                    every(items.len(), &StoreError::msg(e))
-                }
-                Err(_elapsed) => {
-                    let e = format!(
-                        "no answer from the store within {:?} ({})",
-                        self.timeout,
-                        V::OP
-                    );
-                    every(items.len(), &StoreError::timed_out(e))
-                }
-            };
-            crate::metrics::batch(self.store.backend(), V::OP, items.len(), start.elapsed());
+            let outs = self.run_batch::<I, O, V>(&items).await;
             for (job, out) in batch.into_iter().zip(outs) {
                 if let Err(out) = job.reply.send(out) {
                     V::orphaned(&self, job.item, &out);

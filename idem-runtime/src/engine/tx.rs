@@ -318,3 +318,17 @@ where
     }
     Err(fail(function, call.store_failed(failure)))
 }
+
+/// Reports a reserved call whose caller rolls its transaction back, reservation and all,
+/// without recording anything: the HTTP layer's transactional mode, for a response it does
+/// not store. The rollback removes the reservation, so no statement is needed here.
+#[cfg(feature = "axum")]
+pub(crate) fn abandon<C>(token: TxToken<C>) {
+    match token.call {
+        Some(call) => call.finished(token.outcome),
+        None => {
+            metrics::call(&token.site.labels, Outcome::Unprotected);
+            outcome::report(Outcome::Unprotected);
+        }
+    }
+}

@@ -34,28 +34,34 @@
 //! ```
 //!
 //! The layer is the right tool when the response is what should be replayed, and for routes
-//! you do not want to touch. `#[idempotent]` on a handler (or on the service fn it calls)
-//! fits when the handler's result is a serializable value, the key is not a header, or the
-//! effect should share a database transaction with its record (`tx = ..`); see [`Json`].
+//! you do not want to touch; [`IdempotencyLayer::transactional`] makes the route's own rows
+//! commit with the recorded response (the route takes [`IdemTx`]). `#[idempotent]` on a
+//! handler (or on the service fn it calls) fits when the handler's result is a serializable
+//! value or the key is not a header; see [`Json`].
 
 mod json;
 mod key;
 mod problem;
 mod service;
 mod stored;
+#[cfg(feature = "_sql")]
+mod tx;
 
 use std::borrow::Cow;
 use std::collections::HashMap;
 use std::fmt;
 use std::sync::{Arc, Mutex};
 
+use axum::http::HeaderMap;
 use axum::http::StatusCode;
-use axum::http::header::HeaderName;
+use axum::http::header::{HeaderName, HeaderValue};
 use axum::http::request::Parts;
 use tower::Layer;
 
 pub use json::Json;
 pub use service::IdempotencyService;
+#[cfg(feature = "_sql")]
+pub use tx::IdemTx;
 
 use crate::engine::Spec;
 use crate::{Idem, IntoDuration};
@@ -102,6 +108,9 @@ struct Config {
     max_request_bytes: usize,
     max_response_bytes: usize,
     replay_headers: Vec<HeaderName>,
+    /// The transactional mode for the store's database, once chosen.
+    #[cfg(feature = "_sql")]
+    transactional: Option<Arc<dyn tx::Mode>>,
     /// A setting that was refused; every request then gets a 500 naming it.
     error: Option<String>,
 }
@@ -112,6 +121,19 @@ impl fmt::Debug for IdempotencyLayer {
             .field("header", &self.config.header)
             .field("required", &self.config.required)
             .finish_non_exhaustive()
+    }
+}
+
+impl Config {
+    /// The response headers a replay carries, in their order.
+    fn replayed_headers(&self, headers: &HeaderMap) -> Vec<(HeaderName, HeaderValue)> {
+        self.replay_headers
+            .iter()
+            .flat_map(|name| {
+                let values = headers.get_all(name).iter();
+                values.map(move |v| (name.clone(), v.clone()))
+            })
+            .collect()
     }
 }
 
@@ -144,6 +166,8 @@ impl IdempotencyLayer {
                     .iter()
                     .map(|h| HeaderName::from_static(h))
                     .collect(),
+                #[cfg(feature = "_sql")]
+                transactional: None,
                 error: None,
             }),
         }
@@ -214,6 +238,45 @@ impl IdempotencyLayer {
         match HeaderName::try_from(name) {
             Ok(h) => self.with(|c| c.replay_headers.push(h)),
             Err(_) => self.with(|c| c.error = Some(format!("{name:?} is not a header name"))),
+        }
+    }
+
+    /// Runs each protected request in a transaction on the store's database (PostgreSQL,
+    /// MySQL/MariaDB or SQLite) and records its response in that same transaction: a route
+    /// that takes [`IdemTx`] writes its rows in it, so its writes and its recorded response
+    /// commit together, once per key, or not at all.
+    ///
+    /// The layer begins the transaction and reserves the key in it, runs the route, reads its
+    /// whole response (up to `max_response_bytes`), records it and commits; then the response
+    /// goes out. A duplicate sent meanwhile waits on the record's row in the database, then
+    /// replays the committed response (or runs the route, if the first rolled back). A
+    /// response that is not stored (5xx, 401, 403, 408, 429 unless
+    /// [`store_status`](Self::store_status) says otherwise) rolls the transaction back: the
+    /// route's writes go with it and the key stays free. A failed commit answers 503 with a
+    /// problem document, never the route's response. A request without a key on a layer that
+    /// does not require one runs in a transaction too, with nothing recorded.
+    ///
+    /// The runtime's store must be that database's idem store ([`PgStore`](crate::store::PgStore),
+    /// [`MySqlStore`](crate::store::MySqlStore), [`SqliteStore`](crate::store::SqliteStore));
+    /// with any other, every request gets a 500 that says so. Leases, heartbeats and `wait`
+    /// play no part: a duplicate waits as long as the first request's transaction (bounded by
+    /// the database's lock timeout: `lock_timeout` on PostgreSQL, `innodb_lock_wait_timeout`
+    /// on MySQL, the busy timeout on SQLite).
+    #[cfg(feature = "_sql")]
+    #[cfg_attr(
+        docsrs,
+        doc(cfg(any(feature = "postgres", feature = "mysql", feature = "sqlite")))
+    )]
+    pub fn transactional(self) -> Self {
+        let store = self.config.idem.engine().store.clone();
+        match tx::mode_for(&*store) {
+            Some(mode) => self.with(|c| c.transactional = Some(mode)),
+            None => self.with(|c| {
+                c.error = Some(format!(
+                    "transactional mode needs a PostgreSQL, MySQL or SQLite idem store, and this runtime's store is `{}`",
+                    store.backend()
+                ))
+            }),
         }
     }
 

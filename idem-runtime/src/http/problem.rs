@@ -15,6 +15,7 @@ pub(super) fn error_response(e: &Error) -> Response<Body> {
         Error::PayloadMismatch { .. } => "Idempotency key reused with a different request",
         Error::StoreUnavailable { .. } => "Idempotency store unavailable",
         Error::ResultNotRecorded { .. } => "The response could not be recorded; retry",
+        Error::NotCommitted { .. } => "The request was not committed; retry",
         Error::LeaseLost { .. } => "Another request with this idempotency key took over",
         Error::MissingKey { .. } | Error::InvalidKey { .. } => "Invalid idempotency key",
         _ => "Idempotency error",
@@ -26,7 +27,10 @@ pub(super) fn error_response(e: &Error) -> Response<Body> {
             resp.headers_mut().insert(RETRY_AFTER, v);
         }
     }
-    if matches!(e, Error::StoreUnavailable { .. }) {
+    if matches!(
+        e,
+        Error::StoreUnavailable { .. } | Error::NotCommitted { .. }
+    ) {
         resp.headers_mut()
             .insert(RETRY_AFTER, HeaderValue::from_static("1"));
     }

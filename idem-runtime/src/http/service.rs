@@ -94,7 +94,7 @@ where
     }
     let (parts, body) = req.into_parts();
     let key = match key_from(&parts.headers, &config.header) {
-        Ok(Some(key)) => key,
+        Ok(Some(key)) => Some(key),
         Err(why) => {
             let title = "Invalid idempotency key";
             return problem(StatusCode::BAD_REQUEST, "invalid-key", title, why);
@@ -104,17 +104,20 @@ where
             let title = "Idempotency key required";
             return problem(StatusCode::BAD_REQUEST, "missing-key", title, &detail);
         }
-        Ok(None) => return into_response(inner.oneshot(Request::from_parts(parts, body)).await),
+        Ok(None) => None,
+    };
+    #[cfg(feature = "_sql")]
+    if let Some(mode) = config.transactional.clone() {
+        return super::tx::handle(mode, config, inner, parts, body, key).await;
+    }
+    let Some(key) = key else {
+        return into_response(inner.oneshot(Request::from_parts(parts, body)).await);
     };
     let bytes = match read_body(body, config.max_request_bytes).await {
         Ok(bytes) => bytes,
         Err(refused) => return refused,
     };
-    let call = Call {
-        key: Some(key),
-        scope: Scope::Value(scope(&config, &parts)),
-        payload: fingerprint(&config, &parts, &bytes),
-    };
+    let call = call_for(&config, &parts, key, &bytes);
 
     // The call runs in a task of its own: a client that hangs up must not cancel a route
     // that has already done its work, or the retry would do it again.
@@ -145,8 +148,9 @@ where
         }
         out
     });
-    // Either the route ran here, and its response streams to the client while it is being
-    // recorded, or the engine answered without it (a replay, a conflict, an error).
+    // Either the route ran here, and its response comes through `head` (whole once recorded,
+    // or streaming if it is not stored), or the engine answered without it (a replay, a
+    // conflict, an error).
     if let Ok(response) = head_rx.await {
         return response;
     }
@@ -160,8 +164,17 @@ where
     }
 }
 
+/// The engine's call for a request with a key.
+pub(super) fn call_for(config: &Config, parts: &Parts, key: String, body: &[u8]) -> Call {
+    Call {
+        key: Some(key),
+        scope: Scope::Value(scope(config, parts)),
+        payload: fingerprint(config, parts, body),
+    }
+}
+
 /// The request body, read to be fingerprinted; a problem response if it cannot be.
-async fn read_body(body: Body, limit: usize) -> Result<Bytes, Response<Body>> {
+pub(super) async fn read_body(body: Body, limit: usize) -> Result<Bytes, Response<Body>> {
     match http_body_util::Limited::new(body, limit).collect().await {
         Ok(collected) => Ok(collected.to_bytes()),
         Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(problem(
@@ -227,9 +240,12 @@ struct Held(Option<Piece>);
 
 enum Piece {
     /// The whole response, sent at once: one with no body (HEAD, 204, 304,
-    /// `content-length: 0`), whose head completes it; or one to an HTTP/1.0 client, which
-    /// cannot tell a body broken off from a complete one.
+    /// `content-length: 0`), whose head completes it, or one to an HTTP/1.0 client, which
+    /// cannot tell a body broken off from a complete one. Broken off, it is a 5xx problem.
     Whole(oneshot::Sender<Response<Body>>, Response<Body>),
+    /// A stored response whose body came in one piece, kept whole. Broken off, its head goes
+    /// out and its body fails.
+    Kept(oneshot::Sender<Response<Body>>, response::Parts, Bytes),
     /// A body whose length the headers declare: its last chunk completes it.
     LastChunk(BodySender, Bytes),
     /// A chunked body: its end completes it (the sender's drop).
@@ -241,6 +257,9 @@ impl Held {
         match self.0.take() {
             Some(Piece::Whole(tx, resp)) => {
                 let _ = tx.send(resp);
+            }
+            Some(Piece::Kept(tx, parts, body)) => {
+                let _ = tx.send(Response::from_parts(parts, Body::from(body)));
             }
             // The channel holds 16 chunks and the client may be slow: never wait here.
             Some(Piece::LastChunk(tx, chunk)) => {
@@ -278,6 +297,14 @@ fn break_off(piece: Piece, e: Option<&Error>) {
                 None => StatusCode::INTERNAL_SERVER_ERROR.into_response(),
             };
             let _ = tx.send(resp);
+        }
+        Piece::Kept(tx, parts, _) => {
+            let why = e.map_or_else(
+                || "the response could not be completed".into(),
+                Error::to_string,
+            );
+            let failing = FailingBody(Some(axum::Error::new(why)), false);
+            let _ = tx.send(Response::from_parts(parts, Body::new(failing)));
         }
         Piece::LastChunk(tx, _) | Piece::End(tx) => {
             let why = e.map_or_else(
@@ -335,9 +362,9 @@ impl Client {
     }
 }
 
-/// The route, run once for a key. Its response goes to the client through `head` as soon as
-/// it starts, and its body streams on while a copy is kept; the copy is stored at the end if
-/// the status policy and the size limit allow. The piece that completes the response is left
+/// The route, run once for a key. A response the status policy stores is kept whole and goes
+/// to the client through `head` once recorded; one that is not stored, or outgrows the size
+/// limit, streams through `head` as the route produces it. The piece that completes the response is left
 /// in `tail` for the caller to send once the engine is done with the record.
 async fn run_route<S>(
     config: Arc<Config>,
@@ -357,20 +384,14 @@ where
     let (parts, mut body) = into_response(inner.oneshot(request).await).into_parts();
     let stored = (config.store_status)(parts.status);
     let status = parts.status;
-    let headers = config
-        .replay_headers
-        .iter()
-        .flat_map(|name| {
-            let values = parts.headers.get_all(name).iter();
-            values.map(move |v| (name.clone(), v.clone()))
-        })
-        .collect();
+    let headers = config.replayed_headers(&parts.headers);
     let mut copy = Copier {
         length_left: declared_length(&parts),
         // A response that is not stored is not copied, only streamed.
         kept: stored.then(BytesMut::new),
         max: config.max_response_bytes,
         hung_up: false,
+        whole: false,
         tail: &tail,
         client: Client::Gone,
     };
@@ -380,15 +401,25 @@ where
             Piece::Whole(head, Response::from_parts(parts, Body::empty())),
         );
         Client::Gone
-    } else if version <= Version::HTTP_10 && stored {
+    } else if stored {
+        // Held until recorded, and sent whole if the body ends in one piece (a JSON answer):
+        // head and body then leave in one write. Sending the head first and holding only the
+        // last piece takes two, and on a socket without TCP_NODELAY (the default of
+        // `axum::serve`) the second waits out the client's delayed ACK, ~40 ms a request.
         Client::Holding(head, parts)
     } else {
         Client::streaming(head, parts)
     };
+    // An HTTP/1.0 client cannot tell a body broken off from a complete one: it gets the
+    // whole response or an error, never a stream.
+    copy.whole = version <= Version::HTTP_10;
     while let Some(frame) = body.frame().await {
         match frame.map(http_body::Frame::into_data) {
             Ok(Ok(data)) => {
-                if !copy.chunk(data).await {
+                if !copy
+                    .chunk(data, http_body::Body::is_end_stream(&body))
+                    .await
+                {
                     return Err(NotStored::Sent);
                 }
             }
@@ -416,6 +447,8 @@ struct Copier<'t> {
     /// What is left of the length the headers declare, if they do.
     length_left: Option<u64>,
     hung_up: bool,
+    /// Hold the response whole to the end, however its body comes (HTTP/1.0).
+    whole: bool,
     tail: &'t Mutex<Option<Held>>,
 }
 
@@ -425,9 +458,16 @@ fn hold(tail: &Mutex<Option<Held>>, piece: Piece) {
 }
 
 impl Copier<'_> {
-    /// Takes the next chunk of the body. `false`: nothing is left to do with the rest (the
-    /// client is gone and nothing is being stored).
-    async fn chunk(&mut self, data: Bytes) -> bool {
+    /// Takes the next chunk of the body (`ended`: the body says no more follow). `false`:
+    /// nothing is left to do with the rest (the client is gone and nothing is being stored).
+    async fn chunk(&mut self, data: Bytes, ended: bool) -> bool {
+        let last = ended
+            || self
+                .length_left
+                .is_some_and(|left| left <= data.len() as u64);
+        if !last && !self.whole {
+            self.stream_from_here().await;
+        }
         self.keep(&data).await;
         if self.hung_up && self.kept.is_none() {
             return false;
@@ -452,6 +492,23 @@ impl Copier<'_> {
             self.hung_up = true;
         }
         true
+    }
+
+    /// A held response whose body comes in pieces streams from here: its head and what is
+    /// kept so far go out now (the piece that completes it is still held).
+    async fn stream_from_here(&mut self) {
+        if !matches!(self.client, Client::Holding(..)) {
+            return;
+        }
+        if let Client::Holding(head, parts) = std::mem::replace(&mut self.client, Client::Gone) {
+            self.client = Client::streaming(head, parts);
+            let so_far = self.kept.as_ref().map(|k| k.clone().freeze());
+            if let (Client::Streaming(tx), Some(so_far)) = (&self.client, so_far)
+                && !so_far.is_empty()
+            {
+                let _ = tx.send(Ok(so_far)).await;
+            }
+        }
     }
 
     /// Adds `data` to the copy for the record, unless that grows past the limit: then the
@@ -495,14 +552,21 @@ impl Copier<'_> {
     /// The body ended: hold the piece that completes it, and return the copy to store.
     fn finish(self) -> Option<Bytes> {
         let Copier {
-            client, kept, tail, ..
+            client,
+            kept,
+            tail,
+            whole,
+            ..
         } = self;
         let kept = kept.map(BytesMut::freeze);
         let last = match (client, &kept) {
             (Client::Streaming(tx), _) => Some(Piece::End(tx)),
-            (Client::Holding(head, parts), Some(body)) => {
+            (Client::Holding(head, parts), Some(body)) if whole => {
                 let whole = Response::from_parts(parts, Body::from(body.clone()));
                 Some(Piece::Whole(head, whole))
+            }
+            (Client::Holding(head, parts), Some(body)) => {
+                Some(Piece::Kept(head, parts, body.clone()))
             }
             (Client::Holding(..) | Client::Gone, _) => None,
         };
@@ -532,7 +596,28 @@ impl http_body::Body for ChannelBody {
     }
 }
 
-fn into_response<R: IntoResponse>(resp: Result<R, Infallible>) -> Response<Body> {
+/// A body that fails once its head is out: it is pending on its first poll (the server then
+/// sends the head), and fails on the next.
+struct FailingBody(Option<axum::Error>, bool);
+
+impl http_body::Body for FailingBody {
+    type Data = Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Bytes>, axum::Error>>> {
+        if !self.1 {
+            self.1 = true;
+            cx.waker().wake_by_ref();
+            return Poll::Pending;
+        }
+        Poll::Ready(self.0.take().map(Err))
+    }
+}
+
+pub(super) fn into_response<R: IntoResponse>(resp: Result<R, Infallible>) -> Response<Body> {
     match resp {
         Ok(r) => r.into_response(),
         Err(never) => match never {},

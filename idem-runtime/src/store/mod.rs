@@ -329,6 +329,12 @@ pub trait Store: Send + Sync + 'static {
 #[cfg(feature = "_sql")]
 #[async_trait::async_trait]
 pub trait TxStatements<DB: sqlx::Database>: Send + Sync {
+    /// A transaction on a connection of the store's own pool, begun the way its database
+    /// wants a transaction that writes records (`BEGIN IMMEDIATE` on SQLite, so two writers
+    /// queue at the start instead of failing at their first write). The HTTP layer's
+    /// transactional mode runs a route in one.
+    async fn begin(&self) -> Result<sqlx::Transaction<'static, DB>, StoreError>;
+
     /// `Store::reserve` on `conn`. Reading an existing row is a locking read where the
     /// database's isolation would otherwise hide a row committed after the transaction began.
     async fn reserve_in(

@@ -416,7 +416,7 @@ where
     q
 }
 
-fn raw_record<DB>(row: &DB::Row) -> Result<RawRecord, sqlx::Error>
+pub(super) fn raw_record<DB>(row: &DB::Row) -> Result<RawRecord, sqlx::Error>
 where
     DB: Database,
     for<'q> Option<Vec<u8>>: Decode<'q, DB> + Type<DB>,

@@ -11,8 +11,11 @@
 //! replicas with skewed clocks agree on who owns a record. Writes after `reserve` are fenced:
 //! they change a row only while it holds the caller's fence and is in progress.
 
+mod batch;
+mod checkout;
 mod connect;
 mod dialect;
+mod maintain;
 #[cfg(feature = "mysql")]
 pub(crate) mod mysql;
 #[cfg(feature = "postgres")]
@@ -26,12 +29,13 @@ use std::time::Duration;
 
 use sqlx::{AssertSqlSafe, SqlStr};
 
+use batch::AsOne;
 #[cfg(any(feature = "postgres", feature = "mysql"))]
 pub use connect::ServerStoreOptions;
 pub(crate) use connect::{check_table_name, unavailable};
 pub use dialect::Dialect;
 use dialect::sealed::Sealed;
-use dialect::{BoxFuture, Conflict, Driver, Inserted, Statement, Statements, Values, Writes};
+use dialect::{Conflict, Driver, Inserted, Statement, Statements, Values, Writes};
 #[cfg(feature = "mysql")]
 pub use mysql::MySql;
 #[cfg(feature = "postgres")]
@@ -113,59 +117,6 @@ impl<D: Dialect> SqlStore<D> {
         }
     }
 
-    /// Brings the table to the newest migration, one replica at a time.
-    async fn migrate(&self) -> Result<(), sqlx::Error> {
-        let sql = &*self.sql;
-        let mut conn = self.pool.acquire().await?;
-        let mut tx = sqlx::Connection::begin_with(&mut *conn, D::BEGIN).await?;
-        // Replicas starting together would race on `CREATE TABLE`; one migrates at a time.
-        if let Some(lock) = &sql.lock {
-            let held = D::Db::fetch_integer(&mut tx, lock, self.lock()).await?;
-            if held != Some(1) {
-                return Err(sqlx::Error::Protocol(format!(
-                    "could not take the migration lock for table {}",
-                    self.table
-                )));
-            }
-        }
-        let done = match self.run_migrations(&mut tx).await {
-            Ok(()) => tx.commit().await,
-            Err(e) => {
-                drop(tx); // rolled back
-                Err(e)
-            }
-        };
-        if let Some(unlock) = &sql.unlock {
-            D::Db::execute(&mut conn, unlock, self.lock()).await?;
-        }
-        done
-    }
-
-    async fn run_migrations(&self, conn: &mut Connection<D>) -> Result<(), sqlx::Error> {
-        let sql = &*self.sql;
-        let table = Values {
-            table: Some(&self.table),
-            ..Values::default()
-        };
-        D::Db::execute(conn, &sql.create_schema, Values::default()).await?;
-        let recorded = D::Db::fetch_integer(conn, &sql.schema_version, table).await?;
-        // A table dropped by hand starts again from the first migration.
-        let exists = D::Db::fetch_integer(conn, &sql.table_exists, table).await? == Some(1);
-        let current = if exists { recorded.unwrap_or(0) } else { 0 };
-        for (step, version) in D::migrations().iter().zip(1i64..) {
-            if version <= current {
-                continue;
-            }
-            D::Db::execute_script(conn, statement(step, &self.table)).await?;
-            let record = Values {
-                version: Some(version),
-                ..table
-            };
-            D::Db::execute(conn, &sql.record_version, record).await?;
-        }
-        Ok(())
-    }
-
     /// The record after an insert conflicted, read on `conn`.
     async fn load_on(
         &self,
@@ -206,14 +157,6 @@ impl<D: Dialect> SqlStore<D> {
         store_error::<D>(e)
     }
 
-    async fn checkout(&self) -> Result<Checkout<D>, StoreError> {
-        let conn = self.pool.acquire().await.map_err(|e| self.error(e))?;
-        Ok(Checkout {
-            conn,
-            finished: false,
-        })
-    }
-
     async fn reserve_on(
         &self,
         conn: &mut Connection<D>,
@@ -232,154 +175,6 @@ impl<D: Dialect> SqlStore<D> {
             None => Reservation::Vanished,
         })
     }
-
-    /// Deletes up to `limit` expired rows, if this replica gets the purge lock.
-    async fn purge_on(&self, conn: &mut Connection<D>, limit: u32) -> Result<u64, sqlx::Error> {
-        let sql = &*self.sql;
-        let purged = async {
-            let mut tx = sqlx::Connection::begin_with(&mut *conn, D::BEGIN).await?;
-            // One replica purges a table at a time: the others find the lock taken and skip.
-            if let Some(try_lock) = &sql.try_lock
-                && D::Db::fetch_integer(&mut tx, try_lock, self.lock()).await? != Some(1)
-            {
-                return Ok(None);
-            }
-            let limit = Values {
-                limit: Some(i64::from(limit)),
-                ..Values::default()
-            };
-            let deleted = D::Db::execute(&mut tx, &sql.purge, limit).await?;
-            tx.commit().await?;
-            Ok(Some(deleted))
-        }
-        .await;
-        let deleted = match purged {
-            Ok(None) => return Ok(0),
-            Ok(Some(n)) => Ok(n),
-            Err(e) => Err(e),
-        };
-        if let Some(unlock) = &sql.unlock {
-            D::Db::execute(conn, unlock, self.lock()).await?;
-        }
-        deleted
-    }
-}
-
-impl<D: Dialect> SqlStore<D> {
-    /// Runs a batch: as one statement where the dialect has one (`as_one`), or else one
-    /// statement per item in one transaction; either way one commit for the batch (group
-    /// commit), items in the order given (the engine sorts them by record, so batches lock
-    /// rows in one global order). If the batch fails on a statement (the database refused one
-    /// row, or the batch lost a deadlock), each item runs again on its own, so one row's
-    /// failure never fails the others; if it fails for the connection, every item does.
-    async fn batch<I, O>(
-        &self,
-        items: &[I],
-        as_one: AsOne<D, I, O>,
-        each: impl for<'c> Fn(
-            &'c Self,
-            &'c mut Connection<D>,
-            &'c I,
-        ) -> BoxFuture<'c, Result<O, StoreError>>
-        + Send
-        + Sync,
-    ) -> Vec<Result<O, StoreError>>
-    where
-        I: Sync,
-        O: Send,
-    {
-        let mut conn = match self.checkout().await {
-            Ok(conn) => conn,
-            Err(e) => return items.iter().map(|_| Err(e.clone())).collect(),
-        };
-        if let [item] = items {
-            // Alone: its own statement, in autocommit, one round trip.
-            let out = each(self, &mut conn, item).await;
-            return vec![conn.finish(out)];
-        }
-        let batched = if let Some(one) = as_one(&mut conn, &self.sql, items) {
-            one.await
-        } else {
-            let in_transaction = async {
-                let mut tx = sqlx::Connection::begin_with(&mut *conn, D::BEGIN).await?;
-                let mut out = Vec::with_capacity(items.len());
-                for item in items {
-                    out.push(each(self, &mut tx, item).await?);
-                }
-                tx.commit().await?;
-                Ok::<_, StoreError>(out)
-            };
-            in_transaction.await
-        };
-        let failure = match conn.finish(batched) {
-            Ok(out) => return out.into_iter().map(Ok).collect(),
-            Err(e) => e,
-        };
-        if !matches!(
-            failure.downcast_ref::<sqlx::Error>(),
-            Some(sqlx::Error::Database(_))
-        ) {
-            return items.iter().map(|_| Err(failure.clone())).collect();
-        }
-        tracing::debug!(backend = D::BACKEND, error = %failure, rows = items.len(),
-            "idem: a batch failed on a statement; running its rows one by one");
-        crate::metrics::batch_split(D::BACKEND);
-        let mut out = Vec::with_capacity(items.len());
-        for item in items {
-            let one = async {
-                let mut conn = self.checkout().await?;
-                let result = each(self, &mut conn, item).await;
-                conn.finish(result)
-            };
-            out.push(one.await);
-        }
-        out
-    }
-}
-
-/// A dialect's one-statement form of a batch, if it has one.
-type AsOne<D, I, O> = for<'c> fn(
-    &'c mut Connection<D>,
-    &'c Statements,
-    &'c [I],
-) -> Option<BoxFuture<'c, Result<Vec<O>, StoreError>>>;
-
-/// A pooled connection lent to one verb. If the verb's future is dropped before it finishes
-/// (its statement timed out, or its caller went away), the connection may be mid-statement or
-/// stuck on a dead socket: it is closed rather than returned to the pool, where sqlx would
-/// ping it, with no time limit, before anyone could use it again.
-struct Checkout<D: Dialect> {
-    conn: sqlx::pool::PoolConnection<D::Db>,
-    finished: bool,
-}
-
-impl<D: Dialect> Checkout<D> {
-    /// The verb is done with the connection: it goes back to the pool.
-    fn finish<T>(mut self, out: T) -> T {
-        self.finished = true;
-        out
-    }
-}
-
-impl<D: Dialect> std::ops::Deref for Checkout<D> {
-    type Target = Connection<D>;
-    fn deref(&self) -> &Connection<D> {
-        &self.conn
-    }
-}
-
-impl<D: Dialect> std::ops::DerefMut for Checkout<D> {
-    fn deref_mut(&mut self) -> &mut Connection<D> {
-        &mut self.conn
-    }
-}
-
-impl<D: Dialect> Drop for Checkout<D> {
-    fn drop(&mut self) {
-        if !self.finished {
-            self.conn.close_on_drop();
-        }
-    }
 }
 
 /// A sqlx error as a store error, marked as a lost conflict where the dialect says so.
@@ -390,6 +185,13 @@ fn store_error<D: Dialect>(e: sqlx::Error) -> StoreError {
 
 #[async_trait::async_trait]
 impl<D: Dialect> TxStatements<D::Db> for SqlStore<D> {
+    async fn begin(&self) -> Result<sqlx::Transaction<'static, D::Db>, StoreError> {
+        self.pool
+            .begin_with(D::BEGIN)
+            .await
+            .map_err(|e| self.error(e))
+    }
+
     async fn reserve_in(
         &self,
         conn: &mut Connection<D>,
@@ -445,9 +247,12 @@ impl<D: Dialect> TxStatements<D::Db> for SqlStore<D> {
 #[async_trait::async_trait]
 impl<D: Dialect> Store for SqlStore<D> {
     async fn reserve(&self, claim: &Claim<'_>) -> Result<Reservation, StoreError> {
-        let mut conn = self.checkout().await?;
-        let out = self.reserve_on(&mut conn, claim).await;
-        conn.finish(out)
+        self.again_after_conflicts(|| async move {
+            let mut conn = self.checkout().await?;
+            let out = self.reserve_on(&mut conn, claim).await;
+            conn.finish(out)
+        })
+        .await
     }
 
     async fn load(&self, id: &RecordId) -> Result<Option<Record>, StoreError> {
@@ -458,9 +263,12 @@ impl<D: Dialect> Store for SqlStore<D> {
     }
 
     async fn take_over(&self, claim: &Claim<'_>, observed: Fence) -> Result<bool, StoreError> {
-        let mut conn = self.checkout().await?;
-        let out = self.take_over_in(&mut conn, claim, observed).await;
-        conn.finish(out)
+        self.again_after_conflicts(|| async move {
+            let mut conn = self.checkout().await?;
+            let out = self.take_over_in(&mut conn, claim, observed).await;
+            conn.finish(out)
+        })
+        .await
     }
 
     async fn heartbeat(
@@ -469,13 +277,16 @@ impl<D: Dialect> Store for SqlStore<D> {
         fence: Fence,
         lease: Duration,
     ) -> Result<bool, StoreError> {
-        let mut conn = self.checkout().await?;
-        let values = Values {
-            lease: Some(lease),
-            ..Values::fenced(id, fence)
-        };
-        let done = D::Db::execute(&mut conn, &self.sql.heartbeat, values).await;
-        Ok(conn.finish(done).map_err(|e| self.error(e))? == 1)
+        self.again_after_conflicts(|| async move {
+            let mut conn = self.checkout().await?;
+            let values = Values {
+                lease: Some(lease),
+                ..Values::fenced(id, fence)
+            };
+            let done = D::Db::execute(&mut conn, &self.sql.heartbeat, values).await;
+            Ok(conn.finish(done).map_err(|e| self.error(e))? == 1)
+        })
+        .await
     }
 
     async fn finalize(
@@ -485,15 +296,21 @@ impl<D: Dialect> Store for SqlStore<D> {
         result: &StoredResult,
         ttl: Duration,
     ) -> Result<bool, StoreError> {
-        let mut conn = self.checkout().await?;
-        let out = self.finalize_in(&mut conn, id, fence, result, ttl).await;
-        conn.finish(out)
+        self.again_after_conflicts(|| async move {
+            let mut conn = self.checkout().await?;
+            let out = self.finalize_in(&mut conn, id, fence, result, ttl).await;
+            conn.finish(out)
+        })
+        .await
     }
 
     async fn release(&self, id: &RecordId, fence: Fence) -> Result<bool, StoreError> {
-        let mut conn = self.checkout().await?;
-        let out = self.release_in(&mut conn, id, fence).await;
-        conn.finish(out)
+        self.again_after_conflicts(|| async move {
+            let mut conn = self.checkout().await?;
+            let out = self.release_in(&mut conn, id, fence).await;
+            conn.finish(out)
+        })
+        .await
     }
 
     async fn reserve_many(&self, claims: &[Claim<'_>]) -> Vec<Result<Reservation, StoreError>> {
@@ -553,9 +370,12 @@ impl<D: Dialect> Store for SqlStore<D> {
     }
 
     async fn purge(&self, limit: u32) -> Result<u64, StoreError> {
-        let mut conn = self.checkout().await?;
-        let out = self.purge_on(&mut conn, limit).await;
-        conn.finish(out).map_err(|e| self.error(e))
+        self.again_after_conflicts(|| async move {
+            let mut conn = self.checkout().await?;
+            let out = self.purge_on(&mut conn, limit).await;
+            conn.finish(out).map_err(|e| self.error(e))
+        })
+        .await
     }
 
     fn backend(&self) -> &'static str {

@@ -12,10 +12,10 @@ use sqlx::postgres::PgConnection;
 use sqlx::{Row, SqlStr};
 
 use super::dialect::{
-    BoxFuture, Conflict, Dialect, ManyStatements, Param, Statement, Statements, Writes,
+    BoxFuture, Conflict, Dialect, ManyStatements, Param, Statement, Statements, Writes, raw_record,
     sealed::Sealed,
 };
-use super::{RawRecord, ServerStoreOptions, SqlStore, millis, statement};
+use super::{ServerStoreOptions, SqlStore, millis, statement};
 use crate::Error;
 use crate::error::StoreError;
 use crate::store::{Claim, Reservation};
@@ -334,20 +334,11 @@ async fn reserve_many(
             if row.try_get::<bool, _>("inserted")? {
                 return Ok(Reservation::Acquired);
             }
-            let Some(state) = row.try_get::<Option<String>, _>("state")? else {
+            // The row of a record that vanished between the insert and the read has no state.
+            if row.try_get::<Option<String>, _>("state")?.is_none() {
                 return Ok(Reservation::Vanished);
-            };
-            let raw = RawRecord {
-                state,
-                fingerprint: row.try_get("fingerprint")?,
-                fence: row.try_get("fence")?,
-                owner: row.try_get("owner")?,
-                attempts: row.try_get("attempts")?,
-                lease_remaining_ms: row.try_get("lease_remaining_ms")?,
-                expires_in_ms: row.try_get::<Option<i64>, _>("expires_in_ms")?.unwrap_or(0),
-                result: row.try_get("result")?,
-                codec: row.try_get("codec")?,
-            };
+            }
+            let raw = raw_record::<sqlx::Postgres>(row)?;
             Ok(Reservation::Exists(raw.into_record()?))
         })
         .collect()

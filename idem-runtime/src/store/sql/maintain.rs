@@ -1,0 +1,95 @@
+//! Keeping the table: its migrations, run by one replica at a time under the dialect's lock,
+//! and the purge of expired rows.
+
+use super::dialect::{Driver, Values};
+use super::{Connection, Dialect, SqlStore, statement};
+
+impl<D: Dialect> SqlStore<D> {
+    /// Brings the table to the newest migration, one replica at a time.
+    pub(super) async fn migrate(&self) -> Result<(), sqlx::Error> {
+        let sql = &*self.sql;
+        let mut conn = self.pool.acquire().await?;
+        let mut tx = sqlx::Connection::begin_with(&mut *conn, D::BEGIN).await?;
+        // Replicas starting together would race on `CREATE TABLE`; one migrates at a time.
+        if let Some(lock) = &sql.lock {
+            let held = D::Db::fetch_integer(&mut tx, lock, self.lock()).await?;
+            if held != Some(1) {
+                return Err(sqlx::Error::Protocol(format!(
+                    "could not take the migration lock for table {}",
+                    self.table
+                )));
+            }
+        }
+        let done = match self.run_migrations(&mut tx).await {
+            Ok(()) => tx.commit().await,
+            Err(e) => {
+                drop(tx); // rolled back
+                Err(e)
+            }
+        };
+        if let Some(unlock) = &sql.unlock {
+            D::Db::execute(&mut conn, unlock, self.lock()).await?;
+        }
+        done
+    }
+
+    pub(super) async fn run_migrations(&self, conn: &mut Connection<D>) -> Result<(), sqlx::Error> {
+        let sql = &*self.sql;
+        let table = Values {
+            table: Some(&self.table),
+            ..Values::default()
+        };
+        D::Db::execute(conn, &sql.create_schema, Values::default()).await?;
+        let recorded = D::Db::fetch_integer(conn, &sql.schema_version, table).await?;
+        // A table dropped by hand starts again from the first migration.
+        let exists = D::Db::fetch_integer(conn, &sql.table_exists, table).await? == Some(1);
+        let current = if exists { recorded.unwrap_or(0) } else { 0 };
+        for (step, version) in D::migrations().iter().zip(1i64..) {
+            if version <= current {
+                continue;
+            }
+            D::Db::execute_script(conn, statement(step, &self.table)).await?;
+            let record = Values {
+                version: Some(version),
+                ..table
+            };
+            D::Db::execute(conn, &sql.record_version, record).await?;
+        }
+        Ok(())
+    }
+
+    /// Deletes up to `limit` expired rows, if this replica gets the purge lock.
+    pub(super) async fn purge_on(
+        &self,
+        conn: &mut Connection<D>,
+        limit: u32,
+    ) -> Result<u64, sqlx::Error> {
+        let sql = &*self.sql;
+        let purged = async {
+            let mut tx = sqlx::Connection::begin_with(&mut *conn, D::BEGIN).await?;
+            // One replica purges a table at a time: the others find the lock taken and skip.
+            if let Some(try_lock) = &sql.try_lock
+                && D::Db::fetch_integer(&mut tx, try_lock, self.lock()).await? != Some(1)
+            {
+                return Ok(None);
+            }
+            let limit = Values {
+                limit: Some(i64::from(limit)),
+                ..Values::default()
+            };
+            let deleted = D::Db::execute(&mut tx, &sql.purge, limit).await?;
+            tx.commit().await?;
+            Ok(Some(deleted))
+        }
+        .await;
+        let deleted = match purged {
+            Ok(None) => return Ok(0),
+            Ok(Some(n)) => Ok(n),
+            Err(e) => Err(e),
+        };
+        if let Some(unlock) = &sql.unlock {
+            D::Db::execute(conn, unlock, self.lock()).await?;
+        }
+        deleted
+    }
+}
