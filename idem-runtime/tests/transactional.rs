@@ -156,6 +156,27 @@ macro_rules! transactional_tests {
             }
 
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn a_disabled_runtime_runs_every_body_in_its_transaction() {
+                let Some(mut f) = fixture().await else { return };
+                f.idem = Idem::builder()
+                    .store(f.store.clone())
+                    .disabled(true)
+                    .allow_disabled_in_release(true)
+                    .build()
+                    .unwrap();
+                let effects = AtomicUsize::new(0);
+                for _ in 0..2 {
+                    let mut tx = begin(&f).await;
+                    let (out, how) =
+                        observe(place(&f, &mut tx, &effects, Duration::ZERO, Mode::Ok, "k", "tea")).await;
+                    out.unwrap();
+                    tx.commit().await.unwrap();
+                    assert_eq!(how, Some(Outcome::Unprotected));
+                }
+                assert_eq!((effects.load(SeqCst), count(&f).await), (2, 2), "no record, no replay");
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn a_cancelled_call_committed_anyway_does_not_block_the_key() {
                 let Some(f) = fixture().await else { return };
                 let effects = AtomicUsize::new(0);

@@ -77,8 +77,9 @@ impl<O, C> TxBegin<O, C> {
 /// A reservation held in the caller's transaction, between `begin` and `finish`.
 pub struct TxToken<C> {
     site: &'static Site,
-    /// `None`: an `optional` fn without a key, running unprotected.
+    /// `None`: running unprotected, for the reason `why` (no key, or a disabled runtime).
     call: Option<ResolvedCall>,
+    why: &'static str,
     fence: Fence,
     outcome: Outcome,
     codec: PhantomData<C>,
@@ -127,26 +128,28 @@ where
     C: ResultCodec<T, E>,
     DB: TxDatabase,
 {
-    let token = |call, fence, outcome| TxToken {
+    let token = |call, fence, outcome, why| TxToken {
         site,
         call,
+        why,
         fence,
         outcome,
         codec: PhantomData,
     };
-    let unprotected = || TxBegin::Run(token(None, Fence::from_raw(0), Outcome::Unprotected));
+    let unprotected =
+        |why| TxBegin::Run(token(None, Fence::from_raw(0), Outcome::Unprotected, why));
     if engine.settings.disabled {
-        return unprotected();
+        return unprotected("disabled");
     }
     let call = match call.resolve(engine, spec, site, types) {
         Ok(Some(call)) => call,
         // `optional` and no key: the body runs unprotected, still inside the transaction.
-        Ok(None) => return unprotected(),
+        Ok(None) => return unprotected("no key"),
         Err(e) => return TxBegin::Done(Err(fail(site.path, e))),
     };
     let span = call.span();
     match reserve::<T, E, C, DB>(&call, conn).instrument(span).await {
-        Ok((fence, outcome)) => TxBegin::Run(token(Some(call), fence, outcome)),
+        Ok((fence, outcome)) => TxBegin::Run(token(Some(call), fence, outcome, "")),
         Err(done) => TxBegin::Done(done),
     }
 }
@@ -238,8 +241,8 @@ where
     DB: TxDatabase,
 {
     let Some(call) = token.call else {
-        // Whether the runtime is off or the key was `None`, the body already ran.
-        let _span = super::replay::unprotected_span(token.site, "no key or disabled").entered();
+        // The body already ran: the span only carries the outcome.
+        let _span = super::replay::unprotected_span(token.site, token.why).entered();
         metrics::call(&token.site.labels, Outcome::Unprotected);
         outcome::report(Outcome::Unprotected);
         return out;

@@ -1,0 +1,234 @@
+//! [`IdemConfig`]: the runtime's settings as data, for an application's own config file or
+//! environment, and the store URL it connects to.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use super::{IdemBuilder, IntoDuration, defaults};
+use crate::store::{MemoryStore, Store};
+use crate::{Error, Idem};
+
+/// The runtime's settings as data, for an application's own config file or environment.
+///
+/// Durations use the attribute's rules (`"PT24H"`, `"30s"`). `store` is a URL and has no
+/// default (a replica that silently used a file of its own instead of the shared database
+/// would split the replicas): `sqlite://path/to/idem.db` (feature `sqlite`), `postgres://..`
+/// (feature `postgres`), `mysql://..` or `mariadb://..` (feature `mysql`), `redis://..` or
+/// `redis+cluster://host1:port1,host2:port2` (feature `redis`), or `memory:`.
+/// Every other field has the default shown in [`defaults`].
+///
+/// What each mistake gives: an unknown field is refused by your deserializer (the type
+/// denies unknown fields, so serde's error names it); a missing or empty `store`, a store URL
+/// this build does not support, or a bad duration is an [`Error::Config`] from
+/// [`Idem::from_config`] naming the setting.
+///
+/// ```
+/// # async fn demo() -> Result<(), idem_runtime::Error> {
+/// let config: idem_runtime::IdemConfig = serde_json::from_str(
+///     r#"{ "store": "memory:", "default_ttl": "PT1H", "local_cache": 1000 }"#,
+/// ).expect("valid config");
+/// let idem = idem_runtime::Idem::from_config(&config).await?;
+/// # Ok(()) }
+/// ```
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct IdemConfig {
+    /// Where records live: a store URL (`sqlite://idem.db`, `postgres://..`, `memory:`).
+    /// Required: left empty, [`Idem::from_config`] fails.
+    pub store: String,
+    /// The records table (for Redis: the prefix of every key).
+    pub table: String,
+    /// Local cache size in entries; 0 turns it off.
+    pub local_cache: u64,
+    /// Default TTL.
+    pub default_ttl: String,
+    /// Default lease.
+    pub default_lease: String,
+    /// Default wait for in-progress duplicates.
+    pub default_wait: String,
+    /// Largest stored result in bytes.
+    pub max_result_bytes: usize,
+    /// Executor id; derived from host name and pid when absent.
+    pub executor_id: Option<String>,
+    /// How often to purge expired records; `null` turns purging off.
+    pub purge_interval: Option<String>,
+    /// How long one store statement may take.
+    pub store_timeout: String,
+    /// Group commit: concurrent calls share statements and commits.
+    pub group_commit: bool,
+    /// Group commit: the most calls one batch carries.
+    pub batch_max_rows: usize,
+    /// Group commit: the most result bytes one batch of finalizes carries.
+    pub batch_max_bytes: usize,
+    /// Group commit: how many batches of one verb may be in flight at once.
+    pub batch_concurrency: usize,
+    /// Run every body unprotected (see [`IdemBuilder::disabled`]; a release build also needs
+    /// [`IdemBuilder::allow_disabled_in_release`] in code).
+    pub disabled: bool,
+}
+
+impl Default for IdemConfig {
+    fn default() -> Self {
+        IdemConfig {
+            store: String::new(),
+            table: crate::store::DEFAULT_TABLE.into(),
+            local_cache: defaults::LOCAL_CACHE,
+            default_ttl: iso8601(defaults::TTL),
+            default_lease: iso8601(defaults::LEASE),
+            default_wait: iso8601(defaults::WAIT),
+            max_result_bytes: defaults::MAX_RESULT_BYTES,
+            executor_id: None,
+            purge_interval: Some(iso8601(defaults::PURGE_INTERVAL)),
+            store_timeout: iso8601(defaults::STORE_TIMEOUT),
+            group_commit: true,
+            batch_max_rows: defaults::BATCH_MAX_ROWS,
+            batch_max_bytes: defaults::BATCH_MAX_BYTES,
+            batch_concurrency: defaults::BATCH_CONCURRENCY,
+            disabled: false,
+        }
+    }
+}
+
+/// A duration as an ISO-8601 literal in its largest whole unit (`PT24H`, `PT30S`, `PT0.25S`).
+fn iso8601(d: Duration) -> String {
+    let ms = d.as_millis();
+    match ms {
+        _ if ms.is_multiple_of(3_600_000) => format!("PT{}H", ms / 3_600_000),
+        _ if ms.is_multiple_of(60_000) => format!("PT{}M", ms / 60_000),
+        _ if ms.is_multiple_of(1_000) => format!("PT{}S", ms / 1_000),
+        _ => format!("PT{}.{:03}S", ms / 1_000, ms % 1_000),
+    }
+}
+
+impl IdemConfig {
+    /// A builder with these settings and this config's store, connected.
+    pub async fn builder(&self) -> Result<IdemBuilder, Error> {
+        let purge_interval = match &self.purge_interval {
+            None => None,
+            Some(s) => Some(
+                s.as_str()
+                    .into_duration()
+                    .map_err(|e| Error::Config(format!("purge_interval: {e}")))?,
+            ),
+        };
+        let builder = Idem::builder()
+            .local_cache(self.local_cache)
+            .default_ttl(self.default_ttl.as_str())
+            .default_lease(self.default_lease.as_str())
+            .default_wait(self.default_wait.as_str())
+            .max_result_bytes(self.max_result_bytes)
+            .executor_id(self.executor_id.clone())
+            .purge_interval(purge_interval)
+            .store_timeout(self.store_timeout.as_str())
+            .group_commit(self.group_commit)
+            .batch_max(self.batch_max_rows, self.batch_max_bytes)
+            .batch_concurrency(self.batch_concurrency)
+            .disabled(self.disabled);
+        // Check the durations before connecting, so a typo is reported as such.
+        if let Some(e) = &builder.error {
+            return Err(e.clone());
+        }
+        Ok(builder.shared_store(self.connect_store().await?))
+    }
+
+    async fn connect_store(&self) -> Result<Arc<dyn Store>, Error> {
+        let url = self.store.trim();
+        if url.is_empty() {
+            return Err(Error::Config(
+                "store: no store URL is set; set `store` to the shared database (`postgres://..`, `mysql://..`), a file (`sqlite://idem.db`) or `memory:`".into(),
+            ));
+        }
+        if url == "memory:" || url == "memory://" {
+            return Ok(Arc::new(MemoryStore::new()));
+        }
+        #[cfg(feature = "sqlite")]
+        if let Some(path) = url
+            .strip_prefix("sqlite://")
+            .or_else(|| url.strip_prefix("sqlite:"))
+        {
+            let options = crate::store::SqliteStoreOptions::new().table(self.table.clone());
+            return Ok(Arc::new(
+                crate::store::SqliteStore::open_with(path, options).await?,
+            ));
+        }
+        #[cfg(feature = "postgres")]
+        if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            let options = crate::store::PgStoreOptions::new().table(self.table.clone());
+            return Ok(Arc::new(
+                crate::store::PgStore::connect_with(url, options).await?,
+            ));
+        }
+        #[cfg(feature = "mysql")]
+        if url.starts_with("mysql://") || url.starts_with("mariadb://") {
+            let url = url.replacen("mariadb://", "mysql://", 1);
+            let options = crate::store::MySqlStoreOptions::new().table(self.table.clone());
+            return Ok(Arc::new(
+                crate::store::MySqlStore::connect_with(&url, options).await?,
+            ));
+        }
+        #[cfg(feature = "redis")]
+        if let Some(store) = crate::store::RedisStore::connect_url(url, &self.table).await? {
+            return Ok(Arc::new(store));
+        }
+        Err(Error::Config(format!(
+            "store {url:?} is not a store URL this build supports (`sqlite://path`, `postgres://..`, `mysql://..`, `redis://..`, `redis+cluster://..`, `memory:`); is the backend's cargo feature on?"
+        )))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn config_files_use_the_attribute_rules() {
+        let cfg: IdemConfig =
+            serde_json::from_str(r#"{"store": "memory:", "default_ttl": "1h30m"}"#).expect("json");
+        let idem = Idem::from_config(&cfg).await.expect("builds");
+        assert_eq!(
+            idem.engine().settings.default_ttl,
+            Duration::from_secs(5_400)
+        );
+
+        let cfg: IdemConfig =
+            serde_json::from_str(r#"{"store": "memory:", "default_lease": "P1Y"}"#).expect("json");
+        let msg = Idem::from_config(&cfg).await.unwrap_err().to_string();
+        assert!(msg.contains("default_lease"), "{msg}");
+
+        let unknown = serde_json::from_str::<IdemConfig>(r#"{"ttl": "1h"}"#);
+        assert!(unknown.is_err(), "unknown fields are refused");
+
+        // A scheme no store has; `redis://` was this example before the Redis store, and
+        // still is in a build without the `redis` feature.
+        let unsupported = if cfg!(feature = "redis") {
+            "mongodb://x"
+        } else {
+            "redis://x"
+        };
+        let cfg = IdemConfig {
+            store: unsupported.into(),
+            ..IdemConfig::default()
+        };
+        let msg = Idem::from_config(&cfg).await.unwrap_err().to_string();
+        assert!(msg.contains("not a store URL"), "{msg}");
+    }
+
+    #[test]
+    fn default_durations_are_written_once() {
+        let config = IdemConfig::default();
+        assert_eq!(config.default_ttl, "PT24H");
+        assert_eq!(config.default_lease, "PT30S");
+        for (literal, d) in [
+            (config.default_ttl, defaults::TTL),
+            (config.store_timeout, defaults::STORE_TIMEOUT),
+            (
+                iso8601(Duration::from_millis(1_250)),
+                Duration::from_millis(1_250),
+            ),
+        ] {
+            assert_eq!(idem_duration::parse(&literal), Ok(d), "{literal}");
+        }
+    }
+}
