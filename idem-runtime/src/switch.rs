@@ -29,7 +29,16 @@ impl Switch {
     /// Whether the runtime runs bodies unprotected, given the value of [`ENV_VAR`] and
     /// whether this is a release build. Logs the decision when idem is off, or asked to be.
     pub(crate) fn decide(self, env: Option<&str>, release: bool) -> Result<bool, Error> {
-        let from_env = parse_env(env)?;
+        let from_env = match parse_env(env) {
+            Ok(from_env) => from_env,
+            // A release build that may not run disabled ignores the variable anyway: a typo
+            // in it must not stop a service from starting.
+            Err(e) if release && !self.allow_in_release => {
+                tracing::error!(error = %e, "idem: IDEM_DISABLED is ignored in this release build; idempotency stays ON");
+                None
+            }
+            Err(e) => return Err(e),
+        };
         let asked = from_env.unwrap_or(self.disabled);
         if !asked {
             return Ok(false);
@@ -112,6 +121,16 @@ mod tests {
         };
         assert_eq!(allowed.decide(Some("true"), true).ok(), Some(true));
         assert_eq!(allowed.decide(None, true).ok(), Some(false));
+    }
+
+    #[test]
+    fn a_typo_in_the_variable_does_not_stop_a_release_build_that_ignores_it() {
+        assert_eq!(OFF.decide(Some("flase"), true).ok(), Some(false));
+        let allowed = Switch {
+            disabled: false,
+            allow_in_release: true,
+        };
+        assert!(allowed.decide(Some("flase"), true).is_err());
     }
 
     #[test]
