@@ -411,7 +411,7 @@ async fn serve(url: Option<&str>) -> Result<(), Box<dyn std::error::Error>> {
     let lossy = std::env::var("IDEM_DEMO_LOSSY_ADDR").unwrap_or_else(|_| "127.0.0.1:3001".into());
     let lossy = TcpListener::bind(&lossy).await?;
     println!(
-        "orders service on http://{addr} (POST /orders and /payments need an Idempotency-Key; GET counts them; GET /metrics)"
+        "orders service on http://{server} (POST /orders and /payments need an Idempotency-Key; GET counts them; GET /metrics)"
     );
     println!(
         "lossy link on http://{} (cuts every other response)",

@@ -42,6 +42,7 @@ impl Server {
         let mut child = Command::new(example_binary())
             .arg(db)
             .env("IDEM_DEMO_ADDR", "127.0.0.1:0")
+            .env("IDEM_DEMO_LOSSY_ADDR", "127.0.0.1:0")
             .env("IDEM_DEMO_PREFIX", prefix)
             .stdout(Stdio::piped())
             .spawn()
