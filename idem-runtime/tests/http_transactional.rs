@@ -35,12 +35,20 @@ trait Ledger: Database {
     ) -> impl Future<Output = Result<(), sqlx::Error>> + Send;
     fn count(pool: &Pool<Self>, sql: String) -> impl Future<Output = i64> + Send;
     fn exec(pool: &Pool<Self>, sql: String) -> impl Future<Output = ()> + Send;
+    /// Runs `sql` on the route's connection.
+    fn run(
+        conn: &mut Self::Connection,
+        sql: &str,
+    ) -> impl Future<Output = Result<(), sqlx::Error>> + Send;
     /// Whether the database can refuse a commit (a deferred constraint).
     const DEFERRED: bool;
+    /// Whether a failed statement aborts the whole transaction (PostgreSQL), rather than
+    /// being undone alone (MySQL, SQLite).
+    const ABORTS: bool;
 }
 
 macro_rules! ledger {
-    ($db:ty, $insert:literal, $deferred:expr) => {
+    ($db:ty, $insert:literal, $deferred:expr, $aborts:expr) => {
         impl Ledger for $db {
             async fn insert(
                 conn: &mut Self::Connection,
@@ -75,7 +83,14 @@ macro_rules! ledger {
                     .await
                     .unwrap();
             }
+            async fn run(conn: &mut Self::Connection, sql: &str) -> Result<(), sqlx::Error> {
+                sqlx::raw_sql(sqlx::AssertSqlSafe(sql.to_owned()))
+                    .execute(&mut *conn)
+                    .await
+                    .map(drop)
+            }
             const DEFERRED: bool = $deferred;
+            const ABORTS: bool = $aborts;
         }
     };
 }
@@ -83,11 +98,22 @@ macro_rules! ledger {
 ledger!(
     Postgres,
     "INSERT INTO {} (entry, run) VALUES ($1, $2)",
+    true,
     true
 );
-ledger!(Sqlite, "INSERT INTO {} (entry, run) VALUES (?1, ?2)", true);
+ledger!(
+    Sqlite,
+    "INSERT INTO {} (entry, run) VALUES (?1, ?2)",
+    true,
+    false
+);
 // MySQL and MariaDB check constraints at each statement: nothing is left for the commit.
-ledger!(MySql, "INSERT INTO {} (entry, run) VALUES (?, ?)", false);
+ledger!(
+    MySql,
+    "INSERT INTO {} (entry, run) VALUES (?, ?)",
+    false,
+    false
+);
 
 #[derive(Clone)]
 struct App {
@@ -107,6 +133,12 @@ struct Opts {
     size: usize,
     #[serde(default)]
     orphan: bool,
+    /// After its insert, run a statement that fails and go on as if it had not.
+    #[serde(default)]
+    ignore_failure: bool,
+    /// End the transaction (`ROLLBACK`) before the insert, as a deadlock does on MySQL.
+    #[serde(default)]
+    end_tx: bool,
 }
 
 /// A payment: one ledger row in the layer's transaction, then the answer.
@@ -117,8 +149,15 @@ async fn pay<DB: Ledger>(
     body: String,
 ) -> Response {
     let run = app.runs.fetch_add(1, SeqCst) as i64 + 1;
+    if opts.end_tx {
+        DB::run(&mut *tx, "ROLLBACK").await.unwrap();
+    }
     if let Err(e) = DB::insert(&mut *tx, &app.ledger, &body, run, opts.orphan).await {
         return (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response();
+    }
+    if opts.ignore_failure {
+        let failed = DB::run(&mut *tx, "SELECT no_such_column FROM no_such_table").await;
+        assert!(failed.is_err());
     }
     tokio::time::sleep(Duration::from_millis(opts.sleep_ms)).await;
     if app.fail_next.swap(false, SeqCst) {
@@ -266,6 +305,8 @@ async fn scenarios<DB: Ledger>(s: Server<DB>) {
     tenants_and_reused_keys(&s).await;
     an_oversized_response_commits_nothing(&s).await;
     a_failed_commit_is_503_and_never_the_routes_response(&s).await;
+    a_route_that_goes_on_after_a_failed_statement(&s).await;
+    a_route_that_ends_the_transaction_is_never_told_success(&s).await;
     requests_without_a_key_and_routes_without_the_transaction(&s).await;
     s.drop_ledger().await;
 }
@@ -434,6 +475,61 @@ async fn a_failed_commit_is_503_and_never_the_routes_response<DB: Ledger>(s: &Se
     let resp = s.post("/payments", Some("orphan-fixed"), "a", "tea").await;
     assert_eq!(resp.status(), 201);
     assert_eq!(s.rows().await, rows + 1);
+}
+
+/// A route that ignores a failed statement and answers anyway. On PostgreSQL the failure
+/// aborted the transaction, so nothing the route wrote can be kept: a success becomes a 500
+/// that says why, and an error answer goes out unrecorded, its key free. MySQL and SQLite undo
+/// the failed statement alone, and the rest commits as usual.
+async fn a_route_that_goes_on_after_a_failed_statement<DB: Ledger>(s: &Server<DB>) {
+    let (rows, records) = (s.rows().await, s.records().await);
+    let resp = s
+        .post("/payments?ignore_failure=true", Some("went-on"), "a", "tea")
+        .await;
+    if !DB::ABORTS {
+        assert_eq!(resp.status(), 201);
+        assert_eq!(s.rows().await, rows + 1);
+        assert_eq!(s.records().await, records + 1);
+        return;
+    }
+    let json = problem(resp, 500).await;
+    assert_eq!(json["type"], "urn:idem:problem:transaction-aborted");
+    assert_eq!(s.rows().await, rows, "nothing the route wrote is kept");
+    assert_eq!(s.records().await, records, "and nothing is recorded");
+    for _ in 0..2 {
+        let resp = s
+            .post(
+                "/payments?ignore_failure=true&status=409",
+                Some("went-on-409"),
+                "a",
+                "tea",
+            )
+            .await;
+        assert_eq!(resp.status(), 409, "the route's error answer goes out");
+        assert!(resp.headers().get("idempotent-replayed").is_none());
+        assert!(resp.text().await.unwrap().contains("tea"));
+    }
+    assert_eq!(s.rows().await, rows);
+    assert_eq!(s.records().await, records, "unrecorded: the key stays free");
+}
+
+/// A route whose transaction ended under it (a `ROLLBACK`, or a deadlock on MySQL, which
+/// rolls back the whole transaction) writes outside it from then on. The layer's fenced
+/// record then finds no reservation: the client is never told the request succeeded, and
+/// nothing is recorded, so a retry runs the route again.
+async fn a_route_that_ends_the_transaction_is_never_told_success<DB: Ledger>(s: &Server<DB>) {
+    if DB::NAME == "SQLite" {
+        // SQLite never ends a transaction under its statements (a busy error leaves it open),
+        // and a `ROLLBACK` behind sqlx's back upsets its connection's bookkeeping.
+        return;
+    }
+    let completed = s.completed().await;
+    let resp = s
+        .post("/payments?end_tx=true", Some("ended"), "a", "tea")
+        .await;
+    let json = problem(resp, 503).await;
+    assert_eq!(json["type"], "urn:idem:problem:store-unavailable");
+    assert_eq!(s.completed().await, completed, "no record for it");
 }
 
 async fn requests_without_a_key_and_routes_without_the_transaction<DB: Ledger>(s: &Server<DB>) {

@@ -13,6 +13,14 @@
 //! limit, a broken body, or a failed record: the transaction rolls back with everything the
 //! route wrote, and the key stays free. A failed commit is [`Error::NotCommitted`] (503): the
 //! route's response is never sent for writes that were not kept.
+//!
+//! A route should return its database errors, not go on past them. One that does: on
+//! PostgreSQL the failed statement aborted the transaction, so nothing the route wrote is kept;
+//! a success answer becomes a 500 (`transaction-aborted`) and an error answer goes out
+//! unrecorded. On MySQL/MariaDB a deadlock rolls back the whole transaction, and later
+//! statements run outside any transaction (as with any sqlx transaction): the record's fenced
+//! write then finds no reservation, so the client gets a 503 and nothing is recorded, but
+//! what the route wrote after the deadlock stays.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -199,6 +207,17 @@ where
     }
 }
 
+/// Whether recording failed because the route's transaction was already aborted: on
+/// PostgreSQL a failed statement aborts the transaction, and every later one is refused with
+/// SQLSTATE 25P02 until it rolls back. (MySQL and SQLite undo the failed statement alone.)
+fn aborted(e: &Error) -> bool {
+    let Error::StoreUnavailable { source, .. } = e else {
+        return false;
+    };
+    matches!(source.downcast_ref::<sqlx::Error>(),
+        Some(sqlx::Error::Database(db)) if db.code().as_deref() == Some("25P02"))
+}
+
 /// The route a transactional request runs: the inner service, boxed so that the database's
 /// type can be chosen when the layer is built.
 pub(super) type Route =
@@ -364,7 +383,28 @@ async fn run<DB: TxDatabase>(job: Job) -> Response<Body> {
             tx::finish::<StoredResponse, Error, ValuesOnly, DB>(token, &mut *tx, Ok(stored));
         if let Err(e) = recorded.await {
             // Dropping the transaction rolls the route's writes back with it.
-            return error_response(&e);
+            drop(tx);
+            if !aborted(&e) {
+                return error_response(&e);
+            }
+            // The route went on after one of its statements failed, and PostgreSQL refuses
+            // everything after that until the transaction rolls back: nothing it wrote is
+            // kept. An error answer still tells the truth and goes out, unrecorded (a retry
+            // runs the route again); a success would not, and a retry would meet the same
+            // failure, so it is a 500 that says why rather than a 503.
+            if head.status.is_success() || head.status.is_redirection() {
+                let detail = format!(
+                    "the route answered {} after one of its statements failed, which aborted its transaction; nothing it wrote is kept",
+                    head.status
+                );
+                return rolled_back(None, "transaction-aborted", &detail);
+            }
+            tracing::warn!(
+                function,
+                status = %head.status,
+                "idem: the route's transaction was aborted by a failed statement; its error answer goes out unrecorded"
+            );
+            return Response::from_parts(head, Body::from(body));
         }
     }
     match tx.commit().await {
