@@ -87,7 +87,14 @@ async fn outage(store: Arc<dyn Store>, proxy: Proxies) {
             async move { charge(&idem, &bodies, key).await },
         ));
     }
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    // Cut once all of them hold their reservations and run their bodies (a fixed pause can
+    // come too early on a loaded machine), while the bodies still sleep.
+    for _ in 0..500 {
+        if bodies.load(SeqCst) == 15 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
     proxy.cut().await;
     let before_outage = bodies.load(SeqCst);
 

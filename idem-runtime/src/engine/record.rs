@@ -1,8 +1,10 @@
-//! Recording the result: encode it, check its size, and store it with a fenced finalize in a
-//! task of its own (so it is stored even if the caller goes away), retried through a store
-//! outage. Only a recorded value is returned as `Ok`.
+//! Recording the result: encode it, check its size, and store it with a fenced finalize that
+//! finishes in a task of its own if the caller goes away, retried through a store outage. Only a recorded value is returned as `Ok`.
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll, ready};
 use std::time::{Duration, Instant};
 
 use super::acquire::OwnedRecord;
@@ -70,7 +72,7 @@ impl ResolvedCall {
         };
         // The effect happened and its result is in hand: from here on, dropping this call
         // must lead to the result being stored, never to the key being released. The store
-        // writes run in their own task, which finishes even if this future is dropped.
+        // writes finish in a task of their own if this future is dropped.
         guard.disarm();
         let (codec, bytes): (_, Arc<[u8]>) = (result.codec, result.bytes.as_slice().into());
         // Only a recorded value is ever returned as `Ok`: the record is what every other
@@ -150,8 +152,8 @@ impl ResolvedCall {
         }
     }
 
-    /// Stores the result in a task of its own, so it completes even if the caller is
-    /// dropped. Waits for it as long as one store statement may take; past that the caller
+    /// Stores the result, in a task of its own from the moment the caller is dropped, so it
+    /// completes even then. Waits for it as long as one store statement may take; past that the caller
     /// goes on and the task keeps trying. `lost`: a heartbeat already found (and counted)
     /// the reservation lost.
     async fn store_result(&self, fence: Fence, result: StoredResult, lost: bool) -> Stored {
@@ -171,13 +173,47 @@ impl ResolvedCall {
         let Ok(rt) = tokio::runtime::Handle::try_current() else {
             return job.run().await;
         };
-        let mut task = rt.spawn(job.run());
+        // Run here, without a hop to another task; if this caller is dropped or stops
+        // waiting, the rest runs on in a task of its own.
         let patience = self.engine.settings.store_timeout;
-        match tokio::time::timeout(patience, &mut task).await {
-            Ok(Ok(stored)) => stored,
-            // The task panicked or its runtime is shutting down.
-            Ok(Err(_)) => Stored::Pending,
-            Err(_elapsed) => Stored::Pending,
+        tokio::time::timeout(patience, Detach::new(rt, job.run()))
+            .await
+            .unwrap_or(Stored::Pending)
+    }
+}
+
+/// A future run by whoever polls it, and, if dropped before it is done, finished in a task of
+/// its own: the caller pays no task hop, and the work still outlives the caller.
+struct Detach<F: Future<Output = Stored> + Send + 'static> {
+    rt: tokio::runtime::Handle,
+    work: Option<Pin<Box<F>>>,
+}
+
+impl<F: Future<Output = Stored> + Send + 'static> Detach<F> {
+    fn new(rt: tokio::runtime::Handle, work: F) -> Self {
+        Detach {
+            rt,
+            work: Some(Box::pin(work)),
+        }
+    }
+}
+
+impl<F: Future<Output = Stored> + Send + 'static> Future for Detach<F> {
+    type Output = Stored;
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Stored> {
+        let Some(work) = self.work.as_mut() else {
+            return Poll::Ready(Stored::Pending);
+        };
+        let out = ready!(work.as_mut().poll(cx));
+        self.work = None;
+        Poll::Ready(out)
+    }
+}
+
+impl<F: Future<Output = Stored> + Send + 'static> Drop for Detach<F> {
+    fn drop(&mut self) {
+        if let Some(work) = self.work.take() {
+            drop(self.rt.spawn(work));
         }
     }
 }
