@@ -25,6 +25,8 @@ use idem_runtime::store::Store;
 
 const ROUND: Duration = Duration::from_secs(2);
 const ROUNDS: usize = 3;
+/// The transactional comparison's rounds: its ratios are the close ones.
+const TX_ROUNDS: usize = 5;
 const CLIENTS: usize = 16;
 
 async fn create_order(body: String) -> (axum::http::StatusCode, String) {
@@ -141,6 +143,7 @@ async fn serve_transactional(pg: idem_runtime::store::PgStore) -> String {
 }
 
 async fn compare_transactional(pg: idem_runtime::store::PgStore) {
+    let pool = pg.pool().clone();
     let base = serve_transactional(pg).await;
     let client = reqwest::Client::new();
     let ways = [
@@ -149,9 +152,21 @@ async fn compare_transactional(pg: idem_runtime::store::PgStore) {
         ("leased", Keys::Fresh),
         ("transactional", Keys::Fresh),
     ];
+    // For profiling one way alone: IDEM_BENCH_HTTP_WAY=transactional.
+    if let Ok(way) = std::env::var("IDEM_BENCH_HTTP_WAY") {
+        let keys = ways.iter().find(|w| w.0 == way).expect("a way").1;
+        for _ in 0..ROUNDS * 4 {
+            let rate = rate_of(&client, &format!("{base}/{way}"), keys).await;
+            println!("{way}: {rate:.0} req/s");
+        }
+        return;
+    }
     let mut rates = vec![Vec::new(); ways.len()];
-    for _ in 0..ROUNDS {
+    for _ in 0..TX_ROUNDS {
         for ((path, keys), rates) in ways.iter().zip(&mut rates) {
+            // Each round starts from a clean checkpoint, so none pays for another's writes
+            // (ignored where the role may not checkpoint).
+            let _ = sqlx::raw_sql("CHECKPOINT").execute(&pool).await;
             rates.push(rate_of(&client, &format!("{base}/{path}"), *keys).await);
         }
     }
@@ -251,7 +266,10 @@ fn main() {
         let dir = tempfile::tempdir().expect("dir");
         let sqlite = idem_runtime::store::SqliteStore::open(dir.path().join("http.db")).await.expect("sqlite");
         let db = Db::Sqlite(sqlite.pool().clone());
-        compare("SQLite", Arc::new(sqlite), db).await;
+        let one_way = std::env::var("IDEM_BENCH_HTTP_WAY").is_ok();
+        if !one_way {
+            compare("SQLite", Arc::new(sqlite), db).await;
+        }
         let url = std::env::var("IDEM_TEST_POSTGRES_URL")
             .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into());
         let table = format!("bench_http_{:08x}", fastrand::u32(..));
@@ -259,7 +277,9 @@ fn main() {
         match idem_runtime::store::PgStore::connect_with(&url, options).await {
             Ok(pg) => {
                 let pool = pg.pool().clone();
-                compare("PostgreSQL", Arc::new(pg.clone()), Db::Postgres(pool.clone())).await;
+                if !one_way {
+                    compare("PostgreSQL", Arc::new(pg.clone()), Db::Postgres(pool.clone())).await;
+                }
                 compare_transactional(pg).await;
                 for t in [table.as_str(), "bench_http_orders", "bench_http_keys"] {
                     let sql = sqlx::AssertSqlSafe(format!("DROP TABLE IF EXISTS {t}"));

@@ -139,6 +139,9 @@ struct Opts {
     /// End the transaction (`ROLLBACK`) before the insert, as a deadlock does on MySQL.
     #[serde(default)]
     end_tx: bool,
+    /// Panic after the insert.
+    #[serde(default)]
+    panic: bool,
 }
 
 /// A payment: one ledger row in the layer's transaction, then the answer.
@@ -159,6 +162,7 @@ async fn pay<DB: Ledger>(
         let failed = DB::run(&mut *tx, "SELECT no_such_column FROM no_such_table").await;
         assert!(failed.is_err());
     }
+    assert!(!opts.panic, "the route panics after its insert");
     tokio::time::sleep(Duration::from_millis(opts.sleep_ms)).await;
     if app.fail_next.swap(false, SeqCst) {
         return (StatusCode::SERVICE_UNAVAILABLE, "failed after its insert").into_response();
@@ -307,6 +311,8 @@ async fn scenarios<DB: Ledger>(s: Server<DB>) {
     a_failed_commit_is_503_and_never_the_routes_response(&s).await;
     a_route_that_goes_on_after_a_failed_statement(&s).await;
     a_route_that_ends_the_transaction_is_never_told_success(&s).await;
+    a_panicking_route_is_a_500_and_commits_nothing(&s).await;
+    a_client_that_hangs_up_does_not_stop_the_commit(&s).await;
     requests_without_a_key_and_routes_without_the_transaction(&s).await;
     s.drop_ledger().await;
 }
@@ -530,6 +536,34 @@ async fn a_route_that_ends_the_transaction_is_never_told_success<DB: Ledger>(s: 
     let json = problem(resp, 503).await;
     assert_eq!(json["type"], "urn:idem:problem:store-unavailable");
     assert_eq!(s.completed().await, completed, "no record for it");
+}
+
+async fn a_panicking_route_is_a_500_and_commits_nothing<DB: Ledger>(s: &Server<DB>) {
+    let (rows, records) = (s.rows().await, s.records().await);
+    let resp = s
+        .post("/payments?panic=true", Some("panics"), "a", "tea")
+        .await;
+    assert_eq!(resp.status(), 500);
+    assert_eq!(s.rows().await, rows, "its insert rolled back");
+    assert_eq!(s.records().await, records, "and the key is free");
+}
+
+async fn a_client_that_hangs_up_does_not_stop_the_commit<DB: Ledger>(s: &Server<DB>) {
+    let rows = s.rows().await;
+    let gone = tokio::time::timeout(
+        Duration::from_millis(100),
+        s.post("/payments?sleep_ms=400", Some("hung-up"), "a", "tea"),
+    )
+    .await;
+    assert!(gone.is_err(), "the client hung up while the route ran");
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert_eq!(s.rows().await, rows + 1, "the route finished and committed");
+    let again = s
+        .post("/payments?sleep_ms=400", Some("hung-up"), "a", "tea")
+        .await;
+    assert_eq!(again.status(), 201);
+    assert_eq!(again.headers()["idempotent-replayed"], "true");
+    assert_eq!(s.rows().await, rows + 1);
 }
 
 async fn requests_without_a_key_and_routes_without_the_transaction<DB: Ledger>(s: &Server<DB>) {

@@ -30,6 +30,7 @@ mod acquire;
 mod batch;
 mod call;
 mod decide;
+pub(crate) mod detach;
 mod flight;
 mod lease;
 mod record;

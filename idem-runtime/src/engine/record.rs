@@ -1,14 +1,12 @@
 //! Recording the result: encode it, check its size, and store it with a fenced finalize that
 //! finishes in a task of its own if the caller goes away, retried through a store outage. Only a recorded value is returned as `Ok`.
 
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll, ready};
 use std::time::{Duration, Instant};
 
 use super::acquire::OwnedRecord;
 use super::call::ResolvedCall;
+use super::detach::Detach;
 use super::flight::{Answer, LeaderSlot};
 use super::replay::fail;
 use super::store_call;
@@ -179,42 +177,6 @@ impl ResolvedCall {
         tokio::time::timeout(patience, Detach::new(rt, job.run()))
             .await
             .unwrap_or(Stored::Pending)
-    }
-}
-
-/// A future run by whoever polls it, and, if dropped before it is done, finished in a task of
-/// its own: the caller pays no task hop, and the work still outlives the caller.
-struct Detach<F: Future<Output = Stored> + Send + 'static> {
-    rt: tokio::runtime::Handle,
-    work: Option<Pin<Box<F>>>,
-}
-
-impl<F: Future<Output = Stored> + Send + 'static> Detach<F> {
-    fn new(rt: tokio::runtime::Handle, work: F) -> Self {
-        Detach {
-            rt,
-            work: Some(Box::pin(work)),
-        }
-    }
-}
-
-impl<F: Future<Output = Stored> + Send + 'static> Future for Detach<F> {
-    type Output = Stored;
-    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Stored> {
-        let Some(work) = self.work.as_mut() else {
-            return Poll::Ready(Stored::Pending);
-        };
-        let out = ready!(work.as_mut().poll(cx));
-        self.work = None;
-        Poll::Ready(out)
-    }
-}
-
-impl<F: Future<Output = Stored> + Send + 'static> Drop for Detach<F> {
-    fn drop(&mut self) {
-        if let Some(work) = self.work.take() {
-            drop(self.rt.spawn(work));
-        }
     }
 }
 

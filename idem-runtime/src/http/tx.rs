@@ -26,6 +26,7 @@ use std::convert::Infallible;
 use std::future::Future;
 use std::marker::PhantomData;
 use std::ops::{Deref, DerefMut};
+use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 
@@ -34,6 +35,7 @@ use axum::extract::FromRequestParts;
 use axum::http::request::Parts;
 use axum::http::{Request, Response, StatusCode};
 use axum::response::IntoResponse;
+use futures_util::FutureExt;
 use http_body_util::BodyExt;
 use sqlx::{Database, Transaction};
 use tower::{Service, ServiceExt};
@@ -44,6 +46,7 @@ use super::service::{call_for, into_response, read_body};
 use super::stored::StoredResponse;
 use crate::Error;
 use crate::codec::ValuesOnly;
+use crate::engine::detach::Detach;
 use crate::engine::tx::{self, TxBegin, TxDatabase};
 use crate::engine::{Call, Spec};
 use crate::error::StoreError;
@@ -165,8 +168,8 @@ impl<DB: Database, S: Send + Sync> FromRequestParts<S> for IdemTx<DB> {
     }
 }
 
-/// A request in the layer's transactional mode, run in a task of its own: a client that
-/// hangs up does not cancel a route whose transaction is about to commit.
+/// A request in the layer's transactional mode, finished in a task of its own if the client
+/// hangs up: that does not cancel a route whose transaction is about to commit.
 pub(super) async fn handle<S>(
     mode: Arc<dyn Mode>,
     config: Arc<Config>,
@@ -200,7 +203,9 @@ where
         body,
         call,
     };
-    match tokio::spawn(mode.run(job)).await {
+    // Run here; if the client hangs up, the rest goes on in a task of its own.
+    let run = Detach::new(tokio::runtime::Handle::current(), mode.run(job));
+    match AssertUnwindSafe(run).catch_unwind().await {
         Ok(response) => response,
         // The route panicked; its transaction rolled back as it unwound.
         Err(_) => StatusCode::INTERNAL_SERVER_ERROR.into_response(),
