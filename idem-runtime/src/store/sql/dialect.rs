@@ -204,6 +204,8 @@ pub struct ManyStatements {
     pub(crate) finalize: SqlStr,
     pub(crate) heartbeat: SqlStr,
     pub(crate) release: SqlStr,
+    /// Refreshes the table's statistics, and with them every cached plan on it.
+    pub(crate) analyze: SqlStr,
 }
 
 /// The values a statement's parameters are taken from. A parameter whose value a call does

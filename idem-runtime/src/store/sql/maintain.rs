@@ -1,8 +1,13 @@
 //! Keeping the table: its migrations, run by one replica at a time under the dialect's lock,
 //! and the purge of expired rows.
 
+use std::sync::atomic::Ordering;
+
 use super::dialect::{Driver, Values};
 use super::{Connection, Dialect, SqlStore, statement};
+
+/// How many rows reserved in batches trigger an `ANALYZE` of a table as it first fills.
+const ANALYZE_AT: [u64; 3] = [4_096, 32_768, 262_144];
 
 impl<D: Dialect> SqlStore<D> {
     /// Brings the table to the newest migration, one replica at a time.
@@ -56,6 +61,38 @@ impl<D: Dialect> SqlStore<D> {
             D::Db::execute(conn, &sql.record_version, record).await?;
         }
         Ok(())
+    }
+
+    /// Refreshes the table's statistics in the background when the rows this store has
+    /// reserved in batches pass one of `ANALYZE_AT` (PostgreSQL). Each batched statement is
+    /// planned once per connection and its plan kept until the table's statistics change; a
+    /// plan made while the table was nearly empty scans the whole table, on every batch, as the
+    /// table grows, until autovacuum gets round to it (a minute or more). `ANALYZE` makes every
+    /// session plan again, from a table large enough for key lookups to win.
+    pub(super) fn analyze_as_it_fills(&self, acquired: usize) {
+        let Some(many) = &self.sql.many else {
+            return;
+        };
+        let acquired = acquired as u64;
+        let before = self.batched.fetch_add(acquired, Ordering::Relaxed);
+        let after = before.saturating_add(acquired);
+        if !ANALYZE_AT.iter().any(|&at| before < at && at <= after) {
+            return;
+        }
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let (pool, analyze, table) = (self.pool.clone(), many.analyze.clone(), self.table.clone());
+        rt.spawn(async move {
+            let analyzed = async {
+                let mut conn = pool.acquire().await?;
+                D::Db::execute_script(&mut conn, analyze).await
+            };
+            match analyzed.await {
+                Ok(()) => tracing::debug!(table, rows = after, "idem: analyzed the records table as it fills"),
+                Err(e) => tracing::debug!(table, error = %e, "idem: could not analyze the records table; autovacuum will"),
+            }
+        });
     }
 
     /// Deletes up to `limit` expired rows, if this replica gets the purge lock.

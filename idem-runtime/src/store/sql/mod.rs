@@ -25,6 +25,7 @@ mod record;
 pub(crate) mod sqlite;
 
 use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
 use std::time::Duration;
 
 use sqlx::{AssertSqlSafe, SqlStr};
@@ -61,6 +62,8 @@ pub struct SqlStore<D: Dialect> {
     table: String,
     lock_name: String,
     sql: Arc<Statements>,
+    /// Rows this store has reserved in batches (see `analyze_as_it_fills`).
+    batched: Arc<AtomicU64>,
 }
 
 impl<D: Dialect> Clone for SqlStore<D> {
@@ -70,6 +73,7 @@ impl<D: Dialect> Clone for SqlStore<D> {
             table: self.table.clone(),
             lock_name: self.lock_name.clone(),
             sql: self.sql.clone(),
+            batched: self.batched.clone(),
         }
     }
 }
@@ -95,6 +99,7 @@ impl<D: Dialect> SqlStore<D> {
             table: table.to_string(),
             lock_name: D::lock_name(table),
             sql: Arc::new(D::statements(table)),
+            batched: Arc::default(),
         };
         store.migrate().await.map_err(unavailable)?;
         Ok(store)
@@ -315,20 +320,28 @@ impl<D: Dialect> Store for SqlStore<D> {
 
     async fn reserve_many(&self, claims: &[Claim<'_>]) -> Vec<Result<Reservation, StoreError>> {
         let as_one: AsOne<D, _, _> = |conn, sql, claims| D::reserve_as_one(conn, sql, claims);
-        self.batch(claims, as_one, |store, conn, claim| {
-            // Inside the batch's transaction a conflicting row is read the way a transaction
-            // must read it (a locking read on MySQL).
-            Box::pin(async move {
-                match &store.sql.insert_or_load {
-                    Some(_) => store.reserve_on(conn, claim).await,
-                    None => {
-                        let load = &store.sql.load_in_transaction;
-                        store.insert_then_load(conn, claim, load).await
+        let out = self
+            .batch(claims, as_one, |store, conn, claim| {
+                // Inside the batch's transaction a conflicting row is read the way a transaction
+                // must read it (a locking read on MySQL).
+                Box::pin(async move {
+                    match &store.sql.insert_or_load {
+                        Some(_) => store.reserve_on(conn, claim).await,
+                        None => {
+                            let load = &store.sql.load_in_transaction;
+                            store.insert_then_load(conn, claim, load).await
+                        }
                     }
-                }
+                })
             })
-        })
-        .await
+            .await;
+        if claims.len() > 1 {
+            let acquired = out
+                .iter()
+                .filter(|r| matches!(r, Ok(Reservation::Acquired)));
+            self.analyze_as_it_fills(acquired.count());
+        }
+        out
     }
 
     async fn finalize_many(&self, items: &[Finalize<'_>]) -> Vec<Result<bool, StoreError>> {

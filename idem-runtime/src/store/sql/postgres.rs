@@ -286,6 +286,7 @@ fn many(t: &str) -> ManyStatements {
             ),
             t,
         ),
+        analyze: statement("ANALYZE {t}", t),
         release: statement(
             "DELETE FROM {t} r
              USING unnest($1::BYTEA[], $2::BYTEA[], $3::BIGINT[]) WITH ORDINALITY AS i(namespace, key, fence, n)
@@ -306,12 +307,7 @@ async fn reserve_many(
     sql: SqlStr,
     claims: &[Claim<'_>],
 ) -> Result<Vec<Reservation>, StoreError> {
-    // Planned afresh for each batch (an unnamed statement, not a cached generic plan): a plan
-    // cached while the table was small scans the whole table, and keeps doing so as it grows
-    // until the next ANALYZE. With the batch's own arrays in hand the planner looks rows up
-    // by key. (Single-row statements look up the primary key under any plan.)
     let rows = sqlx::query(sql)
-        .persistent(false)
         .bind(bytes(claims.iter().map(|c| c.id.namespace())))
         .bind(bytes(claims.iter().map(|c| c.id.key())))
         .bind(
@@ -383,8 +379,7 @@ async fn write_many(
             .bind(items.iter().map(|r| r.fence.get()).collect::<Vec<_>>()),
     };
     let mut changed = vec![false; writes.len()];
-    // Planned afresh for each batch, as in `reserve_many`.
-    for row in query.persistent(false).fetch_all(conn).await? {
+    for row in query.fetch_all(conn).await? {
         let n: i64 = row.try_get("n")?;
         if let Some(slot) = usize::try_from(n - 1).ok().and_then(|i| changed.get_mut(i)) {
             *slot = true;
