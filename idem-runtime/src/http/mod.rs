@@ -113,6 +113,9 @@ struct Config {
     transactional: Option<Arc<dyn tx::Mode>>,
     /// A setting that was refused; every request then gets a 500 naming it.
     error: Option<String>,
+    /// The record spec, looked up once for a built service (a layer still being configured
+    /// has none: its settings may change).
+    spec: Option<&'static Spec>,
 }
 
 impl fmt::Debug for IdempotencyLayer {
@@ -125,6 +128,11 @@ impl fmt::Debug for IdempotencyLayer {
 }
 
 impl Config {
+    /// The record spec for this layer's settings.
+    fn spec(&self) -> &'static Spec {
+        self.spec.unwrap_or_else(|| self.settings.spec())
+    }
+
     /// The response headers a replay carries, in their order.
     fn replayed_headers(&self, headers: &HeaderMap) -> Vec<(HeaderName, HeaderValue)> {
         self.replay_headers
@@ -169,6 +177,7 @@ impl IdempotencyLayer {
                 #[cfg(feature = "_sql")]
                 transactional: None,
                 error: None,
+                spec: None,
             }),
         }
     }
@@ -364,6 +373,11 @@ impl<S> Layer<S> for IdempotencyLayer {
     type Service = IdempotencyService<S>;
 
     fn layer(&self, inner: S) -> IdempotencyService<S> {
-        IdempotencyService::new(inner, self.config.clone())
+        // The spec is found once here rather than in a shared table on every request.
+        let config = Config {
+            spec: Some(self.config.settings.spec()),
+            ..(*self.config).clone()
+        };
+        IdempotencyService::new(inner, Arc::new(config))
     }
 }

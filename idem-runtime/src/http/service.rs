@@ -123,7 +123,7 @@ where
     // that has already done its work, or the retry would do it again.
     let (head_tx, head_rx) = oneshot::channel();
     let tail: Arc<Mutex<Option<Held>>> = Arc::default();
-    let spec = config.settings.spec();
+    let spec = config.spec();
     let engine = config.idem.engine().clone();
     let route_run = run_route(config, inner, parts, bytes, head_tx, tail.clone());
     let task = tokio::spawn(async move {

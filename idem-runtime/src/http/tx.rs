@@ -281,7 +281,7 @@ async fn run<DB: TxDatabase>(job: Job) -> Response<Body> {
         body,
         call,
     } = job;
-    let spec: &'static Spec = config.settings.spec();
+    let spec: &'static Spec = config.spec();
     let site = spec.site::<()>();
     let function = site.path;
     let engine = config.idem.engine().clone();
