@@ -89,10 +89,12 @@ async fn outage(store: Arc<dyn Store>, proxy: Proxies) {
     }
     // Cut once all of them hold their reservations and run their bodies (a fixed pause can
     // come too early on a loaded machine), while the bodies still sleep.
-    for _ in 0..500 {
-        if bodies.load(SeqCst) == 15 {
-            break;
-        }
+    let give_up = std::time::Instant::now() + Duration::from_secs(10);
+    while bodies.load(SeqCst) < 15 {
+        assert!(
+            std::time::Instant::now() < give_up,
+            "the in-flight calls did not all start their bodies"
+        );
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
     proxy.cut().await;

@@ -1,6 +1,7 @@
 //! Work that outlives its caller without costing a task hop when it does not need to.
 
 use std::future::Future;
+use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
@@ -8,7 +9,8 @@ use tokio::runtime::Handle;
 
 /// A future run by whoever polls it and, if dropped before it is done, finished in a task of
 /// its own on `rt`. The caller pays no hop to another task; the work still completes when the
-/// caller goes away (a client that hangs up, a timeout that stops waiting).
+/// caller goes away (a client that hangs up, a timeout that stops waiting). A panic in the
+/// work is caught, as a task would catch it, and answered as [`Panicked`].
 pub(crate) struct Detach<F: Future + Send + 'static>
 where
     F::Output: Send + 'static,
@@ -30,21 +32,27 @@ where
     }
 }
 
+/// The detached work panicked (the panic was reported by the panic hook as usual).
+#[derive(Debug)]
+pub(crate) struct Panicked;
+
 impl<F: Future + Send + 'static> Future for Detach<F>
 where
     F::Output: Send + 'static,
 {
-    type Output = F::Output;
+    type Output = Result<F::Output, Panicked>;
 
-    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
-        // Out of its slot while it runs: if it panics, it is not handed to a task on drop.
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        // Out of its slot while it runs: if it panics, it is dropped here, not handed to a
+        // task on drop.
         let mut work = self.work.take().expect("Detach polled after it finished");
-        match work.as_mut().poll(cx) {
-            Poll::Ready(out) => Poll::Ready(out),
-            Poll::Pending => {
+        match catch_unwind(AssertUnwindSafe(|| work.as_mut().poll(cx))) {
+            Ok(Poll::Ready(out)) => Poll::Ready(Ok(out)),
+            Ok(Poll::Pending) => {
                 self.work = Some(work);
                 Poll::Pending
             }
+            Err(_) => Poll::Ready(Err(Panicked)),
         }
     }
 }
@@ -70,7 +78,12 @@ mod tests {
 
     #[tokio::test]
     async fn runs_in_place_and_finishes_in_a_task_when_dropped() {
-        assert_eq!(Detach::new(Handle::current(), async { 7 }).await, 7);
+        assert_eq!(
+            Detach::new(Handle::current(), async { 7 }).await.ok(),
+            Some(7)
+        );
+        let panics = Detach::new(Handle::current(), async { panic!("the work panics") });
+        assert!(panics.await.is_err(), "a panic is an answer, not an unwind");
 
         let done = Arc::new(AtomicBool::new(false));
         let flag = done.clone();

@@ -1,5 +1,5 @@
-//! Recording the result: encode it, check its size, and store it with a fenced finalize that
-//! finishes in a task of its own if the caller goes away, retried through a store outage. Only a recorded value is returned as `Ok`.
+//! Recording the result: encode it, check its size, and store it with a fenced finalize
+//! (finished in a task of its own if the caller goes away), retried through a store outage. Only a recorded value is returned as `Ok`.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -174,9 +174,12 @@ impl ResolvedCall {
         // Run here, without a hop to another task; if this caller is dropped or stops
         // waiting, the rest runs on in a task of its own.
         let patience = self.engine.settings.store_timeout;
-        tokio::time::timeout(patience, Detach::new(rt, job.run()))
-            .await
-            .unwrap_or(Stored::Pending)
+        match tokio::time::timeout(patience, Detach::new(rt, job.run())).await {
+            Ok(Ok(stored)) => stored,
+            // A store that panicked: nothing is known of the result, as when it is late.
+            Ok(Err(_panicked)) => Stored::Pending,
+            Err(_elapsed) => Stored::Pending,
+        }
     }
 }
 

@@ -85,6 +85,14 @@ pub struct TxToken<C> {
     codec: PhantomData<C>,
 }
 
+impl<C> TxToken<C> {
+    /// Whether `finish` writes a record (not for a call running unprotected).
+    #[cfg(feature = "axum")]
+    pub(crate) fn records(&self) -> bool {
+        self.call.is_some()
+    }
+}
+
 impl ResolvedCall {
     fn tx_store<DB: TxDatabase>(&self) -> Result<&DB::Store, Error> {
         let store = &self.engine.store;

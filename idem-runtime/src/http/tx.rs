@@ -17,7 +17,8 @@
 //! A route should return its database errors, not go on past them. One that does: on
 //! PostgreSQL the failed statement aborted the transaction, so nothing the route wrote is kept;
 //! a success answer becomes a 500 (`transaction-aborted`) and an error answer goes out
-//! unrecorded. On MySQL/MariaDB a deadlock rolls back the whole transaction, and later
+//! unrecorded. On MySQL/MariaDB a deadlock rolls back the whole transaction (as SQLite does
+//! after a full disk or an I/O error), and later
 //! statements run outside any transaction (as with any sqlx transaction): the record's fenced
 //! write then finds no reservation, so the client gets a 503 and nothing is recorded, but
 //! what the route wrote after the deadlock stays.
@@ -26,7 +27,6 @@ use std::convert::Infallible;
 use std::future::Future;
 use std::marker::PhantomData;
 use std::ops::{Deref, DerefMut};
-use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 
@@ -35,10 +35,10 @@ use axum::extract::FromRequestParts;
 use axum::http::request::Parts;
 use axum::http::{Request, Response, StatusCode};
 use axum::response::IntoResponse;
-use futures_util::FutureExt;
 use http_body_util::BodyExt;
 use sqlx::{Database, Transaction};
 use tower::{Service, ServiceExt};
+use tracing::Instrument;
 
 use super::Config;
 use super::problem::{error_response, problem};
@@ -203,9 +203,10 @@ where
         body,
         call,
     };
-    // Run here; if the client hangs up, the rest goes on in a task of its own.
-    let run = Detach::new(tokio::runtime::Handle::current(), mode.run(job));
-    match AssertUnwindSafe(run).catch_unwind().await {
+    // Run here; if the client hangs up, the rest goes on in a task of its own (in the
+    // request's span; task-local values of outer layers do not follow it there).
+    let run = mode.run(job).in_current_span();
+    match Detach::new(tokio::runtime::Handle::current(), run).await {
         Ok(response) => response,
         // The route panicked; its transaction rolled back as it unwound.
         Err(_) => StatusCode::INTERNAL_SERVER_ERROR.into_response(),
@@ -214,7 +215,7 @@ where
 
 /// Whether recording failed because the route's transaction was already aborted: on
 /// PostgreSQL a failed statement aborts the transaction, and every later one is refused with
-/// SQLSTATE 25P02 until it rolls back. (MySQL and SQLite undo the failed statement alone.)
+/// SQLSTATE 25P02 until it rolls back.
 fn aborted(e: &Error) -> bool {
     let Error::StoreUnavailable { source, .. } = e else {
         return false;
@@ -378,39 +379,54 @@ async fn run<DB: TxDatabase>(job: Job) -> Response<Body> {
             return rolled_back(token, "response-failed", &detail);
         }
     };
-    if let Some(token) = token {
-        let stored = StoredResponse {
-            status: head.status,
-            headers: config.replayed_headers(&head.headers),
-            body: body.clone(),
-        };
-        let recorded =
-            tx::finish::<StoredResponse, Error, ValuesOnly, DB>(token, &mut *tx, Ok(stored));
-        if let Err(e) = recorded.await {
-            // Dropping the transaction rolls the route's writes back with it.
-            drop(tx);
-            if !aborted(&e) {
-                return error_response(&e);
-            }
-            // The route went on after one of its statements failed, and PostgreSQL refuses
-            // everything after that until the transaction rolls back: nothing it wrote is
-            // kept. An error answer still tells the truth and goes out, unrecorded (a retry
-            // runs the route again); a success would not, and a retry would meet the same
-            // failure, so it is a 500 that says why rather than a 503.
-            if head.status.is_success() || head.status.is_redirection() {
-                let detail = format!(
-                    "the route answered {} after one of its statements failed, which aborted its transaction; nothing it wrote is kept",
-                    head.status
-                );
-                return rolled_back(None, "transaction-aborted", &detail);
-            }
-            tracing::warn!(
-                function,
-                status = %head.status,
-                "idem: the route's transaction was aborted by a failed statement; its error answer goes out unrecorded"
-            );
-            return Response::from_parts(head, Body::from(body));
+    let success = head.status.is_success() || head.status.is_redirection();
+    let recorded = token.as_ref().is_some_and(|t| t.records());
+    let written = match token {
+        Some(token) => {
+            let stored = StoredResponse {
+                status: head.status,
+                headers: config.replayed_headers(&head.headers),
+                body: body.clone(),
+            };
+            let finish =
+                tx::finish::<StoredResponse, Error, ValuesOnly, DB>(token, &mut *tx, Ok(stored));
+            finish.await.map(drop)
         }
+        None => Ok(()),
+    };
+    // Nothing recorded (no key, or a switched-off runtime): no statement has told yet whether
+    // the transaction can still commit, and PostgreSQL answers the `COMMIT` of an aborted
+    // one with a rollback that is not an error. Ask before a success goes out.
+    let written = match written {
+        Ok(()) if success && !recorded => store
+            .check_in(&mut *tx)
+            .await
+            .map_err(|source| Error::StoreUnavailable { function, source }),
+        other => other,
+    };
+    if let Err(e) = written {
+        // Dropping the transaction rolls the route's writes back with it.
+        drop(tx);
+        if !aborted(&e) {
+            return error_response(&e);
+        }
+        // The route went on after one of its statements failed, and PostgreSQL refuses
+        // everything after that until the transaction rolls back: nothing it wrote is kept.
+        // An error answer still tells the truth and goes out, unrecorded (the key stays
+        // free); a success would not, so it becomes a 500 that says why.
+        if success {
+            let detail = format!(
+                "the route answered {} after one of its statements failed, which aborted its transaction; nothing it wrote is kept",
+                head.status
+            );
+            return rolled_back(None, "transaction-aborted", &detail);
+        }
+        tracing::warn!(
+            function,
+            status = %head.status,
+            "idem: the route's transaction was aborted by a failed statement; its error answer goes out unrecorded"
+        );
+        return Response::from_parts(head, Body::from(body));
     }
     match tx.commit().await {
         Ok(()) => Response::from_parts(head, Body::from(body)),

@@ -361,6 +361,15 @@ pub trait TxStatements<DB: sqlx::Database>: Send + Sync {
         ttl: Duration,
     ) -> Result<bool, StoreError>;
 
+    /// Whether the transaction on `conn` can still commit, learnt from a statement that changes
+    /// nothing: an error if it cannot. PostgreSQL refuses every statement of a transaction that
+    /// a failed statement aborted, and answers its `COMMIT` with a rollback that is not an
+    /// error; the HTTP layer asks this before it sends a success it did not record.
+    async fn check_in(&self, conn: &mut DB::Connection) -> Result<(), StoreError> {
+        let _ = conn;
+        Ok(())
+    }
+
     /// `Store::release` on `conn`.
     async fn release_in(
         &self,

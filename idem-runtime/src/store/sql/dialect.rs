@@ -204,8 +204,12 @@ pub struct ManyStatements {
     pub(crate) finalize: SqlStr,
     pub(crate) heartbeat: SqlStr,
     pub(crate) release: SqlStr,
-    /// Refreshes the table's statistics, and with them every cached plan on it.
+    /// Refreshes the table's statistics, and with them every cached plan on it, unless
+    /// another session holds a conflicting lock.
     pub(crate) analyze: SqlStr,
+    /// Whether to: 1 if the table's statistics count fewer rows than `$1` (or none), 0 if
+    /// they are already past it, 2 if the store's role may not analyze the table.
+    pub(crate) should_analyze: Statement,
 }
 
 /// The values a statement's parameters are taken from. A parameter whose value a call does

@@ -9,6 +9,9 @@ use super::{Connection, Dialect, SqlStore, statement};
 /// How many rows reserved in batches trigger an `ANALYZE` of a table as it first fills.
 const ANALYZE_AT: [u64; 3] = [4_096, 32_768, 262_144];
 
+/// How long that `ANALYZE` may take before it is abandoned.
+const ANALYZE_PATIENCE: std::time::Duration = std::time::Duration::from_secs(30);
+
 impl<D: Dialect> SqlStore<D> {
     /// Brings the table to the newest migration, one replica at a time.
     pub(super) async fn migrate(&self) -> Result<(), sqlx::Error> {
@@ -68,7 +71,10 @@ impl<D: Dialect> SqlStore<D> {
     /// planned once per connection and its plan kept until the table's statistics change; a
     /// plan made while the table was nearly empty scans the whole table, on every batch, as the
     /// table grows, until autovacuum gets round to it (a minute or more). `ANALYZE` makes every
-    /// session plan again, from a table large enough for key lookups to win.
+    /// session plan again, from a table large enough for key lookups to win. Skipped when the
+    /// statistics already count that many rows (a long-lived table), when the store's role
+    /// does not own the table, and when another session holds a conflicting lock (a migration,
+    /// another replica's `ANALYZE`).
     pub(super) fn analyze_as_it_fills(&self, acquired: usize) {
         let Some(many) = &self.sql.many else {
             return;
@@ -76,21 +82,34 @@ impl<D: Dialect> SqlStore<D> {
         let acquired = acquired as u64;
         let before = self.batched.fetch_add(acquired, Ordering::Relaxed);
         let after = before.saturating_add(acquired);
-        if !ANALYZE_AT.iter().any(|&at| before < at && at <= after) {
+        let Some(&threshold) = ANALYZE_AT.iter().find(|&&at| before < at && at <= after) else {
             return;
-        }
+        };
         let Ok(rt) = tokio::runtime::Handle::try_current() else {
             return;
         };
-        let (pool, analyze, table) = (self.pool.clone(), many.analyze.clone(), self.table.clone());
+        let (store, many) = (self.clone(), many.clone());
         rt.spawn(async move {
+            let table = store.table.clone();
             let analyzed = async {
-                let mut conn = pool.acquire().await?;
-                D::Db::execute_script(&mut conn, analyze).await
+                let mut conn = store.pool.acquire().await?;
+                let values = Values {
+                    limit: Some(threshold as i64),
+                    ..Values::default()
+                };
+                let should = D::Db::fetch_integer(&mut conn, &many.should_analyze, values).await?;
+                if should == Some(1) {
+                    D::Db::execute_script(&mut conn, many.analyze).await?;
+                }
+                Ok::<_, sqlx::Error>(should)
             };
-            match analyzed.await {
-                Ok(()) => tracing::debug!(table, rows = after, "idem: analyzed the records table as it fills"),
-                Err(e) => tracing::debug!(table, error = %e, "idem: could not analyze the records table; autovacuum will"),
+            // Bounded: a connection of the pool is not held for long by housekeeping.
+            match tokio::time::timeout(ANALYZE_PATIENCE, analyzed).await {
+                Ok(Ok(Some(1))) => tracing::debug!(table, rows = after, "idem: analyzed the records table as it fills"),
+                Ok(Ok(Some(2))) => tracing::info!(table, "idem: the store's role does not own the records table, so it cannot analyze it as it fills; autovacuum will, later"),
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => tracing::info!(table, error = %e, "idem: could not analyze the records table as it fills; autovacuum will, later"),
+                Err(_) => tracing::info!(table, "idem: analyzing the records table took too long and was abandoned; autovacuum will do it"),
             }
         });
     }

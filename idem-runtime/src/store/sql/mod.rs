@@ -206,6 +206,13 @@ impl<D: Dialect> TxStatements<D::Db> for SqlStore<D> {
             .await
     }
 
+    async fn check_in(&self, conn: &mut Connection<D>) -> Result<(), StoreError> {
+        let check = statement("SELECT 1", &self.table);
+        D::Db::execute_script(conn, check)
+            .await
+            .map_err(|e| self.error(e))
+    }
+
     async fn take_over_in(
         &self,
         conn: &mut Connection<D>,
