@@ -544,6 +544,10 @@ async fn a_route_that_ends_the_transaction_is_never_told_success<DB: Ledger>(s: 
     let json = problem(resp, 503).await;
     assert_eq!(json["type"], "urn:idem:problem:store-unavailable");
     assert_eq!(s.completed().await, completed, "no record for it");
+    // Without a key there is no record to find missing: the layer's own mark is.
+    let resp = s.post("/optional?end_tx=true", None, "a", "tea").await;
+    let json = problem(resp, 500).await;
+    assert_eq!(json["type"], "urn:idem:problem:transaction-aborted");
 }
 
 async fn a_panicking_route_is_a_500_and_commits_nothing<DB: Ledger>(s: &Server<DB>) {

@@ -4,6 +4,8 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use tracing::Instrument;
+
 use super::acquire::OwnedRecord;
 use super::call::ResolvedCall;
 use super::detach::Detach;
@@ -174,7 +176,8 @@ impl ResolvedCall {
         // Run here, without a hop to another task; if this caller is dropped or stops
         // waiting, the rest runs on in a task of its own.
         let patience = self.engine.settings.store_timeout;
-        match tokio::time::timeout(patience, Detach::new(rt, job.run())).await {
+        let job = job.run().in_current_span();
+        match tokio::time::timeout(patience, Detach::new(rt, job)).await {
             Ok(Ok(stored)) => stored,
             // A store that panicked: nothing is known of the result, as when it is late.
             Ok(Err(_panicked)) => Stored::Pending,

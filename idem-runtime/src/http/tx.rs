@@ -17,7 +17,9 @@
 //! A route should return its database errors, not go on past them. One that does: on
 //! PostgreSQL the failed statement aborted the transaction, so nothing the route wrote is kept;
 //! a success answer becomes a 500 (`transaction-aborted`) and an error answer goes out
-//! unrecorded. On MySQL/MariaDB a deadlock rolls back the whole transaction (as SQLite does
+//! unrecorded. (A request that records nothing carries a savepoint of the layer's instead,
+//! released before a success goes out: PostgreSQL answers the `COMMIT` of an aborted
+//! transaction with a rollback that is not an error.) On MySQL/MariaDB a deadlock rolls back the whole transaction (as SQLite does
 //! after a full disk or an I/O error), and later
 //! statements run outside any transaction (as with any sqlx transaction): the record's fenced
 //! write then finds no reservation, so the client gets a 503 and nothing is recorded, but
@@ -208,7 +210,8 @@ where
     let run = mode.run(job).in_current_span();
     match Detach::new(tokio::runtime::Handle::current(), run).await {
         Ok(response) => response,
-        // The route panicked; its transaction rolled back as it unwound.
+        // The route (or the layer after it) panicked; the transaction rolled back as it
+        // unwound.
         Err(_) => StatusCode::INTERNAL_SERVER_ERROR.into_response(),
     }
 }
@@ -323,6 +326,13 @@ async fn run<DB: TxDatabase>(job: Job) -> Response<Body> {
             }
         }
     };
+    // A request that records nothing has no fenced write to find out, at the end, whether
+    // its transaction is still the live one; a mark does (a savepoint, checked before a
+    // success goes out).
+    let recorded = token.as_ref().is_some_and(|t| t.records());
+    if !recorded && let Err(source) = store.mark_in(&mut *tx).await {
+        return error_response(&Error::StoreUnavailable { function, source });
+    }
 
     let slot: Slot<DB> = Arc::new(Mutex::new(Some(tx)));
     parts.extensions.insert(Lent(slot.clone()));
@@ -380,7 +390,6 @@ async fn run<DB: TxDatabase>(job: Job) -> Response<Body> {
         }
     };
     let success = head.status.is_success() || head.status.is_redirection();
-    let recorded = token.as_ref().is_some_and(|t| t.records());
     let written = match token {
         Some(token) => {
             let stored = StoredResponse {
@@ -395,28 +404,36 @@ async fn run<DB: TxDatabase>(job: Job) -> Response<Body> {
         None => Ok(()),
     };
     // Nothing recorded (no key, or a switched-off runtime): no statement has told yet whether
-    // the transaction can still commit, and PostgreSQL answers the `COMMIT` of an aborted
-    // one with a rollback that is not an error. Ask before a success goes out.
+    // the transaction can still commit. PostgreSQL answers the `COMMIT` of an aborted one
+    // with a rollback that is not an error, and after a MySQL deadlock the route's later
+    // writes committed on their own: either way the mark is gone. Check before a success.
+    let mut ended = false;
     let written = match written {
-        Ok(()) if success && !recorded => store
-            .check_in(&mut *tx)
-            .await
-            .map_err(|source| Error::StoreUnavailable { function, source }),
+        Ok(()) if success && !recorded => match store.check_in(&mut *tx).await {
+            Ok(()) => Ok(()),
+            Err(source) => {
+                // The database refused: the transaction is not the one the route began in.
+                ended = source
+                    .downcast_ref::<sqlx::Error>()
+                    .is_some_and(|e| matches!(e, sqlx::Error::Database(_)));
+                Err(Error::StoreUnavailable { function, source })
+            }
+        },
         other => other,
     };
     if let Err(e) = written {
         // Dropping the transaction rolls the route's writes back with it.
         drop(tx);
-        if !aborted(&e) {
+        if !ended && !aborted(&e) {
             return error_response(&e);
         }
-        // The route went on after one of its statements failed, and PostgreSQL refuses
-        // everything after that until the transaction rolls back: nothing it wrote is kept.
+        // The route went on after one of its statements failed, and that aborted (PostgreSQL)
+        // or ended (a MySQL deadlock) its transaction: what it wrote before is not kept.
         // An error answer still tells the truth and goes out, unrecorded (the key stays
         // free); a success would not, so it becomes a 500 that says why.
         if success {
             let detail = format!(
-                "the route answered {} after one of its statements failed, which aborted its transaction; nothing it wrote is kept",
+                "the route answered {} after one of its statements failed, which aborted or ended its transaction; what it wrote in it is not kept",
                 head.status
             );
             return rolled_back(None, "transaction-aborted", &detail);

@@ -361,10 +361,20 @@ pub trait TxStatements<DB: sqlx::Database>: Send + Sync {
         ttl: Duration,
     ) -> Result<bool, StoreError>;
 
-    /// Whether the transaction on `conn` can still commit, learnt from a statement that changes
-    /// nothing: an error if it cannot. PostgreSQL refuses every statement of a transaction that
-    /// a failed statement aborted, and answers its `COMMIT` with a rollback that is not an
-    /// error; the HTTP layer asks this before it sends a success it did not record.
+    /// Marks the transaction on `conn` (a savepoint), so that [`check_in`](Self::check_in)
+    /// can later tell whether it is still the same, live transaction. The HTTP layer marks a
+    /// transaction whose request records nothing.
+    async fn mark_in(&self, conn: &mut DB::Connection) -> Result<(), StoreError> {
+        let _ = conn;
+        Ok(())
+    }
+
+    /// Whether the transaction marked by [`mark_in`](Self::mark_in) can still commit: an
+    /// error if it cannot. PostgreSQL refuses every statement of a transaction that a failed
+    /// statement aborted, and answers its `COMMIT` with a rollback that is not an error; a
+    /// MySQL deadlock ends the transaction, and the statements after it commit on their own.
+    /// Either way the mark is gone. The HTTP layer asks before it sends a success it did not
+    /// record.
     async fn check_in(&self, conn: &mut DB::Connection) -> Result<(), StoreError> {
         let _ = conn;
         Ok(())

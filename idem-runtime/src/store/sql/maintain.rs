@@ -9,7 +9,8 @@ use super::{Connection, Dialect, SqlStore, statement};
 /// How many rows reserved in batches trigger an `ANALYZE` of a table as it first fills.
 const ANALYZE_AT: [u64; 3] = [4_096, 32_768, 262_144];
 
-/// How long that `ANALYZE` may take before it is abandoned.
+/// How long that `ANALYZE` may take before it is abandoned (the statement carries the same
+/// limit to the server).
 const ANALYZE_PATIENCE: std::time::Duration = std::time::Duration::from_secs(30);
 
 impl<D: Dialect> SqlStore<D> {
@@ -105,8 +106,8 @@ impl<D: Dialect> SqlStore<D> {
             };
             // Bounded: a connection of the pool is not held for long by housekeeping.
             match tokio::time::timeout(ANALYZE_PATIENCE, analyzed).await {
-                Ok(Ok(Some(1))) => tracing::debug!(table, rows = after, "idem: analyzed the records table as it fills"),
-                Ok(Ok(Some(2))) => tracing::info!(table, "idem: the store's role does not own the records table, so it cannot analyze it as it fills; autovacuum will, later"),
+                Ok(Ok(Some(1))) => tracing::debug!(table, rows = after, "idem: analyzed the records table as it fills (unless another session held it)"),
+                Ok(Ok(Some(2))) => tracing::info!(table, "idem: the store's role does not own the records table, so the store leaves analyzing it to autovacuum"),
                 Ok(Ok(_)) => {}
                 Ok(Err(e)) => tracing::info!(table, error = %e, "idem: could not analyze the records table as it fills; autovacuum will, later"),
                 Err(_) => tracing::info!(table, "idem: analyzing the records table took too long and was abandoned; autovacuum will do it"),

@@ -206,8 +206,15 @@ impl<D: Dialect> TxStatements<D::Db> for SqlStore<D> {
             .await
     }
 
+    async fn mark_in(&self, conn: &mut Connection<D>) -> Result<(), StoreError> {
+        let mark = statement("SAVEPOINT idem_layer", &self.table);
+        D::Db::execute_script(conn, mark)
+            .await
+            .map_err(|e| self.error(e))
+    }
+
     async fn check_in(&self, conn: &mut Connection<D>) -> Result<(), StoreError> {
-        let check = statement("SELECT 1", &self.table);
+        let check = statement("RELEASE SAVEPOINT idem_layer", &self.table);
         D::Db::execute_script(conn, check)
             .await
             .map_err(|e| self.error(e))
