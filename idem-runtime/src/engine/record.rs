@@ -1,5 +1,6 @@
 //! Recording the result: encode it, check its size, and store it with a fenced finalize
-//! (finished in a task of its own if the caller goes away), retried through a store outage. Only a recorded value is returned as `Ok`.
+//! (finished in a task of its own if the caller goes away), retried through a store outage.
+//! Only a recorded value is returned as `Ok`.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -153,8 +154,8 @@ impl ResolvedCall {
     }
 
     /// Stores the result, in a task of its own from the moment the caller is dropped, so it
-    /// completes even then. Waits for it as long as one store statement may take; past that the caller
-    /// goes on and the task keeps trying. `lost`: a heartbeat already found (and counted)
+    /// completes even then. Waits for it as long as one store statement may take; past that
+    /// the caller goes on and the task keeps trying. `lost`: a heartbeat already found (and counted)
     /// the reservation lost.
     async fn store_result(&self, fence: Fence, result: StoredResult, lost: bool) -> Stored {
         let job = StoreResult {

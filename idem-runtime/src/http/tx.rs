@@ -17,13 +17,14 @@
 //! A route should return its database errors, not go on past them. One that does: on
 //! PostgreSQL the failed statement aborted the transaction, so nothing the route wrote is kept;
 //! a success answer becomes a 500 (`transaction-aborted`) and an error answer goes out
-//! unrecorded. (A request that records nothing carries a savepoint of the layer's instead,
-//! released before a success goes out: PostgreSQL answers the `COMMIT` of an aborted
-//! transaction with a rollback that is not an error.) On MySQL/MariaDB a deadlock rolls back the whole transaction (as SQLite does
-//! after a full disk or an I/O error), and later
-//! statements run outside any transaction (as with any sqlx transaction): the record's fenced
-//! write then finds no reservation, so the client gets a 503 and nothing is recorded, but
-//! what the route wrote after the deadlock stays.
+//! unrecorded. On MySQL/MariaDB a deadlock rolls back the whole transaction (as SQLite does
+//! after a full disk or an I/O error), and later statements run outside any transaction (as
+//! with any sqlx transaction): the record's fenced write then finds no reservation, so the
+//! client gets a 503 and nothing is recorded, but what the route wrote after the deadlock
+//! stays. A request that records nothing (no key, idem switched off) has no fenced write to
+//! find that out: it carries a savepoint of the layer's instead, released before a success
+//! goes out (PostgreSQL answers the `COMMIT` of an aborted transaction with a rollback that
+//! is not an error).
 
 use std::convert::Infallible;
 use std::future::Future;

@@ -188,6 +188,20 @@ fn store_error<D: Dialect>(e: sqlx::Error) -> StoreError {
     StoreError::new(e).conflicting(conflict)
 }
 
+impl<D: Dialect> SqlStore<D> {
+    /// A fixed statement without parameters on `conn`.
+    async fn script_in(
+        &self,
+        conn: &mut Connection<D>,
+        sql: &'static str,
+    ) -> Result<(), StoreError> {
+        let sql = sqlx::SqlSafeStr::into_sql_str(AssertSqlSafe(sql));
+        D::Db::execute_script(conn, sql)
+            .await
+            .map_err(|e| self.error(e))
+    }
+}
+
 #[async_trait::async_trait]
 impl<D: Dialect> TxStatements<D::Db> for SqlStore<D> {
     async fn begin(&self) -> Result<sqlx::Transaction<'static, D::Db>, StoreError> {
@@ -207,17 +221,11 @@ impl<D: Dialect> TxStatements<D::Db> for SqlStore<D> {
     }
 
     async fn mark_in(&self, conn: &mut Connection<D>) -> Result<(), StoreError> {
-        let mark = statement("SAVEPOINT idem_layer", &self.table);
-        D::Db::execute_script(conn, mark)
-            .await
-            .map_err(|e| self.error(e))
+        self.script_in(conn, "SAVEPOINT idem_layer").await
     }
 
     async fn check_in(&self, conn: &mut Connection<D>) -> Result<(), StoreError> {
-        let check = statement("RELEASE SAVEPOINT idem_layer", &self.table);
-        D::Db::execute_script(conn, check)
-            .await
-            .map_err(|e| self.error(e))
+        self.script_in(conn, "RELEASE SAVEPOINT idem_layer").await
     }
 
     async fn take_over_in(
