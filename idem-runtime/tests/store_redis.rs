@@ -248,6 +248,59 @@ mod settings {
         drop(servers);
     }
 
+    /// A reservation or takeover the client sent again (after a dropped connection) writes
+    /// something on the server although the record is already the caller's: a `WAIT` sent
+    /// after it on a fresh connection counts only that connection's writes (Redis 7.2 and
+    /// later), so without a write it would return at once and a reservation that never
+    /// reached a replica would count as replicated. The server's count of changes shows it.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_claim_sent_again_writes_so_that_wait_covers_it() {
+        use idem_runtime::RecordId;
+        use idem_runtime::store::{Claim, Fence, Store};
+        if !support::redis_servers::available() {
+            return;
+        }
+        let servers = tokio::task::spawn_blocking(|| {
+            let mut servers = support::redis_servers::Servers::new();
+            servers.start(17141, &[]);
+            servers
+        })
+        .await
+        .unwrap();
+        let (_, options) = support::redis_options();
+        let store = RedisStore::connect_with("redis://127.0.0.1:17141", options)
+            .await
+            .unwrap();
+        let changes = || {
+            let info = support::redis_servers::info(17141, "persistence");
+            info.lines()
+                .find_map(|l| l.strip_prefix("rdb_changes_since_last_save:"))
+                .and_then(|n| n.trim().parse::<u64>().ok())
+                .expect("rdb_changes_since_last_save")
+        };
+        let id = RecordId::new("resend-wait/v0", "k");
+        let claim = |fence, lease| Claim {
+            id: &id,
+            fence,
+            owner: "test",
+            fingerprint: None,
+            lease,
+        };
+        let (first, second) = (Fence::random(), Fence::random());
+        let short = Duration::from_millis(100);
+        store.reserve(&claim(first, short)).await.unwrap();
+        let before = changes();
+        store.reserve(&claim(first, short)).await.unwrap();
+        assert!(changes() > before, "a reservation sent again wrote nothing");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let lease = Duration::from_secs(30);
+        assert!(store.take_over(&claim(second, lease), first).await.unwrap());
+        let before = changes();
+        assert!(store.take_over(&claim(second, lease), first).await.unwrap());
+        assert!(changes() > before, "a takeover sent again wrote nothing");
+        drop(servers);
+    }
+
     #[tokio::test]
     async fn options_that_would_misbehave_are_refused() {
         let url = support::redis_url();

@@ -53,21 +53,25 @@ pub(super) struct Link {
     opener: Opener,
     /// A check of a suspect connection is under way.
     checking: AtomicBool,
+    /// How long a suspect connection has to answer a ping before it is replaced.
+    patience: Duration,
     /// The runtime the store was opened on, which drives its connections: replacements are
     /// opened there too, whichever runtime the abandoned call ran on.
     runtime: tokio::runtime::Handle,
 }
 
-/// How long a suspect connection has to answer a ping before it is replaced.
-const PING_PATIENCE: Duration = Duration::from_secs(1);
+/// How long a suspect connection has to answer a ping before it is replaced (plus the
+/// `WAIT` timeout on the connections waited writes use).
+pub(super) const PING_PATIENCE: Duration = Duration::from_secs(1);
 
 impl Link {
-    pub(super) async fn open(opener: Opener) -> RedisResult<Arc<Link>> {
+    pub(super) async fn open(opener: Opener, patience: Duration) -> RedisResult<Arc<Link>> {
         let conn = opener.open().await?;
         Ok(Arc::new(Link {
             current: RwLock::new((0, conn)),
             opener,
             checking: AtomicBool::new(false),
+            patience,
             runtime: tokio::runtime::Handle::current(),
         }))
     }
@@ -95,7 +99,7 @@ impl Link {
             if now != generation {
                 return;
             }
-            let ping = tokio::time::timeout(PING_PATIENCE, ping(conn, &key)).await;
+            let ping = tokio::time::timeout(link.patience, ping(conn, &key)).await;
             if matches!(ping, Ok(Ok(()))) {
                 return;
             }

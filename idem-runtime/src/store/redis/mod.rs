@@ -19,13 +19,12 @@
 //! wait for replicas (`WAIT`) before it counts.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use redis::aio::ConnectionManagerConfig;
 use redis::{Script, Value};
 
-use self::link::{Link, Opener};
+use self::link::{Link, Opener, PING_PATIENCE};
 use self::scripts::{Scripts, record};
 use super::{Claim, Fence, Record, Reservation, Store, StoredResult};
 use crate::Error;
@@ -147,9 +146,10 @@ impl RedisStoreOptions {
 #[derive(Clone)]
 pub struct RedisStore {
     link: Arc<Link>,
-    /// With `wait_replicas`: the connections waited writes take turns on.
+    /// With `wait_replicas`: the connections waited writes go out on, one per record (by a
+    /// hash of its key), so one record's writes stay in order: a fenced release sent after an
+    /// abandoned reservation cannot overtake it on another connection.
     writers: Arc<[Arc<Link>]>,
-    turn: Arc<AtomicUsize>,
     prefix: Arc<str>,
     retention: Duration,
     wait_replicas: Option<(u32, Duration)>,
@@ -213,15 +213,18 @@ impl RedisStore {
 
     async fn with(opener: Opener, options: RedisStoreOptions) -> Result<RedisStore, Error> {
         let mut writers = Vec::new();
-        if options.wait_replicas.is_some() {
+        if let Some((_, wait)) = options.wait_replicas {
             for _ in 0..WAIT_CONNECTIONS {
-                writers.push(Link::open(opener.clone()).await.map_err(unavailable)?);
+                // A ping on such a connection may queue behind a `WAIT`: it gets that long too.
+                let link = Link::open(opener.clone(), PING_PATIENCE + wait).await;
+                writers.push(link.map_err(unavailable)?);
             }
         }
         let store = RedisStore {
-            link: Link::open(opener).await.map_err(unavailable)?,
+            link: Link::open(opener, PING_PATIENCE)
+                .await
+                .map_err(unavailable)?,
             writers: writers.into(),
-            turn: Arc::default(),
             prefix: options.prefix.into(),
             retention: options.retention,
             wait_replicas: options.wait_replicas,
@@ -287,9 +290,7 @@ impl RedisStore {
         }
         let replicas = if write { self.wait_replicas } else { None };
         let link = match replicas {
-            Some(_) => {
-                &self.writers[self.turn.fetch_add(1, Ordering::Relaxed) % self.writers.len()]
-            }
+            Some(_) => &self.writers[writer_of(key, self.writers.len())],
             None => &self.link,
         };
         let value = match link.send(&cmd, key, replicas).await {
@@ -303,9 +304,14 @@ impl RedisStore {
         .map_err(|e| {
             // A write whose reply went missing, or that too few replicas acknowledged, may
             // have been applied: the engine then releases it, fenced, rather than assume it
-            // was not. A refused connection or a server error means it was not.
+            // was not. A refused connection or a server error means it was not, except on a
+            // cluster, whose client resends a command after a lost reply by itself and can
+            // end on a server error (`TRYAGAIN`, `CLUSTERDOWN`, `MOVED`) after a try that was
+            // applied: there every failed write is unsure (an extra fenced release is
+            // harmless).
             let unsure = write
-                && ((e.is_io_error() && !e.is_connection_refusal())
+                && (self.link.is_cluster()
+                    || (e.is_io_error() && !e.is_connection_refusal())
                     || e.kind() == redis::ErrorKind::Client);
             let error = StoreError::new(e);
             if unsure { error.maybe_applied() } else { error }
@@ -441,4 +447,12 @@ impl Store for RedisStore {
     fn backend(&self) -> &'static str {
         "redis"
     }
+}
+
+/// The writer connection of `key` among `n`: the same for every write to one record.
+fn writer_of(key: &str, n: usize) -> usize {
+    let digest = blake3::hash(key.as_bytes());
+    let mut bytes = [0u8; 8];
+    bytes.copy_from_slice(&digest.as_bytes()[..8]);
+    (u64::from_le_bytes(bytes) % n.max(1) as u64) as usize
 }

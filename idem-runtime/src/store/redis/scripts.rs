@@ -36,10 +36,15 @@ redis.call('PEXPIREAT', k, until_ms + tonumber(ARGV[5]))";
 
 /// Inserts if absent (`{1}`), else returns `{0, <the record as READ returns it>}`. One read
 /// serves both: every record has a state. A reservation already holding the caller's fence is
-/// the caller's own (the client sent the script again after a dropped connection): `{1}`.
+/// the caller's own (the client sent the script again after a dropped connection): `{1}`,
+/// after writing one field unchanged, so that a `WAIT` on this connection covers the first
+/// write (servers count only a connection's own writes).
 const RESERVE: &str = script!(
     "local r = redis.call('HMGET', k, 'st', 'fp', 'fe', 'ow', 'at', 'lu', 'ex', 'rs', 'cd')
-if r[1] == 'in_progress' and r[3] == ARGV[1] then return {1} end
+if r[1] == 'in_progress' and r[3] == ARGV[1] then
+  redis.call('HSET', k, 'fe', ARGV[1])
+  return {1}
+end
 if r[1] then
   return {0, r[1], r[2], r[3], r[4], tonumber(r[5]), tonumber(r[6]) - now, tonumber(r[7]) - now, r[8], r[9]}
 end
@@ -51,10 +56,14 @@ return {1}"
 const LOAD: &str = script!("{READ}");
 
 /// ARGV 1-5 as for a claim, ARGV[6] the fence the caller saw. A record already holding the
-/// caller's new fence is this takeover, sent again: 1.
+/// caller's new fence is this takeover, sent again: 1 (after the same unchanged write as in
+/// `RESERVE`).
 const TAKE_OVER: &str = script!(
     "local r = redis.call('HMGET', k, 'st', 'fe', 'lu', 'ex', 'at')
-if r[1] == 'in_progress' and r[2] == ARGV[1] then return 1 end
+if r[1] == 'in_progress' and r[2] == ARGV[1] then
+  redis.call('HSET', k, 'fe', ARGV[1])
+  return 1
+end
 if not r[1] or r[2] ~= ARGV[6] then return 0 end
 local over = (r[1] == 'in_progress' and tonumber(r[3]) <= now)
   or (r[1] == 'completed' and tonumber(r[4]) <= now)
@@ -130,7 +139,6 @@ impl Scripts {
     }
 }
 
-/// How a [`RedisStore`] keeps its records.
 /// A record as `READ` returns it.
 pub(super) fn record(fields: Vec<Value>) -> Result<Record, StoreError> {
     let bad = |what: &str| StoreError::msg(format!("malformed Redis record: {what}"));

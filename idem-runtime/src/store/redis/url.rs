@@ -12,8 +12,9 @@ impl RedisStore {
     /// `redis://host:port/db` (one node) or `redis+cluster://host1:port1,host2:port2` (a Redis
     /// Cluster, reached through any node listed; give each node its `user:password@` if the
     /// cluster needs one). Query parameters `retention`, `wait_replicas` and `wait_timeout`
-    /// (durations as in the attribute: `PT60S`, `500ms`) set [`RedisStoreOptions`]; the rest
-    /// go to the client. `prefix` is the key prefix.
+    /// (durations as in the attribute: `PT60S`, `500ms`) set [`RedisStoreOptions`]; the client's
+    /// own (`protocol`, `db`, `user`, `pass`) go to it, and any other is a config error.
+    /// `prefix` is the key prefix.
     pub(crate) async fn connect_url(url: &str, prefix: &str) -> Result<Option<RedisStore>, Error> {
         let cluster = url.strip_prefix("redis+cluster://");
         if cluster.is_none() && !url.starts_with("redis://") && !url.starts_with("rediss://") {
@@ -46,7 +47,11 @@ impl RedisStore {
     }
 }
 
-/// Takes the store's parameters out of `query`; returns the options and the other parameters.
+/// The client's own URL parameters, passed on to it: anything else is refused, so that a
+/// misspelt option (`wait_replica=1`) is an error rather than a safety setting silently off.
+const CLIENT_PARAMETERS: [&str; 4] = ["protocol", "db", "user", "pass"];
+
+/// Takes the store's parameters out of `query`; returns the options and the client's.
 fn options(
     query: &str,
     mut options: RedisStoreOptions,
@@ -68,7 +73,14 @@ fn options(
                 replicas = Some(n);
             }
             "wait_timeout" => timeout = Some(duration(name, value)?),
-            _ => rest.push(pair),
+            _ if CLIENT_PARAMETERS.contains(&name) => rest.push(pair),
+            _ => {
+                return Err(bad(format!(
+                    "unknown parameter {name:?} (the store's: retention, wait_replicas, \
+                     wait_timeout; the client's: {})",
+                    CLIENT_PARAMETERS.join(", ")
+                )));
+            }
         }
     }
     match (replicas, timeout) {
@@ -102,6 +114,11 @@ mod tests {
             ("retention=soon", "retention"),
             ("wait_replicas=two", "wait_replicas"),
             ("wait_timeout=1s", "without wait_replicas"),
+            ("wait_replica=1", "unknown parameter \"wait_replica\""),
+            (
+                "protocol=resp3&retension=PT1M",
+                "unknown parameter \"retension\"",
+            ),
         ] {
             let err = options(query, RedisStoreOptions::new()).unwrap_err();
             assert!(
