@@ -13,18 +13,23 @@ impl RedisStore {
     /// Cluster, reached through any node listed; give each node its `user:password@` if the
     /// cluster needs one). Query parameters `retention`, `wait_replicas` and `wait_timeout`
     /// (durations as in the attribute: `PT60S`, `500ms`) set [`RedisStoreOptions`]; the client's
-    /// own (`protocol`, `db`, `user`, `pass`) go to it, and any other is a config error.
-    /// `prefix` is the key prefix.
+    /// own `protocol` and a fragment (`#insecure`) go to it, and any other parameter is a
+    /// config error. `prefix` is the key prefix.
     pub(crate) async fn connect_url(url: &str, prefix: &str) -> Result<Option<RedisStore>, Error> {
         let cluster = url.strip_prefix("redis+cluster://");
         if cluster.is_none() && !url.starts_with("redis://") && !url.starts_with("rediss://") {
             return Ok(None);
         }
+        // A fragment (`#insecure`, for TLS) is the client's: set aside, put back on its URL.
+        let (url, fragment) = match url.split_once('#') {
+            Some((url, fragment)) => (url, format!("#{fragment}")),
+            None => (url, String::new()),
+        };
         let (base, query) = url.split_once('?').unwrap_or((url, ""));
         let (options, rest) = options(query, RedisStoreOptions::new().prefix(prefix))?;
         let with_rest = |u: &str| match rest.is_empty() {
-            true => u.to_string(),
-            false => format!("{u}?{rest}"),
+            true => format!("{u}{fragment}"),
+            false => format!("{u}?{rest}{fragment}"),
         };
         let Some(nodes) = base.strip_prefix("redis+cluster://") else {
             return RedisStore::connect_with(&with_rest(base), options)
@@ -47,9 +52,11 @@ impl RedisStore {
     }
 }
 
-/// The client's own URL parameters, passed on to it: anything else is refused, so that a
-/// misspelt option (`wait_replica=1`) is an error rather than a safety setting silently off.
-const CLIENT_PARAMETERS: [&str; 4] = ["protocol", "db", "user", "pass"];
+/// The client's own URL parameter for TCP URLs, passed on to it: anything else is refused, so
+/// that a misspelt option (`wait_replica=1`) is an error rather than a safety setting silently
+/// off. (The client reads `db`, `user` and `pass` only from Unix-socket URLs: on a TCP URL they
+/// would be ignored, so they are refused with where they go instead.)
+const CLIENT_PARAMETERS: [&str; 1] = ["protocol"];
 
 /// Takes the store's parameters out of `query`; returns the options and the client's.
 fn options(
@@ -74,6 +81,8 @@ fn options(
             }
             "wait_timeout" => timeout = Some(duration(name, value)?),
             _ if CLIENT_PARAMETERS.contains(&name) => rest.push(pair),
+            "db" => return Err(bad("`db=` is ignored by the client: give the database as the path, `redis://host:6379/3`".into())),
+            "user" | "pass" => return Err(bad(format!("`{name}=` is ignored by the client: give credentials as `redis://user:password@host:6379`"))),
             _ => {
                 return Err(bad(format!(
                     "unknown parameter {name:?} (the store's: retention, wait_replicas, \
@@ -119,6 +128,8 @@ mod tests {
                 "protocol=resp3&retension=PT1M",
                 "unknown parameter \"retension\"",
             ),
+            ("db=3", "as the path"),
+            ("pass=secret", "user:password@"),
         ] {
             let err = options(query, RedisStoreOptions::new()).unwrap_err();
             assert!(
