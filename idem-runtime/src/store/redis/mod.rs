@@ -148,7 +148,9 @@ pub struct RedisStore {
     link: Arc<Link>,
     /// With `wait_replicas`: the connections waited writes go out on, one per record (by a
     /// hash of its key), so one record's writes stay in order: a fenced release sent after an
-    /// abandoned reservation cannot overtake it on another connection.
+    /// abandoned reservation cannot overtake it on another connection. (Within one connection:
+    /// a connection replaced meanwhile, or a cluster client resending after `MOVED`, can
+    /// still reorder them, and the reservation then holds its key until its lease ends.)
     writers: Arc<[Arc<Link>]>,
     prefix: Arc<str>,
     retention: Duration,
