@@ -15,7 +15,7 @@ mod common;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{median, rate};
+use common::{median, median_ratio, rate};
 
 use axum::Router;
 use axum::routing::post;
@@ -26,7 +26,7 @@ use idem_runtime::store::Store;
 const ROUND: Duration = Duration::from_secs(2);
 const ROUNDS: usize = 3;
 /// The transactional comparison's rounds: its ratios are the close ones.
-const TX_ROUNDS: usize = 5;
+const TX_ROUNDS: usize = 9;
 const CLIENTS: usize = 16;
 
 async fn create_order(body: String) -> (axum::http::StatusCode, String) {
@@ -174,12 +174,14 @@ async fn compare_transactional(pg: idem_runtime::store::PgStore) {
     println!(
         "PostgreSQL, route inserting a row, fresh keys: bare {bare:.0} req/s, by hand in one transaction (floor) {floor:.0}, leased layer {leased:.0}, transactional layer {tx:.0}"
     );
+    // Each ratio: the median over rounds of the two ways' rates in that round.
+    let ratio = |a: usize, b: usize| median_ratio(&rates[a], &rates[b]);
     println!(
         "  transactional / floor = {:.2}, transactional / bare = {:.2}, transactional / leased = {:.2}, leased / bare = {:.2}",
-        tx / floor,
-        tx / bare,
-        tx / leased,
-        leased / bare
+        ratio(3, 1),
+        ratio(3, 0),
+        ratio(3, 2),
+        ratio(2, 0)
     );
 }
 
@@ -252,10 +254,10 @@ async fn compare(name: &str, store: Arc<dyn Store>, db: Db) {
             plain.push(rate_of(&client, &format!("{base}{plain_path}"), Keys::None).await);
             idem.push(rate_of(&client, &format!("{base}{idem_path}"), keys).await);
         }
+        let ratio = median_ratio(&idem, &plain);
         let (plain, idem) = (median(plain), median(idem));
         println!(
-            "{name:<28} {what:<34} with the layer {idem:>7.0} req/s, without {plain:>7.0} req/s = {:.2}",
-            idem / plain
+            "{name:<28} {what:<34} with the layer {idem:>7.0} req/s, without {plain:>7.0} req/s = {ratio:.2}"
         );
     }
 }

@@ -39,6 +39,13 @@ pub(crate) fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
+/// The median over rounds of `ours[i] / base[i]`: each ratio compares two rounds run back to
+/// back, so a stretch where the shared machine is slow lands on both sides of it.
+#[allow(dead_code)] // not every bench compares pairs of rounds
+pub(crate) fn median_ratio(ours: &[f64], base: &[f64]) -> f64 {
+    median(ours.iter().zip(base).map(|(o, b)| o / b).collect())
+}
+
 /// A multi-threaded runtime with two workers, like the machines these numbers come from.
 pub(crate) fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread()
