@@ -7,8 +7,8 @@
 //! - Replays served from Redis (local cache off) against a raw `GET`.
 //!
 //! Rounds alternate (raw, idem, raw, idem, ...) so machine noise lands on both; each rate is
-//! the median of its rounds, each ratio the median of the ratios of rounds run back to back; every key expires within ten minutes, so an interrupted run
-//! leaves nothing for long. `cargo bench -p idem-runtime --bench redis --features redis`
+//! the median of its rounds, each ratio the median of the ratios of rounds run back to back;
+//! every key expires within ten minutes, so an interrupted run leaves nothing for long. `cargo bench -p idem-runtime --bench redis --features redis`
 //! (`IDEM_TEST_REDIS_URL` picks the server).
 
 mod common;

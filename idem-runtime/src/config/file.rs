@@ -173,7 +173,17 @@ impl IdemConfig {
             return Ok(Arc::new(store));
         }
         // Only the scheme: the rest of a URL may hold credentials, and this error is logged.
-        let scheme = url.split_once(':').map_or("(none)", |(scheme, _)| scheme);
+        // Text before the first `:` that is no scheme (`token@host:6379`) is not shown either.
+        let scheme = match url.split_once(':') {
+            Some((s, _))
+                if s.starts_with(|c: char| c.is_ascii_alphabetic())
+                    && s.chars()
+                        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '+' | '-' | '.')) =>
+            {
+                s
+            }
+            _ => "(not a URL)",
+        };
         Err(Error::Config(format!(
             "store URL with scheme {scheme:?} is not a store URL this build supports (`sqlite://path`, `postgres://..`, `mysql://..`, `redis://..`, `redis+cluster://..`, `memory:`); is the backend's cargo feature on?"
         )))
@@ -229,6 +239,8 @@ mod tests {
             "redis://:pa/ss@host",
             "user:secret@host:6379",
             "postgresx://h/db?password=secret",
+            "secret@host:6379",
+            "postgres//alice:secret@h/db",
         ] {
             let cfg = IdemConfig {
                 store: url.into(),

@@ -21,7 +21,15 @@ impl RedisStore {
             return Ok(None);
         }
         // A fragment (`#insecure`, for TLS) is the client's: set aside, put back on its URL.
+        // Only a `rediss://` URL has a use for one; anywhere else it would be ignored.
         let (url, fragment) = match url.split_once('#') {
+            Some(_) if !url.starts_with("rediss://") => {
+                return Err(Error::Config(
+                    "store URL: a `#` fragment (`#insecure`) applies to `rediss://` URLs only; \
+                     percent-encode a `#` in a password (`%23`)"
+                        .into(),
+                ));
+            }
             Some((url, fragment)) => (url, format!("#{fragment}")),
             None => (url, String::new()),
         };
@@ -81,11 +89,30 @@ fn options(
             }
             "wait_timeout" => timeout = Some(duration(name, value)?),
             _ if CLIENT_PARAMETERS.contains(&name) => rest.push(pair),
-            "db" => return Err(bad("`db=` is ignored by the client: give the database as the path, `redis://host:6379/3`".into())),
-            "user" | "pass" => return Err(bad(format!("`{name}=` is ignored by the client: give credentials as `redis://user:password@host:6379`"))),
-            _ => {
+            "db" => {
+                return Err(bad(
+                    "`db=` is ignored by the client: give the database as the \
+                     path, `redis://host:6379/3`"
+                        .into(),
+                ));
+            }
+            "user" | "pass" => {
                 return Err(bad(format!(
-                    "unknown parameter {name:?} (the store's: retention, wait_replicas, \
+                    "`{name}=` is ignored by the client: give credentials as \
+                     `redis://user:password@host:6379`"
+                )));
+            }
+            _ => {
+                // The name is shown only if it looks like one: a raw `?` in a password puts
+                // the rest of the URL here.
+                let shown = match name.len() <= 32
+                    && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
+                {
+                    true => format!("{name:?}"),
+                    false => "(not shown: percent-encode `?` and `#` in a password)".into(),
+                };
+                return Err(bad(format!(
+                    "unknown parameter {shown} (the store's: retention, wait_replicas, \
                      wait_timeout; the client's: {})",
                     CLIENT_PARAMETERS.join(", ")
                 )));
@@ -117,6 +144,20 @@ mod tests {
         assert_eq!(o.wait_replicas, Some((2, Duration::from_millis(250))));
     }
 
+    #[tokio::test]
+    async fn a_fragment_only_goes_with_tls() {
+        for url in [
+            "redis://127.0.0.1:1#insecure",
+            "redis+cluster://a:1,b:2#insecure",
+        ] {
+            let err = RedisStore::connect_url(url, "p").await.err().expect(url);
+            assert!(
+                matches!(&err, Error::Config(m) if m.contains("`rediss://` URLs only")),
+                "{url}: {err}"
+            );
+        }
+    }
+
     #[test]
     fn bad_parameters_are_config_errors() {
         for (query, says) in [
@@ -130,6 +171,7 @@ mod tests {
             ),
             ("db=3", "as the path"),
             ("pass=secret", "user:password@"),
+            ("ss@host:6379", "(not shown"),
         ] {
             let err = options(query, RedisStoreOptions::new()).unwrap_err();
             assert!(
