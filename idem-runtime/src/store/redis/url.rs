@@ -150,7 +150,9 @@ mod tests {
             "redis://127.0.0.1:1#insecure",
             "redis+cluster://a:1,b:2#insecure",
         ] {
-            let err = RedisStore::connect_url(url, "p").await.err().expect(url);
+            let Err(err) = RedisStore::connect_url(url, "p").await else {
+                panic!("{url} was accepted");
+            };
             assert!(
                 matches!(&err, Error::Config(m) if m.contains("`rediss://` URLs only")),
                 "{url}: {err}"
