@@ -26,6 +26,21 @@ mod settings {
 
     use super::support;
 
+    /// A claim on `id` by the tests' owner, without a fingerprint.
+    fn claim(
+        id: &idem_runtime::RecordId,
+        fence: idem_runtime::store::Fence,
+        lease: Duration,
+    ) -> idem_runtime::store::Claim<'_> {
+        idem_runtime::store::Claim {
+            id,
+            fence,
+            owner: "test",
+            fingerprint: None,
+            lease,
+        }
+    }
+
     #[idempotent(key = key, runtime = idem, skip(runs))]
     async fn charge(idem: &Idem, runs: &AtomicUsize, key: &str) -> Result<usize, Error> {
         Ok(runs.fetch_add(1, SeqCst) + 1)
@@ -256,7 +271,7 @@ mod settings {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_claim_sent_again_writes_so_that_wait_covers_it() {
         use idem_runtime::RecordId;
-        use idem_runtime::store::{Claim, Fence, Store};
+        use idem_runtime::store::{Fence, Store};
         if !support::redis_servers::available() {
             return;
         }
@@ -279,13 +294,7 @@ mod settings {
                 .expect("rdb_changes_since_last_save")
         };
         let id = RecordId::new("resend-wait/v0", "k");
-        let claim = |fence, lease| Claim {
-            id: &id,
-            fence,
-            owner: "test",
-            fingerprint: None,
-            lease,
-        };
+        let claim = |fence, lease| claim(&id, fence, lease);
         let (first, second) = (Fence::random(), Fence::random());
         let short = Duration::from_millis(100);
         store.reserve(&claim(first, short)).await.unwrap();
@@ -335,18 +344,12 @@ mod settings {
     #[tokio::test]
     async fn a_claim_sent_twice_is_still_the_callers() {
         use idem_runtime::RecordId;
-        use idem_runtime::store::{Claim, Fence, Reservation, Store};
+        use idem_runtime::store::{Fence, Reservation, Store};
         let Some(fixture) = support::redis_store().await else {
             return;
         };
         let id = RecordId::new("resend/v0", "k");
-        let claim = |fence, lease| Claim {
-            id: &id,
-            fence,
-            owner: "test",
-            fingerprint: None,
-            lease,
-        };
+        let claim = |fence, lease| claim(&id, fence, lease);
         let (first, second, third) = (Fence::random(), Fence::random(), Fence::random());
         let short = Duration::from_millis(200);
         for _ in 0..2 {

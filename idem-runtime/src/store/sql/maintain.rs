@@ -11,7 +11,7 @@ const ANALYZE_AT: [u64; 3] = [4_096, 32_768, 262_144];
 
 /// How long that `ANALYZE` may take before it is abandoned (the statement carries the same
 /// limit to the server).
-const ANALYZE_PATIENCE: std::time::Duration = std::time::Duration::from_secs(30);
+pub(super) const ANALYZE_PATIENCE: std::time::Duration = std::time::Duration::from_secs(30);
 
 impl<D: Dialect> SqlStore<D> {
     /// Brings the table to the newest migration, one replica at a time.

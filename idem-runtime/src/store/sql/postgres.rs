@@ -288,7 +288,10 @@ fn many(t: &str) -> ManyStatements {
         ),
         // One simple query, so one implicit transaction: the time limit is the server's too.
         analyze: statement(
-            "SET LOCAL statement_timeout = '30s'; ANALYZE (SKIP_LOCKED) {t}",
+            &format!(
+                "SET LOCAL statement_timeout = '{}s'; ANALYZE (SKIP_LOCKED) {{t}}",
+                super::maintain::ANALYZE_PATIENCE.as_secs()
+            ),
             t,
         ),
         // `ANALYZE` by a role that may not analyze the table only warns, and does nothing; a
