@@ -1,15 +1,18 @@
-//! idem on the local Redis against the raw commands a hand-written guard would issue, in one
-//! run, and against the published figures of the best-known peer.
+//! idem on the local Redis against the raw commands a hand-written guard would issue, and
+//! against the best-known peer (Powertools for AWS Lambda on redis-py), in one run.
 //!
 //! - First executions per second at 1 and 16 concurrent tasks: a fresh key each call,
 //!   through `#[idempotent]` (the reserve script, the body, the finalize script) against
 //!   `SET key NX PX` then `SET key XX PX` issued by hand on an identical connection.
 //! - Replays served from Redis (local cache off) against a raw `GET`.
 //!
-//! Rounds alternate (raw, idem, raw, idem, ...) so machine noise lands on both; each rate is
-//! the median of its rounds, each ratio the median of the ratios of rounds run back to back;
-//! every key expires within ten minutes, so an interrupted run leaves nothing for long. `cargo bench -p idem-runtime --bench redis --features redis`
-//! (`IDEM_TEST_REDIS_URL` picks the server).
+//! Rounds alternate (raw, idem, peer, raw, idem, peer, ...) so machine noise lands on all;
+//! each rate is the median of its rounds, each ratio the median of the ratios of rounds run
+//! back to back; every key expires within ten minutes, so an interrupted run leaves nothing
+//! for long. `cargo bench -p idem-runtime --bench redis --features redis`
+//! (`IDEM_TEST_REDIS_URL` picks the server). The peer runs only where
+//! `IDEM_BENCH_PEER_PYTHON` names a Python that has it (`scripts/peer-venv.sh` makes one);
+//! without it idem is compared with the peer's figures from the issue instead.
 
 mod common;
 
@@ -25,7 +28,8 @@ const ROUND: Duration = Duration::from_secs(1);
 const ROUNDS: usize = 11;
 
 /// Powertools for AWS Lambda 3.37 with redis-py against a local Redis, on this machine kind
-/// (from the issue): first executions on 1 and 16 threads, replays on 1 thread.
+/// (from the issue): first executions on 1 and 16 threads, replays on 1 thread. Used when the
+/// peer cannot run here.
 const PEER_FIRST_1: f64 = 2_960.0;
 const PEER_FIRST_16: f64 = 2_892.0;
 const PEER_REPLAY_1: f64 = 2_303.0;
@@ -73,6 +77,51 @@ async fn raw_get(mut conn: ConnectionManager, key: String) {
     assert!(v.is_some());
 }
 
+/// The peer's calls per second over one round of `case` (`first1`, `first16`, `replay1`), or
+/// `None` where no Python with it is configured.
+async fn peer(case: &'static str, prefix: String) -> Option<f64> {
+    let python = std::env::var("IDEM_BENCH_PEER_PYTHON").ok()?;
+    let script = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/benches/peer/powertools_redis.py"
+    );
+    let seconds = ROUND.as_secs_f64().to_string();
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(python)
+            .args([script, case, &seconds, &prefix])
+            .output()
+    })
+    .await
+    .expect("peer task")
+    .expect("the peer's Python (IDEM_BENCH_PEER_PYTHON) runs");
+    let text = String::from_utf8_lossy(&out.stdout);
+    match text.trim().parse() {
+        Ok(rate) if out.status.success() => Some(rate),
+        _ => panic!(
+            "the peer failed ({}): {}{}",
+            out.status,
+            text,
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    }
+}
+
+/// How idem compares with the peer: the median of back-to-back ratios where it ran, else
+/// against its published figure.
+fn against_peer(ours: &[f64], peers: &[f64], published: f64) -> String {
+    if peers.is_empty() {
+        return format!(
+            "{:.1}x the peer's published {published:.0}/s",
+            median(ours.to_vec()) / published
+        );
+    }
+    format!(
+        "{:.1}x the peer's {:.0}/s in this run",
+        median_ratio(ours, peers),
+        median(peers.to_vec())
+    )
+}
+
 fn main() {
     common::runtime().block_on(run());
 }
@@ -100,9 +149,19 @@ async fn run() {
         .build()
         .expect("idem");
 
-    println!("== Redis: idem against the raw commands ({ROUNDS} alternating rounds of {ROUND:?})");
-    for (tasks, peer) in [(1usize, PEER_FIRST_1), (16, PEER_FIRST_16)] {
-        let (mut raws, mut ours) = (Vec::new(), Vec::new());
+    println!(
+        "== Redis: idem against the raw commands and the peer ({ROUNDS} alternating rounds of {ROUND:?})"
+    );
+    if std::env::var_os("IDEM_BENCH_PEER_PYTHON").is_none() {
+        println!(
+            "(the peer does not run: IDEM_BENCH_PEER_PYTHON=$(scripts/peer-venv.sh) runs it in the same rounds)"
+        );
+    }
+    for (tasks, case, published) in [
+        (1usize, "first1", PEER_FIRST_1),
+        (16, "first16", PEER_FIRST_16),
+    ] {
+        let (mut raws, mut ours, mut peers) = (Vec::new(), Vec::new(), Vec::new());
         for round in 0..ROUNDS {
             let (conn, p) = (raw.clone(), prefix.clone());
             raws.push(
@@ -123,12 +182,13 @@ async fn run() {
                 })
                 .await,
             );
+            peers.extend(peer(case, format!("{prefix}-peer")).await);
         }
         let ratio = median_ratio(&ours, &raws);
+        let peer = against_peer(&ours, &peers, published);
         let (raws, ours) = (median(raws), median(ours));
         println!(
-            "first executions, {tasks:>2} tasks: idem {ours:>8.0}/s, raw {raws:>8.0}/s = {ratio:.2} of raw; {:.1}x the peer's {peer:.0}/s",
-            ours / peer
+            "first executions, {tasks:>2} tasks: idem {ours:>8.0}/s, raw {raws:>8.0}/s = {ratio:.2} of raw; {peer}"
         );
     }
 
@@ -146,7 +206,7 @@ async fn run() {
             .expect("seed raw");
     }
     for tasks in [1usize, 16] {
-        let (mut raws, mut ours) = (Vec::new(), Vec::new());
+        let (mut raws, mut ours, mut peers) = (Vec::new(), Vec::new(), Vec::new());
         for _ in 0..ROUNDS {
             let (conn, p) = (raw.clone(), prefix.clone());
             raws.push(
@@ -167,17 +227,17 @@ async fn run() {
                 })
                 .await,
             );
+            if tasks == 1 {
+                peers.extend(peer("replay1", format!("{prefix}-peer")).await);
+            }
         }
         let ratio = median_ratio(&ours, &raws);
-        let (raws, ours) = (median(raws), median(ours));
         let peer = if tasks == 1 {
-            format!(
-                "; {:.1}x the peer's {PEER_REPLAY_1:.0}/s",
-                ours / PEER_REPLAY_1
-            )
+            format!("; {}", against_peer(&ours, &peers, PEER_REPLAY_1))
         } else {
             String::new()
         };
+        let (raws, ours) = (median(raws), median(ours));
         println!(
             "replays from Redis, {tasks:>2} tasks: idem {ours:>8.0}/s, raw GET {raws:>8.0}/s = {ratio:.2} of raw{peer}",
         );
@@ -185,7 +245,11 @@ async fn run() {
 
     // Leave nothing behind.
     let mut conn = raw.clone();
-    for pattern in [format!("{prefix}:*"), format!("{prefix}-raw:*")] {
+    for pattern in [
+        format!("{prefix}:*"),
+        format!("{prefix}-raw:*"),
+        format!("{prefix}-peer*"),
+    ] {
         let keys: Vec<String> = redis::cmd("KEYS")
             .arg(pattern)
             .query_async(&mut conn)
