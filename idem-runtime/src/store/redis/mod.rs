@@ -1,14 +1,15 @@
 //! Redis (feature `redis`): one node, or a Redis Cluster.
 //!
-//! Each record is one Redis hash, under a key whose hash tag is the whole record id
-//! (`idem_records:{<blake3 of namespace and key>}`), so all of a record lives in one slot of a
+//! Each record is one Redis string, under a key whose hash tag is the whole record id
+//! (`idem_records:{<blake3 of namespace and key>}`), so a record lives in one slot of a
 //! cluster and keys never appear in Redis in the clear. Every verb is one Lua script, so it
 //! is atomic on the server: `reserve` inserts if absent (and otherwise returns the record),
 //! `take_over` is a compare-and-set on the fence, and heartbeat, finalize and release change
-//! the record only while it holds the caller's fence and is in progress. Times come from the
-//! server's clock (`TIME` inside the script), so replicas with skewed clocks agree.
+//! the record only while it holds the caller's fence and is in progress. Leases and expiry
+//! are the key's TTL, set and read on the server (`PX`, `PTTL`), so replicas with skewed
+//! clocks agree (the value's layout is in `scripts`).
 //!
-//! Redis deletes records by itself: each key expires (`PEXPIREAT`) a retention period
+//! Redis deletes records by itself: each key expires a retention period
 //! (default 60 s) after its lease or its result expires, the time in which an abandoned
 //! reservation can still be taken over (and counted as such) and an expired result is still
 //! seen as expired rather than absent. So there is no purge job: [`Store::purge`] does
@@ -25,7 +26,7 @@ use redis::aio::ConnectionManagerConfig;
 use redis::{Script, Value};
 
 use self::link::{Link, Opener, PING_PATIENCE};
-use self::scripts::{Scripts, record};
+use self::scripts::{Scripts, claim_value, record, result_value};
 use super::{Claim, Fence, Record, Reservation, Store, StoredResult};
 use crate::Error;
 use crate::error::StoreError;
@@ -321,27 +322,6 @@ impl RedisStore {
         redis::from_redis_value(value)
             .map_err(|e| StoreError::msg(format!("malformed Redis reply: {e}")))
     }
-
-    fn claim_args<'a>(&self, claim: &'a Claim<'_>, buf: &'a mut ClaimArgs) -> [&'a [u8]; 5] {
-        buf.fence = claim.fence.get().to_string();
-        buf.lease = millis(claim.lease).to_string();
-        buf.retention = millis(self.retention).to_string();
-        [
-            buf.fence.as_bytes(),
-            claim.owner.as_bytes(),
-            claim.fingerprint.map_or(&[][..], |f| &f.as_bytes()[..]),
-            buf.lease.as_bytes(),
-            buf.retention.as_bytes(),
-        ]
-    }
-}
-
-/// The text forms of a claim's numbers, kept alive while the script runs.
-#[derive(Default)]
-struct ClaimArgs {
-    fence: String,
-    lease: String,
-    retention: String,
 }
 
 /// A duration in whole milliseconds for a script: at least 1, and at most about 31,000
@@ -353,39 +333,65 @@ fn millis(d: Duration) -> u64 {
         .clamp(1, MAX_MS)
 }
 
+/// The TTL of a claim's key: its lease, then its retention.
+fn ttl_of(lease: Duration, retention_ms: u64) -> String {
+    (millis(lease) + retention_ms).to_string()
+}
+
 #[async_trait::async_trait]
 impl Store for RedisStore {
     async fn reserve(&self, claim: &Claim<'_>) -> Result<Reservation, StoreError> {
         let key = self.key(claim.id);
-        let mut buf = ClaimArgs::default();
-        let args = self.claim_args(claim, &mut buf);
-        let mut out: Vec<Value> = self.eval(&self.scripts.reserve, &key, &args, true).await?;
-        match out
-            .first()
-            .map(|v| redis::from_redis_value::<i64>(v.clone()))
-        {
-            Some(Ok(1)) => Ok(Reservation::Acquired),
-            Some(Ok(0)) => Ok(Reservation::Exists(record(out.split_off(1))?)),
+        let retention = millis(self.retention);
+        let (head, tail) = claim_value(claim, retention);
+        let value = [&head[..], b"1", &tail[..]].concat();
+        let (fence, ttl) = (
+            claim.fence.get().to_string(),
+            ttl_of(claim.lease, retention),
+        );
+        let args = [fence.as_bytes(), &value, ttl.as_bytes()];
+        let out: Vec<Value> = self.eval(&self.scripts.reserve, &key, &args, true).await?;
+        match out.as_slice() {
+            [Value::Int(1)] => Ok(Reservation::Acquired),
+            [Value::Int(0), Value::BulkString(value), Value::Int(ttl)] => {
+                Ok(Reservation::Exists(record(value, *ttl)?))
+            }
             _ => Err(StoreError::msg("malformed Redis reply to reserve")),
         }
     }
 
     async fn load(&self, id: &RecordId) -> Result<Option<Record>, StoreError> {
-        let fields: Option<Vec<Value>> = self
+        let out: Value = self
             .eval(&self.scripts.load, &self.key(id), &[], false)
             .await?;
-        fields.map(record).transpose()
+        match out {
+            Value::Nil => Ok(None),
+            Value::Array(v) => match v.as_slice() {
+                [Value::BulkString(value), Value::Int(ttl)] => record(value, *ttl).map(Some),
+                _ => Err(StoreError::msg("malformed Redis reply to load")),
+            },
+            _ => Err(StoreError::msg("malformed Redis reply to load")),
+        }
     }
 
     async fn take_over(&self, claim: &Claim<'_>, observed: Fence) -> Result<bool, StoreError> {
         let key = self.key(claim.id);
-        let mut buf = ClaimArgs::default();
-        let args = self.claim_args(claim, &mut buf);
+        let retention = millis(self.retention);
+        let (head, tail) = claim_value(claim, retention);
+        let (fence, ttl) = (
+            claim.fence.get().to_string(),
+            ttl_of(claim.lease, retention),
+        );
         let observed = observed.get().to_string();
-        let mut all = args.to_vec();
-        all.push(observed.as_bytes());
+        let args = [
+            fence.as_bytes(),
+            &head,
+            &tail,
+            ttl.as_bytes(),
+            observed.as_bytes(),
+        ];
         Ok(self
-            .eval::<i64>(&self.scripts.take_over, &key, &all, true)
+            .eval::<i64>(&self.scripts.take_over, &key, &args, true)
             .await?
             == 1)
     }
@@ -397,8 +403,7 @@ impl Store for RedisStore {
         lease: Duration,
     ) -> Result<bool, StoreError> {
         let (fence, lease) = (fence.get().to_string(), millis(lease).to_string());
-        let retention = millis(self.retention).to_string();
-        let args = [fence.as_bytes(), lease.as_bytes(), retention.as_bytes()];
+        let args = [fence.as_bytes(), lease.as_bytes()];
         Ok(self
             .eval::<i64>(&self.scripts.heartbeat, &self.key(id), &args, true)
             .await?
@@ -413,14 +418,8 @@ impl Store for RedisStore {
         ttl: Duration,
     ) -> Result<bool, StoreError> {
         let (fence, ttl) = (fence.get().to_string(), millis(ttl).to_string());
-        let retention = millis(self.retention).to_string();
-        let args = [
-            fence.as_bytes(),
-            result.bytes.as_slice(),
-            result.codec.as_str().as_bytes(),
-            ttl.as_bytes(),
-            retention.as_bytes(),
-        ];
+        let result = result_value(result);
+        let args = [fence.as_bytes(), &result, ttl.as_bytes()];
         Ok(self
             .eval::<i64>(&self.scripts.finalize, &self.key(id), &args, true)
             .await?

@@ -1,121 +1,110 @@
-//! The Lua scripts, one per verb, and the record as they read it back.
+//! The Lua scripts, one per verb, and the record's value.
+//!
+//! A record is one Redis string, its lease and expiry the key's own TTL: the key expires its
+//! retention after the lease (in progress) or the result (completed) runs out, and that
+//! retention is in the value, so a script reads the time left as `PTTL` minus the retention
+//! (the server's clock, whatever the replicas' clocks say). The value:
+//!
+//! ```text
+//! i<fence>|<retention ms>|<attempts>|<owner length>|<fingerprint length>|<owner><fingerprint>
+//! c<fence>|<retention ms>|<attempts>|<owner length>|<fingerprint length>|<owner><fingerprint><codec>|<result>
+//! ```
+//!
+//! so a script checks the state and fence by comparing a prefix, and a finalize appends the
+//! result to the reservation as it stands. A reservation is one `SET NX PX` inside its
+//! script; a result one `GET` and one `SET PX`.
 
 use std::time::Duration;
 
-use redis::{Script, Value};
+use redis::Script;
 
 use crate::codec::Codec;
 use crate::error::StoreError;
 use crate::key::Fingerprint;
-use crate::store::{Fence, Record, RecordState, StoredResult};
+use crate::store::{Claim, Fence, Record, RecordState, StoredResult};
 
-/// The scripts' shared start: the server's time in milliseconds, and the record's key.
-macro_rules! script {
-    ($body:literal) => {
-        concat!(
-            "local t = redis.call('TIME')\n",
-            "local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)\n",
-            "local k = KEYS[1]\n",
-            $body
-        )
-    };
-}
-
-/// The fields of a record, read back: state, fingerprint, fence, owner, attempts, then the
-/// lease and expiry as milliseconds left, result and codec.
-const READ: &str = "local r = redis.call('HMGET', k, 'st', 'fp', 'fe', 'ow', 'at', 'lu', 'ex', 'rs', 'cd')
-if not r[1] then return false end
-return {r[1], r[2], r[3], r[4], tonumber(r[5]), tonumber(r[6]) - now, tonumber(r[7]) - now, r[8], r[9]}";
-
-/// Writes a fresh in-progress record owned by ARGV 1-4 (fence, owner, fingerprint or '',
-/// lease ms) over an absent key; ARGV[5] is the retention in ms. Expects `attempts`.
-const WRITE_CLAIM: &str = "local until_ms = now + tonumber(ARGV[4])
-redis.call('HSET', k, 'st', 'in_progress', 'fe', ARGV[1], 'ow', ARGV[2], 'at', attempts, 'lu', until_ms, 'ex', until_ms)
-if ARGV[3] ~= '' then redis.call('HSET', k, 'fp', ARGV[3]) end
-redis.call('PEXPIREAT', k, until_ms + tonumber(ARGV[5]))";
-
-/// Inserts if absent (`{1}`), else returns `{0, <the record as READ returns it>}`. One read
-/// serves both: every record has a state. A reservation already holding the caller's fence is
-/// the caller's own (the client sent the script again after a dropped connection): `{1}`,
-/// after writing one field unchanged, so that a `WAIT` on this connection covers the first
-/// write (servers count only a connection's own writes).
-const RESERVE: &str = script!(
-    "local r = redis.call('HMGET', k, 'st', 'fp', 'fe', 'ow', 'at', 'lu', 'ex', 'rs', 'cd')
-if r[1] == 'in_progress' and r[3] == ARGV[1] then
-  redis.call('HSET', k, 'fe', ARGV[1])
+/// Inserts the value ARGV[2] with a TTL of ARGV[3] ms if the key is absent (`{1}`), else
+/// returns `{0, value, ttl}`. A reservation already holding the caller's fence (ARGV[1]) is the
+/// caller's own (the client sent the script again after a dropped connection): `{1}`, after
+/// writing it again unchanged, so that a `WAIT` on this connection covers the first write
+/// (servers count only a connection's own writes).
+const RESERVE: &str = "local k = KEYS[1]
+if redis.call('SET', k, ARGV[2], 'NX', 'PX', ARGV[3]) then return {1} end
+local v = redis.call('GET', k)
+if string.sub(v, 1, #ARGV[1] + 2) == 'i' .. ARGV[1] .. '|' then
+  redis.call('SET', k, v, 'KEEPTTL')
   return {1}
 end
-if r[1] then
-  return {0, r[1], r[2], r[3], r[4], tonumber(r[5]), tonumber(r[6]) - now, tonumber(r[7]) - now, r[8], r[9]}
-end
-local attempts = 1
-{WRITE_CLAIM}
-return {1}"
-);
+return {0, v, redis.call('PTTL', k)}";
 
-const LOAD: &str = script!("{READ}");
+/// The value and its TTL, or nil.
+const LOAD: &str = "local v = redis.call('GET', KEYS[1])
+if not v then return false end
+return {v, redis.call('PTTL', KEYS[1])}";
 
-/// ARGV 1-5 as for a claim, ARGV[6] the fence the caller saw. A record already holding the
-/// caller's new fence is this takeover, sent again: 1 (after the same unchanged write as in
-/// `RESERVE`).
-const TAKE_OVER: &str = script!(
-    "local r = redis.call('HMGET', k, 'st', 'fe', 'lu', 'ex', 'at')
-if r[1] == 'in_progress' and r[2] == ARGV[1] then
-  redis.call('HSET', k, 'fe', ARGV[1])
+/// ARGV: the new fence, the claim's value before and after its attempts, its TTL in ms, and
+/// the fence the caller saw. Replaces a record holding the seen fence whose lease (in
+/// progress) or result (completed) has run out: 1. A record already holding the caller's new
+/// fence is this takeover, sent again: 1 (after the same unchanged write as in `RESERVE`).
+const TAKE_OVER: &str = "local k = KEYS[1]
+local v = redis.call('GET', k)
+if not v then return 0 end
+if string.sub(v, 1, #ARGV[1] + 2) == 'i' .. ARGV[1] .. '|' then
+  redis.call('SET', k, v, 'KEEPTTL')
   return 1
 end
-if not r[1] or r[2] ~= ARGV[6] then return 0 end
-local over = (r[1] == 'in_progress' and tonumber(r[3]) <= now)
-  or (r[1] == 'completed' and tonumber(r[4]) <= now)
-if not over then return 0 end
+local seen = ARGV[5] .. '|'
+if string.sub(v, 2, #seen + 1) ~= seen then return 0 end
+local p = #seen + 2
+local q = string.find(v, '|', p, true)
+if redis.call('PTTL', k) > tonumber(string.sub(v, p, q - 1)) then return 0 end
 local attempts = 1
-if r[1] == 'in_progress' then attempts = tonumber(r[5]) + 1 end
-redis.call('DEL', k)
-{WRITE_CLAIM}
-return 1"
-);
+if string.sub(v, 1, 1) == 'i' then
+  attempts = tonumber(string.sub(v, q + 1, string.find(v, '|', q + 1, true) - 1)) + 1
+end
+redis.call('SET', k, ARGV[2] .. string.format('%d', attempts) .. ARGV[3], 'PX', ARGV[4])
+return 1";
 
-/// ARGV: fence, lease ms, retention ms.
-const HEARTBEAT: &str = script!(
-    "local r = redis.call('HMGET', k, 'st', 'fe')
-if r[1] ~= 'in_progress' or r[2] ~= ARGV[1] then return 0 end
-local until_ms = now + tonumber(ARGV[2])
-redis.call('HSET', k, 'lu', until_ms, 'ex', until_ms)
-redis.call('PEXPIREAT', k, until_ms + tonumber(ARGV[3]))
-return 1"
-);
+/// ARGV: fence, lease ms. Extends a reservation still holding the fence: its key now expires
+/// the lease plus its retention from now.
+const HEARTBEAT: &str = "local k = KEYS[1]
+local v = redis.call('GET', k)
+local own = 'i' .. ARGV[1] .. '|'
+if not v or string.sub(v, 1, #own) ~= own then return 0 end
+local p = #own + 1
+local q = string.find(v, '|', p, true)
+local retention = tonumber(string.sub(v, p, q - 1))
+redis.call('PEXPIRE', k, string.format('%d', tonumber(ARGV[2]) + retention))
+return 1";
 
-/// ARGV: fence, result, codec, ttl ms, retention ms. Refused (0) unless in progress under the
-/// caller's fence. Already completed under it (this finalize, sent again), it still writes
-/// one field, unchanged, so that a `WAIT` after it covers the earlier write.
-const FINALIZE: &str = script!(
-    "local r = redis.call('HMGET', k, 'st', 'fe')
-if r[1] == 'completed' and r[2] == ARGV[1] then
-  redis.call('HSET', k, 'fe', ARGV[1])
+/// ARGV: fence, the codec and result (`codec|bytes`), ttl ms. Refused (0) unless in progress
+/// under the caller's fence. Already completed under it (this finalize, sent again), it still
+/// writes the record again, unchanged, so that a `WAIT` after it covers the earlier write.
+const FINALIZE: &str = "local k = KEYS[1]
+local v = redis.call('GET', k)
+if not v then return 0 end
+local f = ARGV[1] .. '|'
+if string.sub(v, 2, #f + 1) ~= f then return 0 end
+local st = string.sub(v, 1, 1)
+if st == 'c' then
+  redis.call('SET', k, v, 'KEEPTTL')
   return 0
 end
-if r[1] ~= 'in_progress' or r[2] ~= ARGV[1] then return 0 end
-local until_ms = now + tonumber(ARGV[4])
-redis.call('HSET', k, 'st', 'completed', 'rs', ARGV[2], 'cd', ARGV[3], 'ex', until_ms)
-redis.call('PEXPIREAT', k, until_ms + tonumber(ARGV[5]))
-return 1"
-);
+if st ~= 'i' then return 0 end
+local p = #f + 2
+local q = string.find(v, '|', p, true)
+local retention = tonumber(string.sub(v, p, q - 1))
+redis.call('SET', k, 'c' .. string.sub(v, 2) .. ARGV[2], 'PX', string.format('%d', tonumber(ARGV[3]) + retention))
+return 1";
 
 /// ARGV: fence.
-const RELEASE: &str = script!(
-    "local r = redis.call('HMGET', k, 'st', 'fe')
-if r[1] ~= 'in_progress' or r[2] ~= ARGV[1] then return 0 end
-redis.call('DEL', k)
-return 1"
-);
+const RELEASE: &str = "local v = redis.call('GET', KEYS[1])
+local own = 'i' .. ARGV[1] .. '|'
+if not v or string.sub(v, 1, #own) ~= own then return 0 end
+redis.call('DEL', KEYS[1])
+return 1";
 
-/// A script's text with its shared `{..}` parts filled in.
-fn fill(text: &str) -> String {
-    text.replace("{READ}", READ)
-        .replace("{WRITE_CLAIM}", WRITE_CLAIM)
-}
-
-/// The scripts, with their `{..}` parts filled in and their SHA1s worked out once.
+/// The scripts, with their SHA1s worked out once.
 pub(super) struct Scripts {
     pub(super) reserve: Script,
     pub(super) load: Script,
@@ -127,68 +116,103 @@ pub(super) struct Scripts {
 
 impl Scripts {
     pub(super) fn new() -> Scripts {
-        let script = |s: &str| Script::new(&fill(s));
         Scripts {
-            reserve: script(RESERVE),
-            load: script(LOAD),
-            take_over: script(TAKE_OVER),
-            heartbeat: script(HEARTBEAT),
-            finalize: script(FINALIZE),
-            release: script(RELEASE),
+            reserve: Script::new(RESERVE),
+            load: Script::new(LOAD),
+            take_over: Script::new(TAKE_OVER),
+            heartbeat: Script::new(HEARTBEAT),
+            finalize: Script::new(FINALIZE),
+            release: Script::new(RELEASE),
         }
     }
 }
 
-/// A record as `READ` returns it.
-pub(super) fn record(fields: Vec<Value>) -> Result<Record, StoreError> {
+/// A claim's value, in two parts around its attempts (which only a takeover works out, on the
+/// server): `i<fence>|<retention ms>|` and `|<owner length>|<fingerprint length>|<owner><fingerprint>`.
+pub(super) fn claim_value(claim: &Claim<'_>, retention_ms: u64) -> (Vec<u8>, Vec<u8>) {
+    let head = format!("i{}|{retention_ms}|", claim.fence.get()).into_bytes();
+    let fp: &[u8] = claim.fingerprint.map_or(&[], |f| &f.as_bytes()[..]);
+    let mut tail = format!("|{}|{}|", claim.owner.len(), fp.len()).into_bytes();
+    tail.extend_from_slice(claim.owner.as_bytes());
+    tail.extend_from_slice(fp);
+    (head, tail)
+}
+
+/// What a finalize appends to the record: `<codec>|<result>`.
+pub(super) fn result_value(result: &StoredResult) -> Vec<u8> {
+    let codec = result.codec.as_str().as_bytes();
+    let mut out = Vec::with_capacity(codec.len() + 1 + result.bytes.len());
+    out.extend_from_slice(codec);
+    out.push(b'|');
+    out.extend_from_slice(&result.bytes);
+    out
+}
+
+/// A record read back from its value and its key's TTL in ms.
+pub(super) fn record(value: &[u8], ttl_ms: i64) -> Result<Record, StoreError> {
     let bad = |what: &str| StoreError::msg(format!("malformed Redis record: {what}"));
-    let [st, fp, fe, ow, at, lease, expires, rs, cd]: [Value; 9] =
-        fields.try_into().map_err(|_| bad("field count"))?;
-    let text = |v: Value, what: &str| -> Result<String, StoreError> {
-        redis::from_redis_value::<String>(v).map_err(|_| bad(what))
+    let (&st, mut rest) = value.split_first().ok_or_else(|| bad("empty"))?;
+    let state = match st {
+        b'i' => RecordState::InProgress,
+        b'c' => RecordState::Completed,
+        _ => return Err(bad("state")),
     };
-    let bytes = |v: Value| -> Result<Option<Vec<u8>>, StoreError> {
-        match v {
-            Value::Nil => Ok(None),
-            other => redis::from_redis_value::<Vec<u8>>(other)
-                .map(Some)
-                .map_err(|_| bad("bytes")),
-        }
+    let mut number = |what: &str| -> Result<i64, StoreError> {
+        let end = rest
+            .iter()
+            .position(|&b| b == b'|')
+            .ok_or_else(|| bad(what))?;
+        let n = std::str::from_utf8(&rest[..end])
+            .ok()
+            .and_then(|s| s.parse::<i64>().ok())
+            .ok_or_else(|| bad(what))?;
+        rest = &rest[end + 1..];
+        Ok(n)
     };
-    let int = |v: Value, what: &str| -> Result<i64, StoreError> {
-        redis::from_redis_value::<i64>(v).map_err(|_| bad(what))
+    let fence = number("fence")?;
+    let retention = number("retention")?;
+    let attempts = number("attempts")?;
+    let owner_len = number("owner length")?;
+    let fp_len = number("fingerprint length")?;
+    let mut take = |n: i64, what: &str| -> Result<&[u8], StoreError> {
+        let n = usize::try_from(n).map_err(|_| bad(what))?;
+        let (part, tail) = rest.split_at_checked(n).ok_or_else(|| bad(what))?;
+        rest = tail;
+        Ok(part)
     };
-    let state = text(st, "state")?;
-    let state = RecordState::parse(&state).ok_or_else(|| bad("state"))?;
-    let fingerprint = match bytes(fp)? {
-        None => None,
-        Some(b) => Some(Fingerprint::from_bytes(&b).ok_or_else(|| bad("fingerprint"))?),
+    let owner = String::from_utf8(take(owner_len, "owner")?.to_vec()).map_err(|_| bad("owner"))?;
+    let fingerprint = match take(fp_len, "fingerprint")? {
+        [] => None,
+        fp => Some(Fingerprint::from_bytes(fp).ok_or_else(|| bad("fingerprint"))?),
     };
-    let fence = text(fe, "fence")?
-        .parse::<i64>()
-        .map_err(|_| bad("fence"))?;
-    let remaining = |ms: i64| Duration::from_millis(u64::try_from(ms).unwrap_or(0));
-    let result = match (bytes(rs)?, bytes(cd)?) {
-        (Some(bytes), Some(codec)) => {
-            let codec = String::from_utf8(codec).map_err(|_| bad("codec"))?;
+    let result = match state {
+        RecordState::InProgress if rest.is_empty() => None,
+        RecordState::InProgress => return Err(bad("a result on a record in progress")),
+        RecordState::Completed => {
+            let end = rest
+                .iter()
+                .position(|&b| b == b'|')
+                .ok_or_else(|| bad("codec"))?;
+            let codec = std::str::from_utf8(&rest[..end]).map_err(|_| bad("codec"))?;
             Some(StoredResult {
                 codec: codec.parse::<Codec>().map_err(StoreError::new)?,
-                bytes,
+                bytes: rest[end + 1..].to_vec(),
             })
         }
-        _ => None,
     };
+    // The key expires its retention after the lease (in progress) or the result (completed).
+    let left = Duration::from_millis(u64::try_from(ttl_ms.saturating_sub(retention)).unwrap_or(0));
     Ok(Record {
         state,
         fingerprint,
         fence: Fence::from_raw(fence),
-        owner: text(ow, "owner")?,
-        attempts: u32::try_from(int(at, "attempts")?).unwrap_or(0),
+        owner,
+        attempts: u32::try_from(attempts).unwrap_or(0),
         lease_remaining: match state {
-            RecordState::InProgress => remaining(int(lease, "lease")?),
+            RecordState::InProgress => left,
             RecordState::Completed => Duration::ZERO,
         },
-        expires_in: remaining(int(expires, "expiry")?),
+        expires_in: left,
         result,
     })
 }
@@ -196,18 +220,77 @@ pub(super) fn record(fields: Vec<Value>) -> Result<Record, StoreError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::key::RecordId;
+
+    fn claim<'a>(id: &'a RecordId, fp: Option<&'a Fingerprint>) -> Claim<'a> {
+        Claim {
+            id,
+            fence: Fence::from_raw(-42),
+            owner: "host-1|pid 7",
+            fingerprint: fp,
+            lease: Duration::from_secs(30),
+        }
+    }
 
     #[test]
-    fn every_script_has_its_parts_filled_in() {
-        for text in [RESERVE, LOAD, TAKE_OVER, HEARTBEAT, FINALIZE, RELEASE] {
-            assert!(text.starts_with("local t = redis.call('TIME')"), "{text}");
-            let filled = fill(text);
+    fn a_claim_and_its_result_read_back_as_written() {
+        let id = RecordId::new("f", "k");
+        let fp = Fingerprint::of(&"payload").expect("fingerprint");
+        for fp in [None, Some(&fp)] {
+            let (head, tail) = claim_value(&claim(&id, fp), 60_000);
+            let value = [&head[..], b"3", &tail[..]].concat();
+            let r = record(&value, 90_000).expect("in progress");
+            assert_eq!(r.state, RecordState::InProgress);
+            assert_eq!(
+                (r.fence.get(), r.owner.as_str(), r.attempts),
+                (-42, "host-1|pid 7", 3)
+            );
+            assert_eq!(r.fingerprint.as_ref(), fp);
+            assert_eq!(r.lease_remaining, Duration::from_secs(30));
+            assert_eq!(r.expires_in, Duration::from_secs(30));
+            assert!(r.result.is_none());
+
+            // What FINALIZE writes: the state flipped, the result appended.
+            let result = StoredResult {
+                codec: Codec::Json,
+                bytes: b"{\"a\":\"|\"}".to_vec(),
+            };
+            let done = [&b"c"[..], &value[1..], &result_value(&result)].concat();
+            let r = record(&done, 60_500).expect("completed");
+            assert_eq!(r.state, RecordState::Completed);
+            assert_eq!(r.fingerprint.as_ref(), fp);
+            assert_eq!(r.lease_remaining, Duration::ZERO);
+            assert_eq!(r.expires_in, Duration::from_millis(500));
+            let stored = r.result.expect("result");
+            assert_eq!((stored.codec, stored.bytes), (result.codec, result.bytes));
+        }
+    }
+
+    #[test]
+    fn a_record_past_its_lease_has_nothing_left_and_a_bad_one_is_an_error() {
+        let id = RecordId::new("f", "k");
+        let (head, tail) = claim_value(&claim(&id, None), 60_000);
+        let value = [&head[..], b"1", &tail[..]].concat();
+        assert_eq!(
+            record(&value, 10).expect("ok").lease_remaining,
+            Duration::ZERO
+        );
+        assert_eq!(record(&value, -2).expect("ok").expires_in, Duration::ZERO);
+        for bad in [
+            &b""[..],
+            b"x1|2|3|0|0|",
+            b"i1|2|3|9|0|ab",
+            b"i1|2|3|0|5|abcde",
+            b"i1|2|3|0|0|extra",
+            b"inope|2|3|0|0|",
+            b"c1|2|3|0|0|",
+            b"c1|2|3|0|0|nocodec|x",
+        ] {
             assert!(
-                !filled.contains("{READ}") && !filled.contains("{WRITE_CLAIM}"),
-                "{filled}"
+                record(bad, 1_000).is_err(),
+                "{}",
+                String::from_utf8_lossy(bad)
             );
         }
-        assert!(fill(LOAD).contains("HMGET"));
-        assert!(fill(RESERVE).contains("PEXPIREAT"));
     }
 }
