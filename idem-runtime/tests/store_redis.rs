@@ -382,4 +382,63 @@ mod settings {
         let record = fixture.load(&id).await.unwrap().unwrap();
         assert_eq!((record.fence, record.attempts), (second, 2));
     }
+
+    /// A record's lease and expiry are its key's TTL, so a key made persistent by hand
+    /// (`PERSIST`) says nothing about them: it is refused as malformed, not read as expired
+    /// (which would run a completed call again, or take over a running one). A value whose
+    /// numbers the store did not write is refused too, and left as it was.
+    #[tokio::test]
+    async fn a_key_without_a_ttl_or_a_foreign_value_is_refused_not_expired() {
+        use idem_runtime::store::{Fence, Reservation, Store, StoredResult};
+        use idem_runtime::{Codec, RecordId};
+        let Some(fixture) = support::redis_store().await else {
+            return;
+        };
+        let id = RecordId::new("persisted/v0", "k");
+        let (first, second) = (Fence::random(), Fence::random());
+        let r = fixture
+            .reserve(&claim(&id, first, Duration::from_millis(100)))
+            .await
+            .unwrap();
+        assert!(matches!(r, Reservation::Acquired), "{r:?}");
+        let keys = fixture.keys();
+        assert_eq!(keys.len(), 1, "{keys:?}");
+        let persisted: i64 = fixture.command(redis::cmd("PERSIST").arg(&keys[0]));
+        assert_eq!(persisted, 1);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(fixture.load(&id).await.is_err(), "read without a TTL");
+        let lease = Duration::from_secs(30);
+        assert!(
+            !fixture
+                .take_over(&claim(&id, second, lease), first)
+                .await
+                .unwrap(),
+            "taken over without a TTL"
+        );
+
+        let foreign = format!("i{}|1e300|1|0|0|", first.get());
+        let _: () = fixture.command(
+            redis::cmd("SET")
+                .arg(&keys[0])
+                .arg(&foreign)
+                .arg("PX")
+                .arg(60_000),
+        );
+        assert!(fixture.heartbeat(&id, first, lease).await.is_err());
+        let result = StoredResult {
+            codec: Codec::Json,
+            bytes: b"1".to_vec(),
+        };
+        let ttl = Duration::from_secs(60);
+        assert!(fixture.finalize(&id, first, &result, ttl).await.is_err());
+        assert!(fixture.load(&id).await.is_err());
+        let kept: Option<String> = fixture.command(redis::cmd("GET").arg(&keys[0]));
+        assert_eq!(
+            kept.as_deref(),
+            Some(foreign.as_str()),
+            "the value was changed"
+        );
+        let ttl: i64 = fixture.command(redis::cmd("PTTL").arg(&keys[0]));
+        assert!(ttl > 50_000, "the TTL was changed: {ttl} ms");
+    }
 }

@@ -394,6 +394,21 @@ pub struct RedisFixture {
     urls: Vec<String>,
 }
 
+impl RedisFixture {
+    /// A command on the node (single-node fixtures), as a test that reaches past the store
+    /// sends it.
+    pub fn command<T: redis::FromRedisValue>(&self, cmd: &redis::Cmd) -> T {
+        let client = redis::Client::open(self.urls[0].as_str()).expect("url");
+        let mut conn = client.get_connection().expect("connection");
+        cmd.query(&mut conn).expect("command")
+    }
+
+    /// The keys under this fixture's prefix.
+    pub fn keys(&self) -> Vec<String> {
+        self.command(redis::cmd("KEYS").arg(format!("{}:*", self.prefix)))
+    }
+}
+
 impl Deref for RedisFixture {
     type Target = idem_runtime::store::RedisStore;
     fn deref(&self) -> &Self::Target {

@@ -26,13 +26,13 @@ use crate::store::{Claim, Fence, Record, RecordState, StoredResult};
 /// Inserts the value ARGV[2] with a TTL of ARGV[3] ms if the key is absent (`{1}`), else
 /// returns `{0, value, ttl}`. A reservation already holding the caller's fence (ARGV[1]) is the
 /// caller's own (the client sent the script again after a dropped connection): `{1}`, after
-/// writing it again unchanged, so that a `WAIT` on this connection covers the first write
+/// writing its first byte again, unchanged, so that a `WAIT` on this connection covers the first write
 /// (servers count only a connection's own writes).
 const RESERVE: &str = "local k = KEYS[1]
 if redis.call('SET', k, ARGV[2], 'NX', 'PX', ARGV[3]) then return {1} end
 local v = redis.call('GET', k)
 if string.sub(v, 1, #ARGV[1] + 2) == 'i' .. ARGV[1] .. '|' then
-  redis.call('SET', k, v, 'KEEPTTL')
+  redis.call('SETRANGE', k, 0, string.sub(v, 1, 1))
   return {1}
 end
 return {0, v, redis.call('PTTL', k)}";
@@ -50,17 +50,23 @@ const TAKE_OVER: &str = "local k = KEYS[1]
 local v = redis.call('GET', k)
 if not v then return 0 end
 if string.sub(v, 1, #ARGV[1] + 2) == 'i' .. ARGV[1] .. '|' then
-  redis.call('SET', k, v, 'KEEPTTL')
+  redis.call('SETRANGE', k, 0, string.sub(v, 1, 1))
   return 1
 end
 local seen = ARGV[5] .. '|'
 if string.sub(v, 2, #seen + 1) ~= seen then return 0 end
 local p = #seen + 2
 local q = string.find(v, '|', p, true)
-if redis.call('PTTL', k) > tonumber(string.sub(v, p, q - 1)) then return 0 end
+local retention = q and string.match(string.sub(v, p, q - 1), '^%d+$')
+if not retention then return redis.error_reply('malformed idem record') end
+local t = redis.call('PTTL', k)
+if t < 0 or t > tonumber(retention) then return 0 end
 local attempts = 1
 if string.sub(v, 1, 1) == 'i' then
-  attempts = tonumber(string.sub(v, q + 1, string.find(v, '|', q + 1, true) - 1)) + 1
+  local r = string.find(v, '|', q + 1, true)
+  local old = r and string.match(string.sub(v, q + 1, r - 1), '^%d+$')
+  if not old then return redis.error_reply('malformed idem record') end
+  attempts = tonumber(old) + 1
 end
 redis.call('SET', k, ARGV[2] .. string.format('%d', attempts) .. ARGV[3], 'PX', ARGV[4])
 return 1";
@@ -73,13 +79,14 @@ local own = 'i' .. ARGV[1] .. '|'
 if not v or string.sub(v, 1, #own) ~= own then return 0 end
 local p = #own + 1
 local q = string.find(v, '|', p, true)
-local retention = tonumber(string.sub(v, p, q - 1))
-redis.call('PEXPIRE', k, string.format('%d', tonumber(ARGV[2]) + retention))
+local retention = q and string.match(string.sub(v, p, q - 1), '^%d+$')
+if not retention then return redis.error_reply('malformed idem record') end
+redis.call('PEXPIRE', k, string.format('%d', tonumber(ARGV[2]) + tonumber(retention)))
 return 1";
 
 /// ARGV: fence, the codec and result (`codec|bytes`), ttl ms. Refused (0) unless in progress
 /// under the caller's fence. Already completed under it (this finalize, sent again), it still
-/// writes the record again, unchanged, so that a `WAIT` after it covers the earlier write.
+/// writes its first byte again, unchanged, so that a `WAIT` after it covers the earlier write.
 const FINALIZE: &str = "local k = KEYS[1]
 local v = redis.call('GET', k)
 if not v then return 0 end
@@ -87,14 +94,15 @@ local f = ARGV[1] .. '|'
 if string.sub(v, 2, #f + 1) ~= f then return 0 end
 local st = string.sub(v, 1, 1)
 if st == 'c' then
-  redis.call('SET', k, v, 'KEEPTTL')
+  redis.call('SETRANGE', k, 0, string.sub(v, 1, 1))
   return 0
 end
 if st ~= 'i' then return 0 end
 local p = #f + 2
 local q = string.find(v, '|', p, true)
-local retention = tonumber(string.sub(v, p, q - 1))
-redis.call('SET', k, 'c' .. string.sub(v, 2) .. ARGV[2], 'PX', string.format('%d', tonumber(ARGV[3]) + retention))
+local retention = q and string.match(string.sub(v, p, q - 1), '^%d+$')
+if not retention then return redis.error_reply('malformed idem record') end
+redis.call('SET', k, 'c' .. string.sub(v, 2) .. ARGV[2], 'PX', string.format('%d', tonumber(ARGV[3]) + tonumber(retention)))
 return 1";
 
 /// ARGV: fence.
@@ -162,6 +170,13 @@ pub(super) fn record(value: &[u8], ttl_ms: i64) -> Result<Record, StoreError> {
             .iter()
             .position(|&b| b == b'|')
             .ok_or_else(|| bad(what))?;
+        // Digits, and a sign only on a fence: the scripts compare the fence as text.
+        let digits = rest[..end].strip_prefix(b"-").unwrap_or(&rest[..end]);
+        let signed = digits.len() < end;
+        if digits.is_empty() || !digits.iter().all(u8::is_ascii_digit) || signed && what != "fence"
+        {
+            return Err(bad(what));
+        }
         let n = std::str::from_utf8(&rest[..end])
             .ok()
             .and_then(|s| s.parse::<i64>().ok())
@@ -201,6 +216,11 @@ pub(super) fn record(value: &[u8], ttl_ms: i64) -> Result<Record, StoreError> {
         }
     };
     // The key expires its retention after the lease (in progress) or the result (completed).
+    // A key without a TTL (`PERSIST`ed, or restored without one) says nothing about either:
+    // refused, rather than read as expired and run again.
+    if ttl_ms < 0 {
+        return Err(bad("the key has no TTL"));
+    }
     let left = Duration::from_millis(u64::try_from(ttl_ms.saturating_sub(retention)).unwrap_or(0));
     Ok(Record {
         state,
@@ -275,7 +295,11 @@ mod tests {
             record(&value, 10).expect("ok").lease_remaining,
             Duration::ZERO
         );
-        assert_eq!(record(&value, -2).expect("ok").expires_in, Duration::ZERO);
+        assert_eq!(record(&value, 0).expect("ok").expires_in, Duration::ZERO);
+        assert!(
+            record(&value, -1).is_err(),
+            "a key without a TTL is not an expired one"
+        );
         for bad in [
             &b""[..],
             b"x1|2|3|0|0|",
@@ -283,6 +307,10 @@ mod tests {
             b"i1|2|3|0|5|abcde",
             b"i1|2|3|0|0|extra",
             b"inope|2|3|0|0|",
+            b"i+1|2|3|0|0|",
+            b"i1|-2|3|0|0|",
+            b"i1|1e3|3|0|0|",
+            b"i1|2| 3|0|0|",
             b"c1|2|3|0|0|",
             b"c1|2|3|0|0|nocodec|x",
         ] {
