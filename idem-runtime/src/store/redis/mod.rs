@@ -23,7 +23,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use redis::aio::ConnectionManagerConfig;
-use redis::{Script, Value};
+use redis::{Cmd, Script, Value};
 
 use self::link::{Link, Opener, PING_PATIENCE};
 use self::scripts::{Scripts, claim_value, record, result_value};
@@ -235,8 +235,9 @@ impl RedisStore {
         };
         // Reachable now, not at the first call.
         let probe = store.key(&RecordId::new("idem", "probe"));
+        let load = store.invoke(&store.scripts.load, &probe, 0);
         store
-            .eval::<Value>(&store.scripts.load, &probe, &[], false)
+            .eval::<Value>(&store.scripts.load, &load, &probe, false)
             .await
             .map_err(|source| Error::StoreUnavailable {
                 function: "idem",
@@ -274,33 +275,41 @@ impl RedisStore {
         h.update(&[0xff]); // never part of UTF-8, so the boundary is unambiguous
         h.update(id.key().as_bytes());
         let hex = h.finalize().to_hex();
-        format!("{}:{{{}}}", self.prefix, &hex[..32])
+        let mut key = String::with_capacity(self.prefix.len() + 35);
+        key.push_str(&self.prefix);
+        key.push_str(":{");
+        key.push_str(&hex[..32]);
+        key.push('}');
+        key
     }
 
-    /// Runs `script` on `key`'s node; a write (`write` true) then waits for the configured
-    /// replicas.
+    /// The start of a call of `script` on `key`, sized for arguments of about `data` bytes;
+    /// the caller adds them.
+    fn invoke(&self, script: &Script, key: &str, data: usize) -> Cmd {
+        let mut cmd = Cmd::with_capacity(8, 64 + key.len() + data);
+        cmd.arg("EVALSHA").arg(script.get_hash()).arg(1).arg(key);
+        cmd
+    }
+
+    /// Runs `cmd`, a call of `script` on `key`'s node; a write (`write` true) then waits for
+    /// the configured replicas.
     async fn eval<T: redis::FromRedisValue>(
         &self,
         script: &Script,
+        cmd: &Cmd,
         key: &str,
-        args: &[&[u8]],
         write: bool,
     ) -> Result<T, StoreError> {
-        let mut cmd = redis::cmd("EVALSHA");
-        cmd.arg(script.get_hash()).arg(1).arg(key);
-        for arg in args {
-            cmd.arg(*arg);
-        }
         let replicas = if write { self.wait_replicas } else { None };
         let link = match replicas {
             Some(_) => &self.writers[writer_of(key, self.writers.len())],
             None => &self.link,
         };
-        let value = match link.send(&cmd, key, replicas).await {
+        let value = match link.send(cmd, key, replicas).await {
             Err(e) if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) => {
                 // The server forgot its scripts (restarted, or a new cluster node): load them.
                 link.load(script).await.map_err(StoreError::new)?;
-                link.send(&cmd, key, replicas).await
+                link.send(cmd, key, replicas).await
             }
             other => other,
         }
@@ -333,9 +342,9 @@ fn millis(d: Duration) -> u64 {
         .clamp(1, MAX_MS)
 }
 
-/// The TTL of a claim's key: its lease, then its retention.
-fn ttl_of(lease: Duration, retention_ms: u64) -> String {
-    (millis(lease) + retention_ms).to_string()
+/// The TTL of a claim's key in ms: its lease, then its retention.
+fn ttl_of(lease: Duration, retention_ms: u64) -> u64 {
+    millis(lease) + retention_ms
 }
 
 #[async_trait::async_trait]
@@ -344,13 +353,12 @@ impl Store for RedisStore {
         let key = self.key(claim.id);
         let retention = millis(self.retention);
         let (head, tail) = claim_value(claim, retention);
-        let value = [&head[..], b"1", &tail[..]].concat();
-        let (fence, ttl) = (
-            claim.fence.get().to_string(),
-            ttl_of(claim.lease, retention),
-        );
-        let args = [fence.as_bytes(), &value, ttl.as_bytes()];
-        let out: Vec<Value> = self.eval(&self.scripts.reserve, &key, &args, true).await?;
+        let script = &self.scripts.reserve;
+        let mut cmd = self.invoke(script, &key, 2 * head.len() + tail.len());
+        cmd.arg(claim.fence.get())
+            .arg([&head[..], b"1", &tail[..]].concat())
+            .arg(ttl_of(claim.lease, retention));
+        let out: Vec<Value> = self.eval(script, &cmd, &key, true).await?;
         match out.as_slice() {
             [Value::Int(1)] => Ok(Reservation::Acquired),
             [Value::Int(0), Value::BulkString(value), Value::Int(ttl)] => {
@@ -361,10 +369,9 @@ impl Store for RedisStore {
     }
 
     async fn load(&self, id: &RecordId) -> Result<Option<Record>, StoreError> {
-        let out: Value = self
-            .eval(&self.scripts.load, &self.key(id), &[], false)
-            .await?;
-        match out {
+        let (key, script) = (self.key(id), &self.scripts.load);
+        let cmd = self.invoke(script, &key, 0);
+        match self.eval::<Value>(script, &cmd, &key, false).await? {
             Value::Nil => Ok(None),
             Value::Array(v) => match v.as_slice() {
                 [Value::BulkString(value), Value::Int(ttl)] => record(value, *ttl).map(Some),
@@ -378,22 +385,14 @@ impl Store for RedisStore {
         let key = self.key(claim.id);
         let retention = millis(self.retention);
         let (head, tail) = claim_value(claim, retention);
-        let (fence, ttl) = (
-            claim.fence.get().to_string(),
-            ttl_of(claim.lease, retention),
-        );
-        let observed = observed.get().to_string();
-        let args = [
-            fence.as_bytes(),
-            &head,
-            &tail,
-            ttl.as_bytes(),
-            observed.as_bytes(),
-        ];
-        Ok(self
-            .eval::<i64>(&self.scripts.take_over, &key, &args, true)
-            .await?
-            == 1)
+        let script = &self.scripts.take_over;
+        let mut cmd = self.invoke(script, &key, 2 * head.len() + tail.len());
+        cmd.arg(claim.fence.get())
+            .arg(head)
+            .arg(tail)
+            .arg(ttl_of(claim.lease, retention))
+            .arg(observed.get());
+        Ok(self.eval::<i64>(script, &cmd, &key, true).await? == 1)
     }
 
     async fn heartbeat(
@@ -402,12 +401,10 @@ impl Store for RedisStore {
         fence: Fence,
         lease: Duration,
     ) -> Result<bool, StoreError> {
-        let (fence, lease) = (fence.get().to_string(), millis(lease).to_string());
-        let args = [fence.as_bytes(), lease.as_bytes()];
-        Ok(self
-            .eval::<i64>(&self.scripts.heartbeat, &self.key(id), &args, true)
-            .await?
-            == 1)
+        let (key, script) = (self.key(id), &self.scripts.heartbeat);
+        let mut cmd = self.invoke(script, &key, 40);
+        cmd.arg(fence.get()).arg(millis(lease));
+        Ok(self.eval::<i64>(script, &cmd, &key, true).await? == 1)
     }
 
     async fn finalize(
@@ -417,22 +414,18 @@ impl Store for RedisStore {
         result: &StoredResult,
         ttl: Duration,
     ) -> Result<bool, StoreError> {
-        let (fence, ttl) = (fence.get().to_string(), millis(ttl).to_string());
+        let (key, script) = (self.key(id), &self.scripts.finalize);
         let result = result_value(result);
-        let args = [fence.as_bytes(), &result, ttl.as_bytes()];
-        Ok(self
-            .eval::<i64>(&self.scripts.finalize, &self.key(id), &args, true)
-            .await?
-            == 1)
+        let mut cmd = self.invoke(script, &key, 40 + result.len());
+        cmd.arg(fence.get()).arg(result).arg(millis(ttl));
+        Ok(self.eval::<i64>(script, &cmd, &key, true).await? == 1)
     }
 
     async fn release(&self, id: &RecordId, fence: Fence) -> Result<bool, StoreError> {
-        let fence = fence.get().to_string();
-        let args = [fence.as_bytes()];
-        Ok(self
-            .eval::<i64>(&self.scripts.release, &self.key(id), &args, true)
-            .await?
-            == 1)
+        let (key, script) = (self.key(id), &self.scripts.release);
+        let mut cmd = self.invoke(script, &key, 20);
+        cmd.arg(fence.get());
+        Ok(self.eval::<i64>(script, &cmd, &key, true).await? == 1)
     }
 
     /// Nothing to do: Redis deletes each record by itself, its retention period after its

@@ -138,9 +138,20 @@ impl Scripts {
 /// A claim's value, in two parts around its attempts (which only a takeover works out, on the
 /// server): `i<fence>|<retention ms>|` and `|<owner length>|<fingerprint length>|<owner><fingerprint>`.
 pub(super) fn claim_value(claim: &Claim<'_>, retention_ms: u64) -> (Vec<u8>, Vec<u8>) {
-    let head = format!("i{}|{retention_ms}|", claim.fence.get()).into_bytes();
+    let mut n = itoa::Buffer::new();
+    let mut head = Vec::with_capacity(48);
+    head.push(b'i');
+    head.extend_from_slice(n.format(claim.fence.get()).as_bytes());
+    head.push(b'|');
+    head.extend_from_slice(n.format(retention_ms).as_bytes());
+    head.push(b'|');
     let fp: &[u8] = claim.fingerprint.map_or(&[], |f| &f.as_bytes()[..]);
-    let mut tail = format!("|{}|{}|", claim.owner.len(), fp.len()).into_bytes();
+    let mut tail = Vec::with_capacity(16 + claim.owner.len() + fp.len());
+    tail.push(b'|');
+    tail.extend_from_slice(n.format(claim.owner.len()).as_bytes());
+    tail.push(b'|');
+    tail.extend_from_slice(n.format(fp.len()).as_bytes());
+    tail.push(b'|');
     tail.extend_from_slice(claim.owner.as_bytes());
     tail.extend_from_slice(fp);
     (head, tail)
