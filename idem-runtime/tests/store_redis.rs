@@ -386,7 +386,8 @@ mod settings {
     /// A record's lease and expiry are its key's TTL, so a key made persistent by hand
     /// (`PERSIST`) says nothing about them: it is refused as malformed, not read as expired
     /// (which would run a completed call again, or take over a running one). A value whose
-    /// numbers the store did not write is refused too, and left as it was.
+    /// numbers the store did not write is refused too (malformed for a takeover, not the
+    /// caller's for the fenced writes), and left as it was.
     #[tokio::test]
     async fn a_key_without_a_ttl_or_a_foreign_value_is_refused_not_expired() {
         use idem_runtime::store::{Fence, Reservation, Store, StoredResult};
@@ -424,14 +425,19 @@ mod settings {
                 .arg("PX")
                 .arg(60_000),
         );
-        assert!(fixture.heartbeat(&id, first, lease).await.is_err());
+        // Not the caller's (its retention is not the one the caller wrote): refused.
+        let heartbeat = fixture.heartbeat(&id, first, lease).await;
+        assert!(!matches!(heartbeat, Ok(true)), "{heartbeat:?}");
         let result = StoredResult {
             codec: Codec::Json,
             bytes: b"1".to_vec(),
         };
         let ttl = Duration::from_secs(60);
-        assert!(fixture.finalize(&id, first, &result, ttl).await.is_err());
+        let finalized = fixture.finalize(&id, first, &result, ttl).await;
+        assert!(!matches!(finalized, Ok(true)), "{finalized:?}");
         assert!(fixture.load(&id).await.is_err());
+        let taken = fixture.take_over(&claim(&id, second, lease), first).await;
+        assert!(taken.is_err(), "{taken:?}");
         let kept: Option<String> = fixture.command(redis::cmd("GET").arg(&keys[0]));
         assert_eq!(
             kept.as_deref(),

@@ -26,7 +26,7 @@ use redis::aio::ConnectionManagerConfig;
 use redis::{Cmd, Script, Value};
 
 use self::link::{Link, Opener, PING_PATIENCE};
-use self::scripts::{Scripts, claim_value, record, result_value};
+use self::scripts::{Scripts, claim_value, own_prefix, record, result_value};
 use super::{Claim, Fence, Record, Reservation, Store, StoredResult};
 use crate::Error;
 use crate::error::StoreError;
@@ -342,11 +342,6 @@ fn millis(d: Duration) -> u64 {
         .clamp(1, MAX_MS)
 }
 
-/// The TTL of a claim's key in ms: its lease, then its retention.
-fn ttl_of(lease: Duration, retention_ms: u64) -> u64 {
-    millis(lease) + retention_ms
-}
-
 #[async_trait::async_trait]
 impl Store for RedisStore {
     async fn reserve(&self, claim: &Claim<'_>) -> Result<Reservation, StoreError> {
@@ -355,15 +350,17 @@ impl Store for RedisStore {
         let (head, tail) = claim_value(claim, retention);
         let script = &self.scripts.reserve;
         let mut cmd = self.invoke(script, &key, 2 * head.len() + tail.len());
-        cmd.arg(claim.fence.get())
+        cmd.arg(&head[..])
             .arg([&head[..], b"1", &tail[..]].concat())
-            .arg(ttl_of(claim.lease, retention));
-        let out: Vec<Value> = self.eval(script, &cmd, &key, true).await?;
-        match out.as_slice() {
-            [Value::Int(1)] => Ok(Reservation::Acquired),
-            [Value::Int(0), Value::BulkString(value), Value::Int(ttl)] => {
-                Ok(Reservation::Exists(record(value, *ttl)?))
-            }
+            .arg(millis(claim.lease) + retention);
+        match self.eval::<Value>(script, &cmd, &key, true).await? {
+            Value::Int(1) => Ok(Reservation::Acquired),
+            Value::Array(v) => match v.as_slice() {
+                [Value::BulkString(value), Value::Int(ttl)] => {
+                    Ok(Reservation::Exists(record(value, *ttl)?))
+                }
+                _ => Err(StoreError::msg("malformed Redis reply to reserve")),
+            },
             _ => Err(StoreError::msg("malformed Redis reply to reserve")),
         }
     }
@@ -386,11 +383,10 @@ impl Store for RedisStore {
         let retention = millis(self.retention);
         let (head, tail) = claim_value(claim, retention);
         let script = &self.scripts.take_over;
-        let mut cmd = self.invoke(script, &key, 2 * head.len() + tail.len());
-        cmd.arg(claim.fence.get())
-            .arg(head)
+        let mut cmd = self.invoke(script, &key, head.len() + tail.len() + 40);
+        cmd.arg(head)
             .arg(tail)
-            .arg(ttl_of(claim.lease, retention))
+            .arg(millis(claim.lease) + retention)
             .arg(observed.get());
         Ok(self.eval::<i64>(script, &cmd, &key, true).await? == 1)
     }
@@ -402,8 +398,10 @@ impl Store for RedisStore {
         lease: Duration,
     ) -> Result<bool, StoreError> {
         let (key, script) = (self.key(id), &self.scripts.heartbeat);
-        let mut cmd = self.invoke(script, &key, 40);
-        cmd.arg(fence.get()).arg(millis(lease));
+        let retention = millis(self.retention);
+        let mut cmd = self.invoke(script, &key, 64);
+        cmd.arg(own_prefix(fence, retention))
+            .arg(millis(lease) + retention);
         Ok(self.eval::<i64>(script, &cmd, &key, true).await? == 1)
     }
 
@@ -415,16 +413,19 @@ impl Store for RedisStore {
         ttl: Duration,
     ) -> Result<bool, StoreError> {
         let (key, script) = (self.key(id), &self.scripts.finalize);
+        let retention = millis(self.retention);
         let result = result_value(result);
-        let mut cmd = self.invoke(script, &key, 40 + result.len());
-        cmd.arg(fence.get()).arg(result).arg(millis(ttl));
+        let mut cmd = self.invoke(script, &key, 64 + result.len());
+        cmd.arg(own_prefix(fence, retention))
+            .arg(result)
+            .arg(millis(ttl) + retention);
         Ok(self.eval::<i64>(script, &cmd, &key, true).await? == 1)
     }
 
     async fn release(&self, id: &RecordId, fence: Fence) -> Result<bool, StoreError> {
         let (key, script) = (self.key(id), &self.scripts.release);
-        let mut cmd = self.invoke(script, &key, 20);
-        cmd.arg(fence.get());
+        let mut cmd = self.invoke(script, &key, 48);
+        cmd.arg(own_prefix(fence, millis(self.retention)));
         Ok(self.eval::<i64>(script, &cmd, &key, true).await? == 1)
     }
 

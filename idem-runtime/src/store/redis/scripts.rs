@@ -23,37 +23,41 @@ use crate::error::StoreError;
 use crate::key::Fingerprint;
 use crate::store::{Claim, Fence, Record, RecordState, StoredResult};
 
-/// Inserts the value ARGV[2] with a TTL of ARGV[3] ms if the key is absent (`{1}`), else
-/// returns `{0, value, ttl}`. A reservation already holding the caller's fence (ARGV[1]) is the
-/// caller's own (the client sent the script again after a dropped connection): `{1}`, after
-/// writing its first byte again, unchanged, so that a `WAIT` on this connection covers the first write
-/// (servers count only a connection's own writes).
+/// Every script that changes a record takes the caller's own prefix first (ARGV[1]):
+/// `i<fence>|<retention ms>|`, as the caller's claim wrote it. A record that starts with it
+/// is in progress under the caller's fence; anything else is not the caller's.
+///
+/// Inserts the value ARGV[2] with a TTL of ARGV[3] ms if the key is absent (1), else returns
+/// `{value, ttl}`. A reservation already the caller's own (the client sent the script again
+/// after a dropped connection): 1, after writing its first byte again, unchanged, so that a
+/// `WAIT` on this connection covers the first write (servers count only a connection's own
+/// writes).
 const RESERVE: &str = "local k = KEYS[1]
-if redis.call('SET', k, ARGV[2], 'NX', 'PX', ARGV[3]) then return {1} end
+if redis.call('SET', k, ARGV[2], 'NX', 'PX', ARGV[3]) then return 1 end
 local v = redis.call('GET', k)
-if string.sub(v, 1, #ARGV[1] + 2) == 'i' .. ARGV[1] .. '|' then
-  redis.call('SETRANGE', k, 0, string.sub(v, 1, 1))
-  return {1}
+if string.sub(v, 1, #ARGV[1]) == ARGV[1] then
+  redis.call('SETRANGE', k, 0, 'i')
+  return 1
 end
-return {0, v, redis.call('PTTL', k)}";
+return {v, redis.call('PTTL', k)}";
 
 /// The value and its TTL, or nil.
 const LOAD: &str = "local v = redis.call('GET', KEYS[1])
 if not v then return false end
 return {v, redis.call('PTTL', KEYS[1])}";
 
-/// ARGV: the new fence, the claim's value before and after its attempts, its TTL in ms, and
-/// the fence the caller saw. Replaces a record holding the seen fence whose lease (in
-/// progress) or result (completed) has run out: 1. A record already holding the caller's new
-/// fence is this takeover, sent again: 1 (after the same unchanged write as in `RESERVE`).
+/// ARGV: the caller's prefix with its new fence, the rest of the claim after its attempts,
+/// its TTL in ms, and the fence the caller saw. Replaces a record holding the seen fence
+/// whose lease (in progress) or result (completed) has run out: 1. A record already the
+/// caller's is this takeover, sent again: 1 (after the same unchanged write as in `RESERVE`).
 const TAKE_OVER: &str = "local k = KEYS[1]
 local v = redis.call('GET', k)
 if not v then return 0 end
-if string.sub(v, 1, #ARGV[1] + 2) == 'i' .. ARGV[1] .. '|' then
-  redis.call('SETRANGE', k, 0, string.sub(v, 1, 1))
+if string.sub(v, 1, #ARGV[1]) == ARGV[1] then
+  redis.call('SETRANGE', k, 0, 'i')
   return 1
 end
-local seen = ARGV[5] .. '|'
+local seen = ARGV[4] .. '|'
 if string.sub(v, 2, #seen + 1) ~= seen then return 0 end
 local p = #seen + 2
 local q = string.find(v, '|', p, true)
@@ -68,47 +72,34 @@ if string.sub(v, 1, 1) == 'i' then
   if not old then return redis.error_reply('malformed idem record') end
   attempts = tonumber(old) + 1
 end
-redis.call('SET', k, ARGV[2] .. string.format('%d', attempts) .. ARGV[3], 'PX', ARGV[4])
+redis.call('SET', k, ARGV[1] .. string.format('%d', attempts) .. ARGV[2], 'PX', ARGV[3])
 return 1";
 
-/// ARGV: fence, lease ms. Extends a reservation still holding the fence: its key now expires
-/// the lease plus its retention from now.
-const HEARTBEAT: &str = "local k = KEYS[1]
-local v = redis.call('GET', k)
-local own = 'i' .. ARGV[1] .. '|'
-if not v or string.sub(v, 1, #own) ~= own then return 0 end
-local p = #own + 1
-local q = string.find(v, '|', p, true)
-local retention = q and string.match(string.sub(v, p, q - 1), '^%d+$')
-if not retention then return redis.error_reply('malformed idem record') end
-redis.call('PEXPIRE', k, string.format('%d', tonumber(ARGV[2]) + tonumber(retention)))
+/// ARGV: the caller's prefix, the new TTL in ms (the lease, then the retention). Extends a
+/// reservation still the caller's.
+const HEARTBEAT: &str = "local v = redis.call('GET', KEYS[1])
+if not v or string.sub(v, 1, #ARGV[1]) ~= ARGV[1] then return 0 end
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
 return 1";
 
-/// ARGV: fence, the codec and result (`codec|bytes`), ttl ms. Refused (0) unless in progress
-/// under the caller's fence. Already completed under it (this finalize, sent again), it still
-/// writes its first byte again, unchanged, so that a `WAIT` after it covers the earlier write.
+/// ARGV: the caller's prefix, the codec and result (`codec|bytes`), the TTL in ms (the
+/// result's, then the retention). Refused (0) unless the reservation is still the caller's.
+/// Already completed under it (this finalize, sent again), it still writes its first byte
+/// again, unchanged, so that a `WAIT` after it covers the earlier write.
 const FINALIZE: &str = "local k = KEYS[1]
 local v = redis.call('GET', k)
 if not v then return 0 end
-local f = ARGV[1] .. '|'
-if string.sub(v, 2, #f + 1) ~= f then return 0 end
-local st = string.sub(v, 1, 1)
-if st == 'c' then
-  redis.call('SETRANGE', k, 0, string.sub(v, 1, 1))
-  return 0
+local head = string.sub(v, 1, #ARGV[1])
+if head == ARGV[1] then
+  redis.call('SET', k, 'c' .. string.sub(v, 2) .. ARGV[2], 'PX', ARGV[3])
+  return 1
 end
-if st ~= 'i' then return 0 end
-local p = #f + 2
-local q = string.find(v, '|', p, true)
-local retention = q and string.match(string.sub(v, p, q - 1), '^%d+$')
-if not retention then return redis.error_reply('malformed idem record') end
-redis.call('SET', k, 'c' .. string.sub(v, 2) .. ARGV[2], 'PX', string.format('%d', tonumber(ARGV[3]) + tonumber(retention)))
-return 1";
+if head == 'c' .. string.sub(ARGV[1], 2) then redis.call('SETRANGE', k, 0, 'c') end
+return 0";
 
-/// ARGV: fence.
+/// ARGV: the caller's prefix.
 const RELEASE: &str = "local v = redis.call('GET', KEYS[1])
-local own = 'i' .. ARGV[1] .. '|'
-if not v or string.sub(v, 1, #own) ~= own then return 0 end
+if not v or string.sub(v, 1, #ARGV[1]) ~= ARGV[1] then return 0 end
 redis.call('DEL', KEYS[1])
 return 1";
 
@@ -135,16 +126,23 @@ impl Scripts {
     }
 }
 
-/// A claim's value, in two parts around its attempts (which only a takeover works out, on the
-/// server): `i<fence>|<retention ms>|` and `|<owner length>|<fingerprint length>|<owner><fingerprint>`.
-pub(super) fn claim_value(claim: &Claim<'_>, retention_ms: u64) -> (Vec<u8>, Vec<u8>) {
+/// The prefix of a record in progress under `fence`, written with `retention_ms`:
+/// `i<fence>|<retention ms>|`.
+pub(super) fn own_prefix(fence: Fence, retention_ms: u64) -> Vec<u8> {
     let mut n = itoa::Buffer::new();
     let mut head = Vec::with_capacity(48);
     head.push(b'i');
-    head.extend_from_slice(n.format(claim.fence.get()).as_bytes());
+    head.extend_from_slice(n.format(fence.get()).as_bytes());
     head.push(b'|');
     head.extend_from_slice(n.format(retention_ms).as_bytes());
     head.push(b'|');
+    head
+}
+
+/// A claim's value, in two parts around its attempts (which only a takeover works out, on the
+/// server): [`own_prefix`] and `|<owner length>|<fingerprint length>|<owner><fingerprint>`.
+pub(super) fn claim_value(claim: &Claim<'_>, retention_ms: u64) -> (Vec<u8>, Vec<u8>) {
+    let mut n = itoa::Buffer::new();
     let fp: &[u8] = claim.fingerprint.map_or(&[], |f| &f.as_bytes()[..]);
     let mut tail = Vec::with_capacity(16 + claim.owner.len() + fp.len());
     tail.push(b'|');
@@ -154,7 +152,7 @@ pub(super) fn claim_value(claim: &Claim<'_>, retention_ms: u64) -> (Vec<u8>, Vec
     tail.push(b'|');
     tail.extend_from_slice(claim.owner.as_bytes());
     tail.extend_from_slice(fp);
-    (head, tail)
+    (own_prefix(claim.fence, retention_ms), tail)
 }
 
 /// What a finalize appends to the record: `<codec>|<result>`.
