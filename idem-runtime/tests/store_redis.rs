@@ -383,11 +383,52 @@ mod settings {
         assert_eq!((record.fence, record.attempts), (second, 2));
     }
 
+    /// Two stores with different retentions behind one caller (a wrapper that sends one
+    /// call's verbs to either) would see the caller's own reservation as someone else's,
+    /// and answer a lost lease: instead each fenced write says so, as an error. A record
+    /// completed under the fence is simply not the caller's reservation any more.
+    #[tokio::test]
+    async fn a_reservation_written_with_another_retention_is_an_error_not_a_lost_lease() {
+        use idem_runtime::store::{Fence, Reservation, Store, StoredResult};
+        use idem_runtime::{Codec, RecordId};
+        let Some(fixture) = support::redis_store().await else {
+            return;
+        };
+        let other = RedisStore::connect_with(
+            &support::redis_url(),
+            RedisStoreOptions::new()
+                .prefix(fixture.prefix())
+                .retention(Duration::from_secs(7)),
+        )
+        .await
+        .unwrap();
+        let id = RecordId::new("two-retentions/v0", "k");
+        let fence = Fence::random();
+        let lease = Duration::from_secs(30);
+        let r = fixture.reserve(&claim(&id, fence, lease)).await.unwrap();
+        assert!(matches!(r, Reservation::Acquired), "{r:?}");
+        let result = StoredResult {
+            codec: Codec::Json,
+            bytes: b"1".to_vec(),
+        };
+        let ttl = Duration::from_secs(60);
+        let heartbeat = other.heartbeat(&id, fence, lease).await;
+        assert!(heartbeat.is_err(), "{heartbeat:?}");
+        let finalized = other.finalize(&id, fence, &result, ttl).await;
+        assert!(finalized.is_err(), "{finalized:?}");
+        let released = other.release(&id, fence).await;
+        assert!(released.is_err(), "{released:?}");
+        assert!(fixture.finalize(&id, fence, &result, ttl).await.unwrap());
+        assert!(!other.release(&id, fence).await.unwrap());
+        assert!(!other.heartbeat(&id, fence, lease).await.unwrap());
+    }
+
     /// A record's lease and expiry are its key's TTL, so a key made persistent by hand
     /// (`PERSIST`) says nothing about them: it is refused as malformed, not read as expired
     /// (which would run a completed call again, or take over a running one). A value whose
     /// numbers the store did not write is refused too (malformed for a takeover, not the
-    /// caller's for the fenced writes), and left as it was.
+    /// caller's for the fenced writes), and left as it was. (One node: the test reaches the
+    /// key directly.)
     #[tokio::test]
     async fn a_key_without_a_ttl_or_a_foreign_value_is_refused_not_expired() {
         use idem_runtime::store::{Fence, Reservation, Store, StoredResult};

@@ -403,6 +403,11 @@ impl RedisFixture {
         cmd.query(&mut conn).expect("command")
     }
 
+    /// The key prefix this fixture's store writes under.
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
     /// The keys under this fixture's prefix.
     pub fn keys(&self) -> Vec<String> {
         self.command(redis::cmd("KEYS").arg(format!("{}:*", self.prefix)))

@@ -25,7 +25,9 @@ use crate::store::{Claim, Fence, Record, RecordState, StoredResult};
 
 /// Every script that changes a record takes the caller's own prefix first (ARGV[1]):
 /// `i<fence>|<retention ms>|`, as the caller's claim wrote it. A record that starts with it
-/// is in progress under the caller's fence; anything else is not the caller's.
+/// is in progress under the caller's fence; anything else is not the caller's. (One store
+/// writes one retention, and every call's verbs go to one store, so the caller's fence comes
+/// with the caller's retention.)
 ///
 /// Inserts the value ARGV[2] with a TTL of ARGV[3] ms if the key is absent (1), else returns
 /// `{value, ttl}`. A reservation already the caller's own (the client sent the script again
@@ -40,6 +42,20 @@ if string.sub(v, 1, #ARGV[1]) == ARGV[1] then
   return 1
 end
 return {v, redis.call('PTTL', k)}";
+
+/// The end of a fenced write that found a record not the caller's: if it is in progress
+/// under the caller's fence but another retention (two stores with different retentions
+/// behind one caller), that is a misconfiguration, said loudly rather than answered as a
+/// lost lease.
+macro_rules! another_retention {
+    () => {
+        "local f = string.sub(ARGV[1], 1, string.find(ARGV[1], '|', 2, true))
+if string.sub(v, 1, #f) == f then
+  return redis.error_reply('idem record written with another retention')
+end
+"
+    };
+}
 
 /// The value and its TTL, or nil.
 const LOAD: &str = "local v = redis.call('GET', KEYS[1])
@@ -62,14 +78,14 @@ if string.sub(v, 2, #seen + 1) ~= seen then return 0 end
 local p = #seen + 2
 local q = string.find(v, '|', p, true)
 local retention = q and string.match(string.sub(v, p, q - 1), '^%d+$')
-if not retention then return redis.error_reply('malformed idem record') end
+if not retention or #retention > 15 then return redis.error_reply('malformed idem record') end
 local t = redis.call('PTTL', k)
 if t < 0 or t > tonumber(retention) then return 0 end
 local attempts = 1
 if string.sub(v, 1, 1) == 'i' then
   local r = string.find(v, '|', q + 1, true)
   local old = r and string.match(string.sub(v, q + 1, r - 1), '^%d+$')
-  if not old then return redis.error_reply('malformed idem record') end
+  if not old or #old > 9 then return redis.error_reply('malformed idem record') end
   attempts = tonumber(old) + 1
 end
 redis.call('SET', k, ARGV[1] .. string.format('%d', attempts) .. ARGV[2], 'PX', ARGV[3])
@@ -77,16 +93,24 @@ return 1";
 
 /// ARGV: the caller's prefix, the new TTL in ms (the lease, then the retention). Extends a
 /// reservation still the caller's.
-const HEARTBEAT: &str = "local v = redis.call('GET', KEYS[1])
-if not v or string.sub(v, 1, #ARGV[1]) ~= ARGV[1] then return 0 end
-redis.call('PEXPIRE', KEYS[1], ARGV[2])
-return 1";
+const HEARTBEAT: &str = concat!(
+    "local v = redis.call('GET', KEYS[1])
+if not v then return 0 end
+if string.sub(v, 1, #ARGV[1]) == ARGV[1] then
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  return 1
+end
+",
+    another_retention!(),
+    "return 0"
+);
 
 /// ARGV: the caller's prefix, the codec and result (`codec|bytes`), the TTL in ms (the
 /// result's, then the retention). Refused (0) unless the reservation is still the caller's.
 /// Already completed under it (this finalize, sent again), it still writes its first byte
 /// again, unchanged, so that a `WAIT` after it covers the earlier write.
-const FINALIZE: &str = "local k = KEYS[1]
+const FINALIZE: &str = concat!(
+    "local k = KEYS[1]
 local v = redis.call('GET', k)
 if not v then return 0 end
 local head = string.sub(v, 1, #ARGV[1])
@@ -94,14 +118,27 @@ if head == ARGV[1] then
   redis.call('SET', k, 'c' .. string.sub(v, 2) .. ARGV[2], 'PX', ARGV[3])
   return 1
 end
-if head == 'c' .. string.sub(ARGV[1], 2) then redis.call('SETRANGE', k, 0, 'c') end
-return 0";
+if head == 'c' .. string.sub(ARGV[1], 2) then
+  redis.call('SETRANGE', k, 0, 'c')
+  return 0
+end
+",
+    another_retention!(),
+    "return 0"
+);
 
 /// ARGV: the caller's prefix.
-const RELEASE: &str = "local v = redis.call('GET', KEYS[1])
-if not v or string.sub(v, 1, #ARGV[1]) ~= ARGV[1] then return 0 end
-redis.call('DEL', KEYS[1])
-return 1";
+const RELEASE: &str = concat!(
+    "local v = redis.call('GET', KEYS[1])
+if not v then return 0 end
+if string.sub(v, 1, #ARGV[1]) == ARGV[1] then
+  redis.call('DEL', KEYS[1])
+  return 1
+end
+",
+    another_retention!(),
+    "return 0"
+);
 
 /// The scripts, with their SHA1s worked out once.
 pub(super) struct Scripts {
@@ -182,7 +219,12 @@ pub(super) fn record(value: &[u8], ttl_ms: i64) -> Result<Record, StoreError> {
         // Digits, and a sign only on a fence: the scripts compare the fence as text.
         let digits = rest[..end].strip_prefix(b"-").unwrap_or(&rest[..end]);
         let signed = digits.len() < end;
-        if digits.is_empty() || !digits.iter().all(u8::is_ascii_digit) || signed && what != "fence"
+        // As itoa writes them: no leading zero, no `-0`.
+        let canonical = digits.first() != Some(&b'0') || digits == b"0" && !signed;
+        if digits.is_empty()
+            || !digits.iter().all(u8::is_ascii_digit)
+            || !canonical
+            || signed && what != "fence"
         {
             return Err(bad(what));
         }
@@ -317,6 +359,8 @@ mod tests {
             b"i1|2|3|0|0|extra",
             b"inope|2|3|0|0|",
             b"i+1|2|3|0|0|",
+            b"i07|2|3|0|0|",
+            b"i-0|2|3|0|0|",
             b"i1|-2|3|0|0|",
             b"i1|1e3|3|0|0|",
             b"i1|2| 3|0|0|",
