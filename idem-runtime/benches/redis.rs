@@ -8,7 +8,7 @@
 //!
 //! Rounds alternate (raw, idem, peer, raw, idem, peer, ...) so machine noise lands on all;
 //! each rate is the median of its rounds, each ratio the median of the ratios of rounds run
-//! back to back; every key expires within ten minutes, so an interrupted run leaves nothing
+//! back to back; every key expires within eleven minutes, so an interrupted run leaves nothing
 //! for long. `cargo bench -p idem-runtime --bench redis --features redis`
 //! (`IDEM_TEST_REDIS_URL` picks the server). The peer runs only where
 //! `IDEM_BENCH_PEER_PYTHON` names a Python that has it (`scripts/peer-venv.sh` makes one);
@@ -80,7 +80,7 @@ async fn raw_get(mut conn: ConnectionManager, key: String) {
 /// The peer's calls per second over one round of `case` (`first1`, `first16`, `replay1`), or
 /// `None` where no Python with it is configured.
 async fn peer(case: &'static str, prefix: String) -> Option<f64> {
-    let python = std::env::var("IDEM_BENCH_PEER_PYTHON").ok()?;
+    let python = peer_python()?;
     let script = concat!(
         env!("CARGO_MANIFEST_DIR"),
         "/benches/peer/powertools_redis.py"
@@ -104,6 +104,14 @@ async fn peer(case: &'static str, prefix: String) -> Option<f64> {
             String::from_utf8_lossy(&out.stderr)
         ),
     }
+}
+
+/// The Python that runs the peer: `IDEM_BENCH_PEER_PYTHON`, unless unset or empty (what
+/// `$(scripts/peer-venv.sh)` gives when that script failed).
+fn peer_python() -> Option<String> {
+    std::env::var("IDEM_BENCH_PEER_PYTHON")
+        .ok()
+        .filter(|p| !p.is_empty())
 }
 
 /// How idem compares with the peer: the median of back-to-back ratios where it ran, else
@@ -152,7 +160,7 @@ async fn run() {
     println!(
         "== Redis: idem against the raw commands and the peer ({ROUNDS} alternating rounds of {ROUND:?})"
     );
-    if std::env::var_os("IDEM_BENCH_PEER_PYTHON").is_none() {
+    if peer_python().is_none() {
         println!(
             "(the peer does not run: IDEM_BENCH_PEER_PYTHON=$(scripts/peer-venv.sh) runs it in the same rounds)"
         );
@@ -192,7 +200,7 @@ async fn run() {
         );
     }
 
-    // Replays from Redis: 1,000 completed records, read back at random.
+    // Replays from Redis: 1,000 completed records, read back in turn.
     let mut seed = raw.clone();
     for k in 0..1_000u64 {
         replayed(&idem, format!("k{k}")).await.expect("seed");

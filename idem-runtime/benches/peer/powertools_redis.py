@@ -4,7 +4,7 @@ redis-py, against the same Redis, measured by the same clock as idem's rounds.
     python powertools_redis.py CASE SECONDS PREFIX
 
 CASE is `first1`, `first16` (fresh keys, 1 or 16 threads) or `replay1` (1,000 completed
-records read back at random, local cache off, as idem's replays are). Prints one line: the
+records read back at random, local cache off, as idem's are). Prints one line: the
 calls per second. Every key it writes expires within ten minutes, and it deletes its own.
 """
 
@@ -23,8 +23,9 @@ from aws_lambda_powertools.utilities.idempotency.persistence.redis import (
 
 
 def main() -> None:
-    # Outside Lambda it warns once that it cannot read the remaining time; that is expected.
-    warnings.simplefilter("ignore", UserWarning)
+    # Outside Lambda it warns that it cannot read the remaining time, and its Redis layer's
+    # client protocol is marked deprecated: both expected here.
+    warnings.simplefilter("ignore")
     case, seconds, prefix = sys.argv[1], float(sys.argv[2]), sys.argv[3]
     url = os.environ.get("IDEM_TEST_REDIS_URL", "redis://127.0.0.1:6379")
     client = redis.Redis.from_url(url)
@@ -55,25 +56,33 @@ def main() -> None:
     lock = threading.Lock()
     counts = [0] * threads
 
+    failures: list[BaseException] = []
+
     def worker(i: int) -> None:
         end = start + seconds
-        while time.monotonic() < end:
-            with lock:
-                n = next(counter)
-            handle(order=key(n))
-            counts[i] += 1
+        try:
+            while time.monotonic() < end:
+                with lock:
+                    n = next(counter)
+                handle(order=key(n))
+                counts[i] += 1
+        except BaseException as e:  # a failed call fails the round, not just its thread
+            failures.append(e)
 
-    start = time.monotonic()
-    pool = [threading.Thread(target=worker, args=(i,)) for i in range(threads)]
-    for t in pool:
-        t.start()
-    for t in pool:
-        t.join()
-    print(f"{sum(counts) / (time.monotonic() - start):.1f}")
-
-    keys = list(client.scan_iter(f"{prefix}*", count=1_000))
-    for i in range(0, len(keys), 500):
-        client.delete(*keys[i : i + 500])
+    try:
+        start = time.monotonic()
+        pool = [threading.Thread(target=worker, args=(i,)) for i in range(threads)]
+        for t in pool:
+            t.start()
+        for t in pool:
+            t.join()
+        if failures:
+            raise failures[0]
+        print(f"{sum(counts) / (time.monotonic() - start):.1f}")
+    finally:
+        keys = list(client.scan_iter(f"{prefix}*", count=1_000))
+        for i in range(0, len(keys), 500):
+            client.delete(*keys[i : i + 500])
 
 
 if __name__ == "__main__":

@@ -333,8 +333,9 @@ impl RedisStore {
     }
 }
 
-/// A duration in whole milliseconds for a script: at least 1, and at most about 31,000
-/// years, so Lua (whose numbers are doubles) keeps it exact and prints it as an integer.
+/// A duration in whole milliseconds for a TTL: at least 1 (0 is refused by `PX`), and at most
+/// about 31,000 years, so even with the retention added it stays far inside what Redis and
+/// Lua's doubles hold exactly.
 fn millis(d: Duration) -> u64 {
     const MAX_MS: u64 = 1_000_000_000_000_000;
     u64::try_from(d.as_millis())

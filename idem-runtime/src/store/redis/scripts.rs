@@ -2,8 +2,9 @@
 //!
 //! A record is one Redis string, its lease and expiry the key's own TTL: the key expires its
 //! retention after the lease (in progress) or the result (completed) runs out, and that
-//! retention is in the value, so a script reads the time left as `PTTL` minus the retention
-//! (the server's clock, whatever the replicas' clocks say). The value:
+//! retention is in the value, so the time left is `PTTL` minus the retention (the server's
+//! clock, whatever the replicas' clocks say): a takeover compares the two in its script, a
+//! load reads both and [`record`] subtracts. The value:
 //!
 //! ```text
 //! i<fence>|<retention ms>|<attempts>|<owner length>|<fingerprint length>|<owner><fingerprint>
@@ -91,7 +92,7 @@ end
 redis.call('SET', k, ARGV[1] .. string.format('%d', attempts) .. ARGV[2], 'PX', ARGV[3])
 return 1";
 
-/// ARGV: the caller's prefix, the new TTL in ms (the lease, then the retention). Extends a
+/// ARGV: the caller's prefix, the new TTL in ms (the lease plus the retention). Extends a
 /// reservation still the caller's.
 const HEARTBEAT: &str = concat!(
     "local v = redis.call('GET', KEYS[1])
@@ -106,7 +107,7 @@ end
 );
 
 /// ARGV: the caller's prefix, the codec and result (`codec|bytes`), the TTL in ms (the
-/// result's, then the retention). Refused (0) unless the reservation is still the caller's.
+/// result's plus the retention). Refused (0) unless the reservation is still the caller's.
 /// Already completed under it (this finalize, sent again), it still writes its first byte
 /// again, unchanged, so that a `WAIT` after it covers the earlier write.
 const FINALIZE: &str = concat!(
