@@ -4,7 +4,8 @@ redis-py, against the same Redis, measured by the same clock as idem's rounds.
     python powertools_redis.py CASE SECONDS PREFIX
 
 CASE is `first1`, `first16` (fresh keys, 1 or 16 threads) or `replay1` (1,000 completed
-records read back at random, local cache off, as idem's are). Prints one line: the
+records read back at random, local cache off; idem's bench reads its own in turn, also from
+Redis). Prints one line: the
 calls per second. Every key it writes expires within ten minutes, and it deletes its own.
 """
 

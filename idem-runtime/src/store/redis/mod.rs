@@ -356,27 +356,17 @@ impl Store for RedisStore {
             .arg(millis(claim.lease) + retention);
         match self.eval::<Value>(script, &cmd, &key, true).await? {
             Value::Int(1) => Ok(Reservation::Acquired),
-            Value::Array(v) => match v.as_slice() {
-                [Value::BulkString(value), Value::Int(ttl)] => {
-                    Ok(Reservation::Exists(record(value, *ttl)?))
-                }
-                _ => Err(StoreError::msg("malformed Redis reply to reserve")),
+            found => match found_record(found, "reserve")? {
+                Some(record) => Ok(Reservation::Exists(record)),
+                None => Err(StoreError::msg("malformed Redis reply to reserve")),
             },
-            _ => Err(StoreError::msg("malformed Redis reply to reserve")),
         }
     }
 
     async fn load(&self, id: &RecordId) -> Result<Option<Record>, StoreError> {
         let (key, script) = (self.key(id), &self.scripts.load);
         let cmd = self.invoke(script, &key, 0);
-        match self.eval::<Value>(script, &cmd, &key, false).await? {
-            Value::Nil => Ok(None),
-            Value::Array(v) => match v.as_slice() {
-                [Value::BulkString(value), Value::Int(ttl)] => record(value, *ttl).map(Some),
-                _ => Err(StoreError::msg("malformed Redis reply to load")),
-            },
-            _ => Err(StoreError::msg("malformed Redis reply to load")),
-        }
+        found_record(self.eval(script, &cmd, &key, false).await?, "load")
     }
 
     async fn take_over(&self, claim: &Claim<'_>, observed: Fence) -> Result<bool, StoreError> {
@@ -442,6 +432,19 @@ impl Store for RedisStore {
 
     fn backend(&self) -> &'static str {
         "redis"
+    }
+}
+
+/// A record as a script returns it (`{value, ttl}`), or `None` for nil; anything else is a
+/// malformed reply to `verb`.
+fn found_record(reply: Value, verb: &str) -> Result<Option<Record>, StoreError> {
+    match reply {
+        Value::Nil => Ok(None),
+        Value::Array(v) => match v.as_slice() {
+            [Value::BulkString(value), Value::Int(ttl)] => record(value, *ttl).map(Some),
+            _ => Err(StoreError::msg(format!("malformed Redis reply to {verb}"))),
+        },
+        _ => Err(StoreError::msg(format!("malformed Redis reply to {verb}"))),
     }
 }
 
