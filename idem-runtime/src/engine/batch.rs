@@ -14,6 +14,7 @@
 //! Batches are sorted by record, so two batches lock rows in one global order.
 
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -68,6 +69,10 @@ struct Job<I, O> {
 struct Queue<I, O> {
     jobs: VecDeque<Job<I, O>>,
     running: usize,
+    /// A call that found the lane idle is letting the tasks already woken run before it
+    /// sends (one yield): what they queue meanwhile goes in its statement, so no runner is
+    /// started for them.
+    gathering: bool,
 }
 
 /// One verb's queue and its runners.
@@ -82,6 +87,7 @@ impl<I, O> Lane<I, O> {
             queue: Mutex::new(Queue {
                 jobs: VecDeque::new(),
                 running: 0,
+                gathering: false,
             }),
             room: Arc::new(Semaphore::new(limits.max_queued.max(1))),
         }
@@ -102,6 +108,9 @@ pub(crate) struct Batcher {
     finalize: Lane<(RecordId, Fence, StoredResult, Duration), bool>,
     heartbeat: Lane<(RecordId, Fence, Duration), bool>,
     release: Lane<(RecordId, Fence), bool>,
+    /// Calls waiting for an answer from any lane: with none but itself, a call that finds
+    /// its lane idle has no one to wait for and sends at once.
+    waiting: AtomicUsize,
 }
 
 /// What a lane's batch does: the verb, and how its items are sized and ordered.
@@ -225,6 +234,7 @@ impl Batcher {
             finalize: Lane::new(&limits),
             heartbeat: Lane::new(&limits),
             release: Lane::new(&limits),
+            waiting: AtomicUsize::new(0),
         }
     }
 
@@ -263,9 +273,13 @@ impl Batcher {
         self.submit::<_, _, ReleaseVerb>((id, fence)).await
     }
 
-    /// Sends `item` through its lane: at once on its own when the lane is idle (no queue,
-    /// room to run), else queued for the next batch, with a runner started if the lane has
-    /// room for one. Waits for the answer.
+    /// Sends `item` through its lane. When the lane is idle (no queue, room to run), the call
+    /// runs the statement itself, with no hop to a runner. If other calls are waiting on the
+    /// lanes, it first yields once, so that the tasks already woken (typically the callers a
+    /// batch just answered, now on their next step) can join its statement instead of each
+    /// finding the lane busy and queueing for the one after; a call with no one else waiting
+    /// sends at once. No timer either way. Otherwise the call is queued for the next batch,
+    /// with a runner started if the lane has room for one. Waits for the answer.
     async fn submit<I, O, V>(self: &Arc<Self>, item: I) -> Result<O, StoreError>
     where
         I: Send + Sync + 'static,
@@ -273,27 +287,53 @@ impl Batcher {
         V: Verb<I, O> + 'static,
     {
         let lane = V::lane(self);
+        let _waiting = Waiting::new(&self.waiting);
         let room = lane.room.clone().acquire_owned().await;
         let room = room.map_err(|_| StoreError::msg("the runtime is shutting down"))?;
         let max = self.limits.max_in_flight.max(1);
+        // Others are waiting on the lanes: some may be about to reach this one.
+        let company = self.waiting.load(Ordering::Relaxed) > 1;
         let alone = {
             let mut queue = lane.lock();
-            let alone = queue.jobs.is_empty() && queue.running < max;
+            let alone = queue.jobs.is_empty() && queue.running < max && !queue.gathering;
             if alone {
                 queue.running += 1;
+                queue.gathering = company;
             }
             alone
         };
         if alone {
-            // Nothing to share the statement with: no hop to a runner, no wait. The slot is
-            // given back (and queued calls picked up) even if this call is dropped mid-way.
-            let _slot = Slot::<I, O, V> {
+            // The slot is given back (and queued calls picked up) even if this call is
+            // dropped mid-way, during the yield included.
+            let mut slot = Slot::<I, O, V> {
                 batcher: self,
+                gathering: company,
                 _types: std::marker::PhantomData,
             };
-            let out = self.run_batch::<I, O, V>(&[&item]).await;
-            drop(room);
-            return out.into_iter().next().unwrap_or_else(|| Err(lost()));
+            let mut joined = false;
+            if company {
+                tokio::task::yield_now().await;
+                let mut queue = lane.lock();
+                queue.gathering = false;
+                slot.gathering = false;
+                joined = !queue.jobs.is_empty();
+            }
+            if !joined {
+                let out = self.run_batch::<I, O, V>(&[&item]).await;
+                drop(room);
+                return out.into_iter().next().unwrap_or_else(|| Err(lost()));
+            }
+            // Others joined: this call's statement goes first in the queue, and its slot to a
+            // runner that carries them all (a task of its own, so that this call going away
+            // cannot take the others' statements with it).
+            let (reply, answer) = oneshot::channel();
+            lane.lock().jobs.push_front(Job {
+                item,
+                reply,
+                _room: room,
+            });
+            drop(slot);
+            return answer.await.unwrap_or_else(|_| Err(lost()));
         }
         let (reply, answer) = oneshot::channel();
         let start = {
@@ -303,7 +343,7 @@ impl Batcher {
                 reply,
                 _room: room,
             });
-            let start = queue.running < max;
+            let start = queue.running < max && !queue.gathering;
             if start {
                 queue.running += 1;
             }
@@ -388,6 +428,22 @@ impl Batcher {
     }
 }
 
+/// One call counted in [`Batcher::waiting`] while it is in a lane.
+struct Waiting<'a>(&'a AtomicUsize);
+
+impl<'a> Waiting<'a> {
+    fn new(count: &'a AtomicUsize) -> Self {
+        count.fetch_add(1, Ordering::Relaxed);
+        Waiting(count)
+    }
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 /// `n` copies of one failure.
 fn every<O>(n: usize, e: &StoreError) -> Vec<Result<O, StoreError>> {
     (0..n).map(|_| Err(e.clone())).collect()
@@ -406,6 +462,8 @@ where
     V: Verb<I, O> + 'static,
 {
     batcher: &'b Arc<Batcher>,
+    /// Still yielding for others to join (the lane's one gatherer).
+    gathering: bool,
     _types: std::marker::PhantomData<fn(I, O, V)>,
 }
 
@@ -418,6 +476,10 @@ where
     fn drop(&mut self) {
         let start = {
             let mut queue = V::lane(self.batcher).lock();
+            if self.gathering {
+                // Dropped during its yield.
+                queue.gathering = false;
+            }
             // Hand the slot to a runner if calls queued meanwhile; else give it back.
             if queue.jobs.is_empty() {
                 queue.running -= 1;
@@ -434,5 +496,174 @@ where
             // No runtime to run anything on: give the slot back.
             Err(_) => V::lane(self.batcher).lock().running -= 1,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::future::Future;
+    use std::task::Context;
+
+    use super::*;
+    use crate::store::{MemoryStore, Record, StoredResult};
+
+    /// A memory store that batches, and remembers the size of every reservation batch.
+    struct Counting {
+        inner: MemoryStore,
+        batches: Mutex<Vec<usize>>,
+    }
+
+    #[async_trait::async_trait]
+    impl Store for Counting {
+        async fn reserve(&self, claim: &Claim<'_>) -> Result<Reservation, StoreError> {
+            self.inner.reserve(claim).await
+        }
+        async fn load(&self, id: &RecordId) -> Result<Option<Record>, StoreError> {
+            self.inner.load(id).await
+        }
+        async fn take_over(&self, claim: &Claim<'_>, observed: Fence) -> Result<bool, StoreError> {
+            self.inner.take_over(claim, observed).await
+        }
+        async fn heartbeat(
+            &self,
+            id: &RecordId,
+            fence: Fence,
+            lease: Duration,
+        ) -> Result<bool, StoreError> {
+            self.inner.heartbeat(id, fence, lease).await
+        }
+        async fn finalize(
+            &self,
+            id: &RecordId,
+            fence: Fence,
+            result: &StoredResult,
+            ttl: Duration,
+        ) -> Result<bool, StoreError> {
+            self.inner.finalize(id, fence, result, ttl).await
+        }
+        async fn release(&self, id: &RecordId, fence: Fence) -> Result<bool, StoreError> {
+            self.inner.release(id, fence).await
+        }
+        async fn purge(&self, limit: u32) -> Result<u64, StoreError> {
+            self.inner.purge(limit).await
+        }
+        async fn reserve_many(&self, claims: &[Claim<'_>]) -> Vec<Result<Reservation, StoreError>> {
+            self.batches.lock().unwrap().push(claims.len());
+            // A round trip: the batch is in flight for a while.
+            tokio::time::sleep(Duration::from_millis(5)).await;
+            self.inner.reserve_many(claims).await
+        }
+        fn group_commit(&self) -> bool {
+            true
+        }
+        fn backend(&self) -> &'static str {
+            "counting"
+        }
+    }
+
+    fn batcher(max_in_flight: usize) -> (Arc<Batcher>, Arc<Counting>) {
+        let store = Arc::new(Counting {
+            inner: MemoryStore::new(),
+            batches: Mutex::new(Vec::new()),
+        });
+        let limits = BatchLimits {
+            max_rows: 128,
+            max_bytes: 1 << 20,
+            max_in_flight,
+            max_queued: 1024,
+        };
+        let batcher = Batcher::new(store.clone(), Duration::from_secs(5), limits);
+        (Arc::new(batcher), store)
+    }
+
+    fn claim(key: &str) -> OwnedClaim {
+        OwnedClaim {
+            id: RecordId::new("batch-test", key),
+            fence: Fence::random(),
+            owner: "test".into(),
+            fingerprint: None,
+            lease: Duration::from_secs(30),
+        }
+    }
+
+    /// Calls answered by one batch and sending their next statement at once share one
+    /// statement: the first to find the lane idle lets the others, already woken, join it,
+    /// instead of going alone and leaving them the next one.
+    #[tokio::test(flavor = "current_thread")]
+    async fn calls_answered_together_share_their_next_statement() {
+        for max_in_flight in [1, 2] {
+            let (batcher, store) = batcher(max_in_flight);
+            // A lone call: no one else waits, so it goes at once and alone.
+            let lone = {
+                let batcher = batcher.clone();
+                tokio::spawn(async move { batcher.reserve(claim("lone")).await })
+            };
+            tokio::task::yield_now().await;
+            let calls: Vec<_> = (0..8)
+                .map(|i| {
+                    let batcher = batcher.clone();
+                    tokio::spawn(async move {
+                        let first = batcher.reserve(claim(&format!("a{i}"))).await?;
+                        let second = batcher.reserve(claim(&format!("b{i}"))).await?;
+                        Ok::<_, StoreError>([first, second])
+                    })
+                })
+                .collect();
+            assert!(matches!(lone.await.expect("task"), Ok(Reservation::Acquired)));
+            for call in calls {
+                let got = call.await.expect("task").expect("reserve");
+                assert!(got.iter().all(|r| matches!(r, Reservation::Acquired)));
+            }
+            let batches = store.batches.lock().unwrap().clone();
+            assert_eq!(batches, vec![1, 8, 8], "{max_in_flight} in flight");
+        }
+    }
+
+    /// A call that goes alone still goes at once after its one yield, on its own.
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_lone_call_goes_on_its_own() {
+        let (batcher, store) = batcher(2);
+        for i in 0..3 {
+            let got = batcher.reserve(claim(&format!("k{i}"))).await;
+            assert!(matches!(got, Ok(Reservation::Acquired)));
+        }
+        // Each went as a batch of one, nothing waiting for company.
+        assert_eq!(store.batches.lock().unwrap().clone(), vec![1, 1, 1]);
+        assert!(store.inner.load(&claim("k2").id).await.unwrap().is_some());
+    }
+
+    /// A call dropped while it waits for others to join never sends its own statement, and
+    /// the calls that joined it are still carried and answered.
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_gatherer_dropped_in_its_yield_leaves_the_others_answered() {
+        let (batcher, store) = batcher(2);
+        // A call in flight, so that the next one has company to wait for.
+        let busy = {
+            let batcher = batcher.clone();
+            tokio::spawn(async move { batcher.reserve(claim("busy")).await })
+        };
+        tokio::task::yield_now().await;
+        let gone = claim("gone");
+        let gone_id = gone.id.clone();
+        let mut first = Box::pin(batcher.reserve(gone));
+        let waker = futures_util::task::noop_waker();
+        let polled = first.as_mut().poll(&mut Context::from_waker(&waker));
+        assert!(polled.is_pending(), "the call yields before it sends");
+        let others: Vec<_> = (0..3)
+            .map(|i| {
+                let batcher = batcher.clone();
+                tokio::spawn(async move { batcher.reserve(claim(&format!("k{i}"))).await })
+            })
+            .collect();
+        // The others queue behind the gathering call; it is dropped mid-yield.
+        tokio::task::yield_now().await;
+        drop(first);
+        for call in others {
+            let got = call.await.expect("task").expect("reserve");
+            assert!(matches!(got, Reservation::Acquired));
+        }
+        assert!(matches!(busy.await.expect("task"), Ok(Reservation::Acquired)));
+        assert_eq!(store.batches.lock().unwrap().clone(), vec![1, 3]);
+        assert!(store.inner.load(&gone_id).await.unwrap().is_none(), "never sent");
     }
 }
