@@ -6,7 +6,9 @@
 //! `max_bytes` bytes) and sends it as one batch through the store's `_many` verb; when it
 //! returns, the runner answers each call and takes what queued up meanwhile. Nothing waits on
 //! a timer: a call that arrives alone goes at once, and calls that arrive while a batch is in
-//! flight share the next one. The queue is bounded (`max_queued`): past it, callers wait for
+//! flight share the next one. A runner started for the first call in an idle lane while other
+//! calls wait on the lanes yields once first, so that the callers one batch just answered,
+//! woken together, also reach the next lane together. The queue is bounded (`max_queued`): past it, callers wait for
 //! room, which is their back-pressure.
 //!
 //! Batching decides nothing. Each call gets the answer its own statement would get: the
@@ -69,9 +71,9 @@ struct Job<I, O> {
 struct Queue<I, O> {
     jobs: VecDeque<Job<I, O>>,
     running: usize,
-    /// A call that found the lane idle is letting the tasks already woken run before it
-    /// sends (one yield): what they queue meanwhile goes in its statement, so no runner is
-    /// started for them.
+    /// A runner is letting the tasks already woken run before it takes its first batch (one
+    /// yield): what they queue meanwhile goes in that batch, so no other runner is started
+    /// for them.
     gathering: bool,
 }
 
@@ -108,8 +110,8 @@ pub(crate) struct Batcher {
     finalize: Lane<(RecordId, Fence, StoredResult, Duration), bool>,
     heartbeat: Lane<(RecordId, Fence, Duration), bool>,
     release: Lane<(RecordId, Fence), bool>,
-    /// Calls waiting for an answer from any lane: with none but itself, a call that finds
-    /// its lane idle has no one to wait for and sends at once.
+    /// Calls in any lane (waiting for room, a batch or an answer), counted on entry: with none
+    /// but itself, a call that finds its lane idle has no one to wait for and sends at once.
     waiting: AtomicUsize,
 }
 
@@ -273,13 +275,14 @@ impl Batcher {
         self.submit::<_, _, ReleaseVerb>((id, fence)).await
     }
 
-    /// Sends `item` through its lane. When the lane is idle (no queue, room to run), the call
-    /// runs the statement itself, with no hop to a runner. If other calls are waiting on the
-    /// lanes, it first yields once, so that the tasks already woken (typically the callers a
-    /// batch just answered, now on their next step) can join its statement instead of each
-    /// finding the lane busy and queueing for the one after; a call with no one else waiting
-    /// sends at once. No timer either way. Otherwise the call is queued for the next batch,
-    /// with a runner started if the lane has room for one. Waits for the answer.
+    /// Sends `item` through its lane and waits for the answer. A call that finds the lane
+    /// idle (no queue, room to run, no one gathering) with no other call waiting on any lane
+    /// runs its statement itself, at once, with no hop to a runner. Otherwise the call is
+    /// queued, and a runner is started if the lane has room for one. A runner started by the
+    /// first call in an idle lane while others wait yields once before it takes its batch, so
+    /// that the tasks already woken (typically the callers a batch just answered, now on their
+    /// next step) join this statement instead of each finding the lane busy and queueing for
+    /// the one after. No timer either way.
     async fn submit<I, O, V>(self: &Arc<Self>, item: I) -> Result<O, StoreError>
     where
         I: Send + Sync + 'static,
@@ -293,47 +296,24 @@ impl Batcher {
         let max = self.limits.max_in_flight.max(1);
         // Others are waiting on the lanes: some may be about to reach this one.
         let company = self.waiting.load(Ordering::Relaxed) > 1;
-        let alone = {
+        let alone = !company && {
             let mut queue = lane.lock();
             let alone = queue.jobs.is_empty() && queue.running < max && !queue.gathering;
             if alone {
                 queue.running += 1;
-                queue.gathering = company;
             }
             alone
         };
         if alone {
             // The slot is given back (and queued calls picked up) even if this call is
-            // dropped mid-way, during the yield included.
-            let mut slot = Slot::<I, O, V> {
+            // dropped mid-way.
+            let _slot = Slot::<I, O, V> {
                 batcher: self,
-                gathering: company,
                 _types: std::marker::PhantomData,
             };
-            let mut joined = false;
-            if company {
-                tokio::task::yield_now().await;
-                let mut queue = lane.lock();
-                queue.gathering = false;
-                slot.gathering = false;
-                joined = !queue.jobs.is_empty();
-            }
-            if !joined {
-                let out = self.run_batch::<I, O, V>(&[&item]).await;
-                drop(room);
-                return out.into_iter().next().unwrap_or_else(|| Err(lost()));
-            }
-            // Others joined: this call's statement goes first in the queue, and its slot to a
-            // runner that carries them all (a task of its own, so that this call going away
-            // cannot take the others' statements with it).
-            let (reply, answer) = oneshot::channel();
-            lane.lock().jobs.push_front(Job {
-                item,
-                reply,
-                _room: room,
-            });
-            drop(slot);
-            return answer.await.unwrap_or_else(|_| Err(lost()));
+            let out = self.run_batch::<I, O, V>(&[&item]).await;
+            drop(room);
+            return out.into_iter().next().unwrap_or_else(|| Err(lost()));
         }
         let (reply, answer) = oneshot::channel();
         let start = {
@@ -346,11 +326,13 @@ impl Batcher {
             let start = queue.running < max && !queue.gathering;
             if start {
                 queue.running += 1;
+                // First in an idle lane, with others waiting: gather.
+                queue.gathering = company && queue.jobs.len() == 1;
             }
-            start
+            start.then_some(queue.gathering)
         };
-        if start {
-            tokio::spawn(self.clone().run_lane::<I, O, V>());
+        if let Some(gather) = start {
+            tokio::spawn(self.clone().run_lane::<I, O, V>(gather));
         }
         answer.await.unwrap_or_else(|_| Err(lost()))
     }
@@ -381,23 +363,37 @@ impl Batcher {
         outs
     }
 
-    /// Runs batches of one lane until its queue is empty.
-    async fn run_lane<I, O, V>(self: Arc<Self>)
+    /// Runs batches of one lane until its queue is empty; with `gather`, after one yield for
+    /// the calls about to join the first batch (the lane is `gathering` until then). Starts
+    /// another runner when more is queued than one batch carries and the lane has room.
+    async fn run_lane<I, O, V>(self: Arc<Self>, gather: bool)
     where
         I: Send + Sync + 'static,
         O: Send + 'static,
-        V: Verb<I, O>,
+        V: Verb<I, O> + 'static,
     {
+        if gather {
+            tokio::task::yield_now().await;
+            V::lane(&self).lock().gathering = false;
+        }
         loop {
-            let mut batch = {
+            let max = self.limits.max_in_flight.max(1);
+            let (mut batch, another) = {
                 let mut queue = V::lane(&self).lock();
                 let batch = self.take::<I, O, V>(&mut queue.jobs);
                 if batch.is_empty() {
                     queue.running -= 1;
                     return;
                 }
-                batch
+                let another = !queue.jobs.is_empty() && queue.running < max;
+                if another {
+                    queue.running += 1;
+                }
+                (batch, another)
             };
+            if another {
+                self.spawn_runner::<I, O, V>();
+            }
             // One global lock order: two batches touching the same rows cannot deadlock.
             batch.sort_by(|a, b| V::id(&a.item).cmp(V::id(&b.item)));
             let items: Vec<&I> = batch.iter().map(|job| &job.item).collect();
@@ -408,6 +404,17 @@ impl Batcher {
                 }
             }
         }
+    }
+
+    /// Another runner for a lane whose queue holds more than one batch.
+    fn spawn_runner<I, O, V>(self: &Arc<Self>)
+    where
+        I: Send + Sync + 'static,
+        O: Send + 'static,
+        V: Verb<I, O> + 'static,
+    {
+        let runner: BoxFuture<()> = Box::pin(self.clone().run_lane::<I, O, V>(false));
+        tokio::spawn(runner);
     }
 
     /// The next batch: the oldest jobs, up to the row and byte limits (at least one).
@@ -444,6 +451,8 @@ impl Drop for Waiting<'_> {
     }
 }
 
+type BoxFuture<T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send>>;
+
 /// `n` copies of one failure.
 fn every<O>(n: usize, e: &StoreError) -> Vec<Result<O, StoreError>> {
     (0..n).map(|_| Err(e.clone())).collect()
@@ -453,8 +462,8 @@ fn lost() -> StoreError {
     StoreError::msg("the batch carrying this statement was lost")
 }
 
-/// A lane slot held by a call running its statement on its own. Given back on drop, when a
-/// runner is started for whatever queued meanwhile.
+/// A lane slot held by a call running its statement on its own, in its own task. Given back
+/// on drop, when a runner is started for whatever queued meanwhile.
 struct Slot<'b, I, O, V>
 where
     I: Send + Sync + 'static,
@@ -462,8 +471,6 @@ where
     V: Verb<I, O> + 'static,
 {
     batcher: &'b Arc<Batcher>,
-    /// Still yielding for others to join (the lane's one gatherer).
-    gathering: bool,
     _types: std::marker::PhantomData<fn(I, O, V)>,
 }
 
@@ -476,10 +483,6 @@ where
     fn drop(&mut self) {
         let start = {
             let mut queue = V::lane(self.batcher).lock();
-            if self.gathering {
-                // Dropped during its yield.
-                queue.gathering = false;
-            }
             // Hand the slot to a runner if calls queued meanwhile; else give it back.
             if queue.jobs.is_empty() {
                 queue.running -= 1;
@@ -492,7 +495,7 @@ where
             return;
         }
         match tokio::runtime::Handle::try_current() {
-            Ok(rt) => drop(rt.spawn(self.batcher.clone().run_lane::<I, O, V>())),
+            Ok(rt) => drop(rt.spawn(self.batcher.clone().run_lane::<I, O, V>(false))),
             // No runtime to run anything on: give the slot back.
             Err(_) => V::lane(self.batcher).lock().running -= 1,
         }
@@ -609,7 +612,10 @@ mod tests {
                     })
                 })
                 .collect();
-            assert!(matches!(lone.await.expect("task"), Ok(Reservation::Acquired)));
+            assert!(matches!(
+                lone.await.expect("task"),
+                Ok(Reservation::Acquired)
+            ));
             for call in calls {
                 let got = call.await.expect("task").expect("reserve");
                 assert!(got.iter().all(|r| matches!(r, Reservation::Acquired)));
@@ -619,7 +625,7 @@ mod tests {
         }
     }
 
-    /// A call that goes alone still goes at once after its one yield, on its own.
+    /// A call with no other call waiting goes at once, on its own, in its caller's task.
     #[tokio::test(flavor = "current_thread")]
     async fn a_lone_call_goes_on_its_own() {
         let (batcher, store) = batcher(2);
@@ -632,12 +638,55 @@ mod tests {
         assert!(store.inner.load(&claim("k2").id).await.unwrap().is_some());
     }
 
-    /// A call dropped while it waits for others to join never sends its own statement, and
-    /// the calls that joined it are still carried and answered.
+    /// The call that starts a gathering runner is not needed for the others to be carried:
+    /// left unpolled (its caller busy elsewhere), it holds up no one, and its answer waits.
     #[tokio::test(flavor = "current_thread")]
-    async fn a_gatherer_dropped_in_its_yield_leaves_the_others_answered() {
+    async fn an_unpolled_caller_holds_up_no_one() {
         let (batcher, store) = batcher(2);
-        // A call in flight, so that the next one has company to wait for.
+        // A call in flight, so that the next one has company and gathers.
+        let busy = {
+            let batcher = batcher.clone();
+            tokio::spawn(async move { batcher.reserve(claim("busy")).await })
+        };
+        tokio::task::yield_now().await;
+        let mut first = Box::pin(batcher.reserve(claim("first")));
+        let waker = futures_util::task::noop_waker();
+        let polled = first.as_mut().poll(&mut Context::from_waker(&waker));
+        assert!(polled.is_pending(), "queued for its runner");
+        let others: Vec<_> = (0..3)
+            .map(|i| {
+                let batcher = batcher.clone();
+                tokio::spawn(async move { batcher.reserve(claim(&format!("k{i}"))).await })
+            })
+            .collect();
+        for call in others {
+            let got = tokio::time::timeout(Duration::from_secs(5), call).await;
+            let got = got.expect("not held up").expect("task").expect("reserve");
+            assert!(matches!(got, Reservation::Acquired));
+        }
+        assert!(matches!(
+            busy.await.expect("task"),
+            Ok(Reservation::Acquired)
+        ));
+        let after = tokio::time::timeout(Duration::from_secs(5), batcher.reserve(claim("after")));
+        assert!(matches!(
+            after.await.expect("the lane is free"),
+            Ok(Reservation::Acquired)
+        ));
+        assert!(matches!(first.await, Ok(Reservation::Acquired)));
+        let batches = store.batches.lock().unwrap().clone();
+        assert_eq!(
+            batches[..2],
+            [1, 4],
+            "the first call and the three that joined it"
+        );
+    }
+
+    /// A caller gone before its gathered batch runs: the others are answered, its own
+    /// reservation (acquired for no one) is released, and the lane still serves.
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_caller_gone_while_its_batch_gathers_leaves_nothing_behind() {
+        let (batcher, store) = batcher(2);
         let busy = {
             let batcher = batcher.clone();
             tokio::spawn(async move { batcher.reserve(claim("busy")).await })
@@ -647,23 +696,41 @@ mod tests {
         let gone_id = gone.id.clone();
         let mut first = Box::pin(batcher.reserve(gone));
         let waker = futures_util::task::noop_waker();
-        let polled = first.as_mut().poll(&mut Context::from_waker(&waker));
-        assert!(polled.is_pending(), "the call yields before it sends");
-        let others: Vec<_> = (0..3)
+        assert!(
+            first
+                .as_mut()
+                .poll(&mut Context::from_waker(&waker))
+                .is_pending()
+        );
+        drop(first);
+        let others: Vec<_> = (0..2)
             .map(|i| {
                 let batcher = batcher.clone();
                 tokio::spawn(async move { batcher.reserve(claim(&format!("k{i}"))).await })
             })
             .collect();
-        // The others queue behind the gathering call; it is dropped mid-yield.
-        tokio::task::yield_now().await;
-        drop(first);
         for call in others {
-            let got = call.await.expect("task").expect("reserve");
+            let got = tokio::time::timeout(Duration::from_secs(5), call).await;
+            let got = got.expect("answered").expect("task").expect("reserve");
             assert!(matches!(got, Reservation::Acquired));
         }
-        assert!(matches!(busy.await.expect("task"), Ok(Reservation::Acquired)));
-        assert_eq!(store.batches.lock().unwrap().clone(), vec![1, 3]);
-        assert!(store.inner.load(&gone_id).await.unwrap().is_none(), "never sent");
+        assert!(matches!(
+            busy.await.expect("task"),
+            Ok(Reservation::Acquired)
+        ));
+        // The release of the orphaned reservation runs in a task of its own.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while store.inner.load(&gone_id).await.unwrap().is_some() {
+            assert!(
+                Instant::now() < deadline,
+                "the orphaned reservation was released"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let after = tokio::time::timeout(Duration::from_secs(5), batcher.reserve(claim("after")));
+        assert!(matches!(
+            after.await.expect("the lane is free"),
+            Ok(Reservation::Acquired)
+        ));
     }
 }
