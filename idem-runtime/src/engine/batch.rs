@@ -332,7 +332,7 @@ impl Batcher {
             start.then_some(queue.gathering)
         };
         if let Some(gather) = start {
-            tokio::spawn(self.clone().run_lane::<I, O, V>(gather));
+            self.spawn_runner::<I, O, V>(gather);
         }
         answer.await.unwrap_or_else(|_| Err(lost()))
     }
@@ -363,58 +363,27 @@ impl Batcher {
         outs
     }
 
-    /// Runs batches of one lane until its queue is empty; with `gather`, after one yield for
-    /// the calls about to join the first batch (the lane is `gathering` until then). Starts
-    /// another runner when more is queued than one batch carries and the lane has room.
-    async fn run_lane<I, O, V>(self: Arc<Self>, gather: bool)
+    /// Starts a runner on a slot of the lane already counted in `running` (and, with
+    /// `gather`, the lane's `gathering` already set for it). With no runtime to run it on, the
+    /// slot is given back.
+    fn spawn_runner<I, O, V>(self: &Arc<Self>, gather: bool)
     where
         I: Send + Sync + 'static,
         O: Send + 'static,
         V: Verb<I, O> + 'static,
     {
-        if gather {
-            tokio::task::yield_now().await;
-            V::lane(&self).lock().gathering = false;
+        // Built before the task: dropped unpolled (its runtime shutting down), it still
+        // gives the slot back.
+        let runner = Runner::<I, O, V> {
+            batcher: self.clone(),
+            gathering: gather,
+            done: false,
+            _types: std::marker::PhantomData,
+        };
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            let run: BoxFuture<()> = Box::pin(runner.run());
+            drop(rt.spawn(run));
         }
-        loop {
-            let max = self.limits.max_in_flight.max(1);
-            let (mut batch, another) = {
-                let mut queue = V::lane(&self).lock();
-                let batch = self.take::<I, O, V>(&mut queue.jobs);
-                if batch.is_empty() {
-                    queue.running -= 1;
-                    return;
-                }
-                let another = !queue.jobs.is_empty() && queue.running < max;
-                if another {
-                    queue.running += 1;
-                }
-                (batch, another)
-            };
-            if another {
-                self.spawn_runner::<I, O, V>();
-            }
-            // One global lock order: two batches touching the same rows cannot deadlock.
-            batch.sort_by(|a, b| V::id(&a.item).cmp(V::id(&b.item)));
-            let items: Vec<&I> = batch.iter().map(|job| &job.item).collect();
-            let outs = self.run_batch::<I, O, V>(&items).await;
-            for (job, out) in batch.into_iter().zip(outs) {
-                if let Err(out) = job.reply.send(out) {
-                    V::orphaned(&self, job.item, &out);
-                }
-            }
-        }
-    }
-
-    /// Another runner for a lane whose queue holds more than one batch.
-    fn spawn_runner<I, O, V>(self: &Arc<Self>)
-    where
-        I: Send + Sync + 'static,
-        O: Send + 'static,
-        V: Verb<I, O> + 'static,
-    {
-        let runner: BoxFuture<()> = Box::pin(self.clone().run_lane::<I, O, V>(false));
-        tokio::spawn(runner);
     }
 
     /// The next batch: the oldest jobs, up to the row and byte limits (at least one).
@@ -448,6 +417,91 @@ impl<'a> Waiting<'a> {
 impl Drop for Waiting<'_> {
     fn drop(&mut self) {
         self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// A runner of one lane: runs batches until the queue is empty, holding one of the lane's
+/// slots (`running`) from the moment it is made. Dropped before it is done (its runtime shut
+/// down before or while it ran), it gives the slot back and ends the gathering it was doing,
+/// so the lane does not stall: the next call to arrive starts a runner again.
+struct Runner<I, O, V>
+where
+    I: Send + Sync + 'static,
+    O: Send + 'static,
+    V: Verb<I, O> + 'static,
+{
+    batcher: Arc<Batcher>,
+    /// Yields once before its first batch, for the calls about to join it (the lane is
+    /// `gathering` until then).
+    gathering: bool,
+    /// Gave its slot back itself, on finding the queue empty.
+    done: bool,
+    _types: std::marker::PhantomData<fn(I, O, V)>,
+}
+
+impl<I, O, V> Runner<I, O, V>
+where
+    I: Send + Sync + 'static,
+    O: Send + 'static,
+    V: Verb<I, O> + 'static,
+{
+    async fn run(mut self) {
+        let batcher = self.batcher.clone();
+        let lane = V::lane(&batcher);
+        if self.gathering {
+            tokio::task::yield_now().await;
+            lane.lock().gathering = false;
+            self.gathering = false;
+        }
+        let max = batcher.limits.max_in_flight.max(1);
+        loop {
+            let (mut batch, another) = {
+                let mut queue = lane.lock();
+                let batch = batcher.take::<I, O, V>(&mut queue.jobs);
+                if batch.is_empty() {
+                    queue.running -= 1;
+                    self.done = true;
+                    return;
+                }
+                // More than this batch carries, and room for another runner: start one.
+                let another = !queue.jobs.is_empty() && queue.running < max;
+                if another {
+                    queue.running += 1;
+                }
+                (batch, another)
+            };
+            if another {
+                batcher.spawn_runner::<I, O, V>(false);
+            }
+            // One global lock order: two batches touching the same rows cannot deadlock.
+            batch.sort_by(|a, b| V::id(&a.item).cmp(V::id(&b.item)));
+            let items: Vec<&I> = batch.iter().map(|job| &job.item).collect();
+            let outs = batcher.run_batch::<I, O, V>(&items).await;
+            for (job, out) in batch.into_iter().zip(outs) {
+                if let Err(out) = job.reply.send(out) {
+                    V::orphaned(&batcher, job.item, &out);
+                }
+            }
+        }
+    }
+}
+
+impl<I, O, V> Drop for Runner<I, O, V>
+where
+    I: Send + Sync + 'static,
+    O: Send + 'static,
+    V: Verb<I, O> + 'static,
+{
+    fn drop(&mut self) {
+        if self.done {
+            return;
+        }
+        let lane = V::lane(&self.batcher);
+        let mut queue = lane.lock();
+        queue.running -= 1;
+        if self.gathering {
+            queue.gathering = false;
+        }
     }
 }
 
@@ -494,11 +548,7 @@ where
         if !start {
             return;
         }
-        match tokio::runtime::Handle::try_current() {
-            Ok(rt) => drop(rt.spawn(self.batcher.clone().run_lane::<I, O, V>(false))),
-            // No runtime to run anything on: give the slot back.
-            Err(_) => V::lane(self.batcher).lock().running -= 1,
-        }
+        self.batcher.spawn_runner::<I, O, V>(false);
     }
 }
 
@@ -732,5 +782,44 @@ mod tests {
             after.await.expect("the lane is free"),
             Ok(Reservation::Acquired)
         ));
+    }
+
+    /// A runner whose runtime shuts down before it runs (a runtime shared across tests, or a
+    /// service's runtime stopping) gives its slot back and stops gathering: the lane still
+    /// serves calls from another runtime instead of leaving them queued with no runner.
+    #[test]
+    fn a_runner_dropped_unrun_does_not_stall_its_lane() {
+        let (batcher, _store) = batcher(1);
+        let first = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        first.block_on(async {
+            {
+                let mut queue = batcher.reserve.lock();
+                queue.running += 1;
+                queue.gathering = true;
+            }
+            batcher.spawn_runner::<OwnedClaim, Reservation, ReserveVerb>(true);
+        });
+        // Shut down with the runner never polled.
+        drop(first);
+        {
+            let queue = batcher.reserve.lock();
+            assert_eq!(queue.running, 0, "the slot was given back");
+            assert!(!queue.gathering, "the gathering ended");
+        }
+        let second = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        second.block_on(async {
+            let call = batcher.reserve(claim("later"));
+            let got = tokio::time::timeout(Duration::from_secs(5), call).await;
+            assert!(matches!(
+                got.expect("the lane serves"),
+                Ok(Reservation::Acquired)
+            ));
+        });
     }
 }
