@@ -299,7 +299,6 @@ impl StoreError {
 
     /// Marks a failed write that may have been applied all the same (its reply was lost, or
     /// it was applied but not replicated in time): the engine treats it as a timeout.
-    #[cfg(feature = "redis")]
     pub(crate) fn maybe_applied(mut self) -> Self {
         self.timed_out = true;
         self

@@ -71,10 +71,23 @@ struct Job<I, O> {
 struct Queue<I, O> {
     jobs: VecDeque<Job<I, O>>,
     running: usize,
-    /// A runner is letting the tasks already woken run before it takes its first batch (one
-    /// yield): what they queue meanwhile goes in that batch, so no other runner is started
-    /// for them.
-    gathering: bool,
+    /// Since when a runner has been letting the tasks already woken run before it takes its
+    /// first batch (one yield): what they queue meanwhile goes in that batch, so no other
+    /// runner is started for them. A gathering older than [`STALE_GATHERING`] no longer holds
+    /// anyone back (its runner is not being run: its runtime is blocked or not driven).
+    gathering: Option<Instant>,
+}
+
+/// How long a runner's gathering may hold back the start of other runners: a yield takes
+/// microseconds, so a gathering this old means its runner is not being run.
+const STALE_GATHERING: Duration = Duration::from_millis(5);
+
+impl<I, O> Queue<I, O> {
+    /// Whether a runner is gathering, recently enough to hold back other runners.
+    fn gathers(&self) -> bool {
+        self.gathering
+            .is_some_and(|since| since.elapsed() < STALE_GATHERING)
+    }
 }
 
 /// One verb's queue and its runners.
@@ -89,7 +102,7 @@ impl<I, O> Lane<I, O> {
             queue: Mutex::new(Queue {
                 jobs: VecDeque::new(),
                 running: 0,
-                gathering: false,
+                gathering: None,
             }),
             room: Arc::new(Semaphore::new(limits.max_queued.max(1))),
         }
@@ -298,7 +311,7 @@ impl Batcher {
         let company = self.waiting.load(Ordering::Relaxed) > 1;
         let alone = !company && {
             let mut queue = lane.lock();
-            let alone = queue.jobs.is_empty() && queue.running < max && !queue.gathering;
+            let alone = queue.jobs.is_empty() && queue.running < max && !queue.gathers();
             if alone {
                 queue.running += 1;
             }
@@ -323,13 +336,16 @@ impl Batcher {
                 reply,
                 _room: room,
             });
-            let start = queue.running < max && !queue.gathering;
+            let start = queue.running < max && !queue.gathers();
+            // First in an idle lane, with others waiting: gather.
+            let gather = start && company && queue.jobs.len() == 1;
             if start {
                 queue.running += 1;
-                // First in an idle lane, with others waiting: gather.
-                queue.gathering = company && queue.jobs.len() == 1;
             }
-            start.then_some(queue.gathering)
+            if gather {
+                queue.gathering = Some(Instant::now());
+            }
+            start.then_some(gather)
         };
         if let Some(gather) = start {
             self.spawn_runner::<I, O, V>(gather);
@@ -422,8 +438,9 @@ impl Drop for Waiting<'_> {
 
 /// A runner of one lane: runs batches until the queue is empty, holding one of the lane's
 /// slots (`running`) from the moment it is made. Dropped before it is done (its runtime shut
-/// down before or while it ran), it gives the slot back and ends the gathering it was doing,
-/// so the lane does not stall: the next call to arrive starts a runner again.
+/// down before or while it ran, or the store panicked), it gives the slot back and ends the
+/// gathering it was doing, and if no runner is left, the calls still queued are answered
+/// "lost" at once: the lane does not stall, and the next call to arrive starts a runner.
 struct Runner<I, O, V>
 where
     I: Send + Sync + 'static,
@@ -450,7 +467,7 @@ where
         let lane = V::lane(&batcher);
         if self.gathering {
             tokio::task::yield_now().await;
-            lane.lock().gathering = false;
+            lane.lock().gathering = None;
             self.gathering = false;
         }
         let max = batcher.limits.max_in_flight.max(1);
@@ -497,11 +514,22 @@ where
             return;
         }
         let lane = V::lane(&self.batcher);
-        let mut queue = lane.lock();
-        queue.running -= 1;
-        if self.gathering {
-            queue.gathering = false;
-        }
+        let orphans = {
+            let mut queue = lane.lock();
+            queue.running -= 1;
+            if self.gathering {
+                queue.gathering = None;
+            }
+            // No runner left for what is queued, and none can be started from here (on a
+            // runtime shutting down it would be dropped at once, and so on): those calls are
+            // answered "lost" now, their room given back, rather than left waiting.
+            if queue.running == 0 {
+                std::mem::take(&mut queue.jobs)
+            } else {
+                VecDeque::new()
+            }
+        };
+        drop(orphans);
     }
 }
 
@@ -512,8 +540,10 @@ fn every<O>(n: usize, e: &StoreError) -> Vec<Result<O, StoreError>> {
     (0..n).map(|_| Err(e.clone())).collect()
 }
 
+/// The answer to a statement whose batch was lost: it may have been applied (the engine then
+/// keeps its guard armed, and releases what it may have reserved).
 fn lost() -> StoreError {
-    StoreError::msg("the batch carrying this statement was lost")
+    StoreError::msg("the batch carrying this statement was lost").maybe_applied()
 }
 
 /// A lane slot held by a call running its statement on its own, in its own task. Given back
@@ -564,6 +594,8 @@ mod tests {
     struct Counting {
         inner: MemoryStore,
         batches: Mutex<Vec<usize>>,
+        /// The task each batch ran in (`None`: the test's own `block_on`, not a task).
+        tasks: Mutex<Vec<Option<tokio::task::Id>>>,
     }
 
     #[async_trait::async_trait]
@@ -602,6 +634,7 @@ mod tests {
         }
         async fn reserve_many(&self, claims: &[Claim<'_>]) -> Vec<Result<Reservation, StoreError>> {
             self.batches.lock().unwrap().push(claims.len());
+            self.tasks.lock().unwrap().push(tokio::task::try_id());
             // A round trip: the batch is in flight for a while.
             tokio::time::sleep(Duration::from_millis(5)).await;
             self.inner.reserve_many(claims).await
@@ -618,6 +651,7 @@ mod tests {
         let store = Arc::new(Counting {
             inner: MemoryStore::new(),
             batches: Mutex::new(Vec::new()),
+            tasks: Mutex::new(Vec::new()),
         });
         let limits = BatchLimits {
             max_rows: 128,
@@ -683,8 +717,10 @@ mod tests {
             let got = batcher.reserve(claim(&format!("k{i}"))).await;
             assert!(matches!(got, Ok(Reservation::Acquired)));
         }
-        // Each went as a batch of one, nothing waiting for company.
+        // Each went as a batch of one, nothing waiting for company, sent from the caller's
+        // own future (here the test's `block_on`), not from a runner task.
         assert_eq!(store.batches.lock().unwrap().clone(), vec![1, 1, 1]);
+        assert_eq!(store.tasks.lock().unwrap().clone(), vec![None; 3]);
         assert!(store.inner.load(&claim("k2").id).await.unwrap().is_some());
     }
 
@@ -798,7 +834,7 @@ mod tests {
             {
                 let mut queue = batcher.reserve.lock();
                 queue.running += 1;
-                queue.gathering = true;
+                queue.gathering = Some(Instant::now());
             }
             batcher.spawn_runner::<OwnedClaim, Reservation, ReserveVerb>(true);
         });
@@ -807,7 +843,7 @@ mod tests {
         {
             let queue = batcher.reserve.lock();
             assert_eq!(queue.running, 0, "the slot was given back");
-            assert!(!queue.gathering, "the gathering ended");
+            assert!(queue.gathering.is_none(), "the gathering ended");
         }
         let second = tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -821,5 +857,66 @@ mod tests {
                 Ok(Reservation::Acquired)
             ));
         });
+    }
+
+    /// A runner dropped with calls still queued and no other runner left (its runtime shut
+    /// down): the calls are answered "lost" at once, as an outcome that may have been applied,
+    /// and their room in the queue is given back, instead of waiting for a runner that will
+    /// never come.
+    #[test]
+    fn calls_queued_behind_a_dropped_runner_are_answered_at_once() {
+        let (batcher, _store) = batcher(1);
+        let room = batcher.reserve.room.clone();
+        let free = room.available_permits();
+        let (reply, mut answer) = oneshot::channel();
+        let first = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        first.block_on(async {
+            let job = Job {
+                item: claim("queued"),
+                reply,
+                _room: room.clone().try_acquire_owned().expect("room"),
+            };
+            {
+                let mut queue = batcher.reserve.lock();
+                queue.jobs.push_back(job);
+                queue.running += 1;
+            }
+            batcher.spawn_runner::<OwnedClaim, Reservation, ReserveVerb>(false);
+        });
+        drop(first);
+        let got = answer.try_recv();
+        assert!(
+            matches!(got, Err(oneshot::error::TryRecvError::Closed)),
+            "answered, not left waiting"
+        );
+        let lost = Err::<(), _>(lost()).unwrap_err();
+        assert!(lost.is_timeout(), "lost means it may have been applied");
+        assert_eq!(room.available_permits(), free, "its room was given back");
+        assert_eq!(batcher.reserve.lock().running, 0);
+    }
+
+    /// A gathering whose runner is not being run (its runtime blocked or no longer driven)
+    /// holds back other runners only briefly: a call from elsewhere starts its own.
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_stale_gathering_holds_no_one_back() {
+        let (batcher, _store) = batcher(2);
+        {
+            // A runner that started gathering a while ago and has not run since.
+            let mut queue = batcher.reserve.lock();
+            queue.running += 1;
+            queue.gathering = Some(Instant::now() - Duration::from_secs(1));
+        }
+        // Another call somewhere in the lanes, so this one queues (and would wait for the
+        // gathering runner) instead of going alone.
+        let _other = Waiting::new(&batcher.waiting);
+        let call = batcher.reserve(claim("later"));
+        let got = tokio::time::timeout(Duration::from_secs(5), call).await;
+        assert!(matches!(
+            got.expect("not held back"),
+            Ok(Reservation::Acquired)
+        ));
     }
 }
