@@ -71,6 +71,11 @@ struct Job<I, O> {
 struct Queue<I, O> {
     jobs: VecDeque<Job<I, O>>,
     running: usize,
+    /// When a batch of the lane last started. A lane whose every place is taken and that has
+    /// started nothing for twice the store timeout (which bounds every batch of a runtime
+    /// that is driven) has its runners stuck on a runtime no longer driven: the next call
+    /// starts one more runner beyond `max_in_flight`, so the lane keeps serving.
+    started: Instant,
     /// Since when a runner has been letting the tasks already woken run before it takes its
     /// first batch (one yield): what they queue meanwhile goes in that batch, so no other
     /// runner is started for them. A gathering older than [`STALE_GATHERING`] no longer holds
@@ -102,6 +107,7 @@ impl<I, O> Lane<I, O> {
             queue: Mutex::new(Queue {
                 jobs: VecDeque::new(),
                 running: 0,
+                started: Instant::now(),
                 gathering: None,
             }),
             room: Arc::new(Semaphore::new(limits.max_queued.max(1))),
@@ -314,6 +320,7 @@ impl Batcher {
             let alone = queue.jobs.is_empty() && queue.running < max && !queue.gathers();
             if alone {
                 queue.running += 1;
+                queue.started = Instant::now();
             }
             alone
         };
@@ -336,11 +343,20 @@ impl Batcher {
                 reply,
                 _room: room,
             });
-            let start = queue.running < max && !queue.gathers();
+            let stuck = queue.running >= max && queue.started.elapsed() > self.timeout * 2;
+            let start = (queue.running < max && !queue.gathers()) || stuck;
             // First in an idle lane, with others waiting: gather.
-            let gather = start && company && queue.jobs.len() == 1;
+            let gather = start && !stuck && company && queue.jobs.len() == 1;
             if start {
                 queue.running += 1;
+            }
+            if stuck {
+                // One more runner per stuck period, not one per call.
+                queue.started = Instant::now();
+                tracing::warn!(
+                    op = V::OP,
+                    "idem: a group-commit lane made no progress for twice the store timeout (its runners are on a runtime no longer driven?); starting another runner"
+                );
             }
             if gather {
                 queue.gathering = Some(Instant::now());
@@ -475,6 +491,7 @@ where
             let (mut batch, another) = {
                 let mut queue = lane.lock();
                 let batch = batcher.take::<I, O, V>(&mut queue.jobs);
+                queue.started = Instant::now();
                 if batch.is_empty() {
                     queue.running -= 1;
                     self.done = true;
@@ -648,6 +665,13 @@ mod tests {
     }
 
     fn batcher(max_in_flight: usize) -> (Arc<Batcher>, Arc<Counting>) {
+        batcher_timing_out(max_in_flight, Duration::from_secs(5))
+    }
+
+    fn batcher_timing_out(
+        max_in_flight: usize,
+        timeout: Duration,
+    ) -> (Arc<Batcher>, Arc<Counting>) {
         let store = Arc::new(Counting {
             inner: MemoryStore::new(),
             batches: Mutex::new(Vec::new()),
@@ -659,7 +683,7 @@ mod tests {
             max_in_flight,
             max_queued: 1024,
         };
-        let batcher = Batcher::new(store.clone(), Duration::from_secs(5), limits);
+        let batcher = Batcher::new(store.clone(), timeout, limits);
         (Arc::new(batcher), store)
     }
 
@@ -866,35 +890,42 @@ mod tests {
     #[test]
     fn calls_queued_behind_a_dropped_runner_are_answered_at_once() {
         let (batcher, _store) = batcher(1);
-        let room = batcher.reserve.room.clone();
-        let free = room.available_permits();
-        let (reply, mut answer) = oneshot::channel();
+        let free = batcher.reserve.room.available_permits();
+        // Another call somewhere in the lanes: this one queues and starts a runner.
+        let _other = Waiting::new(&batcher.waiting);
+        let mut call = Box::pin(batcher.reserve(claim("queued")));
         let first = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
             .expect("runtime");
         first.block_on(async {
-            let job = Job {
-                item: claim("queued"),
-                reply,
-                _room: room.clone().try_acquire_owned().expect("room"),
-            };
-            {
-                let mut queue = batcher.reserve.lock();
-                queue.jobs.push_back(job);
-                queue.running += 1;
-            }
-            batcher.spawn_runner::<OwnedClaim, Reservation, ReserveVerb>(false);
+            let waker = futures_util::task::noop_waker();
+            let polled = call.as_mut().poll(&mut Context::from_waker(&waker));
+            assert!(polled.is_pending(), "queued, its runner spawned");
         });
+        // Shut down with the runner never run.
         drop(first);
-        let got = answer.try_recv();
-        assert!(
-            matches!(got, Err(oneshot::error::TryRecvError::Closed)),
-            "answered, not left waiting"
+        assert_eq!(
+            batcher.reserve.lock().running,
+            0,
+            "its place was given back"
         );
-        assert!(lost().is_timeout(), "lost means it may have been applied");
-        assert_eq!(room.available_permits(), free, "its room was given back");
-        assert_eq!(batcher.reserve.lock().running, 0);
+        assert_eq!(
+            batcher.reserve.room.available_permits(),
+            free,
+            "and the call's room"
+        );
+        let second = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let got = second.block_on(async {
+            tokio::time::timeout(Duration::from_secs(5), call)
+                .await
+                .expect("answered, not left waiting")
+        });
+        let e = got.expect_err("lost");
+        assert!(e.is_timeout(), "lost means it may have been applied: {e}");
     }
 
     /// A gathering whose runner is not being run (its runtime blocked or no longer driven)
@@ -906,8 +937,9 @@ mod tests {
             // A runner that started gathering a while ago and has not run since.
             let mut queue = batcher.reserve.lock();
             queue.running += 1;
-            queue.gathering = Some(Instant::now() - Duration::from_secs(1));
+            queue.gathering = Some(Instant::now());
         }
+        tokio::time::sleep(STALE_GATHERING * 2).await;
         // Another call somewhere in the lanes, so this one queues (and would wait for the
         // gathering runner) instead of going alone.
         let _other = Waiting::new(&batcher.waiting);
@@ -917,5 +949,26 @@ mod tests {
             got.expect("not held back"),
             Ok(Reservation::Acquired)
         ));
+    }
+
+    /// A lane whose runners are all stuck (on a runtime no longer driven, where even the
+    /// store timeout cannot fire) for twice the store timeout gets one more runner from the
+    /// next call, instead of leaving every later call to time out.
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_lane_whose_runners_are_stuck_starts_another() {
+        let (batcher, _store) = batcher_timing_out(1, Duration::from_millis(20));
+        {
+            // The lane's one runner, stuck since now.
+            let mut queue = batcher.reserve.lock();
+            queue.running += 1;
+            queue.started = Instant::now();
+        }
+        tokio::time::sleep(Duration::from_millis(60)).await;
+        let _other = Waiting::new(&batcher.waiting);
+        let call = batcher.reserve(claim("later"));
+        let got = tokio::time::timeout(Duration::from_secs(5), call).await;
+        assert!(matches!(got.expect("served"), Ok(Reservation::Acquired)));
+        // The stuck runner still holds its place; the extra one gave its own back.
+        assert_eq!(batcher.reserve.lock().running, 1);
     }
 }
