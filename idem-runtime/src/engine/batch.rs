@@ -602,6 +602,7 @@ where
 #[cfg(test)]
 mod tests {
     use std::future::Future;
+    use std::pin::Pin;
     use std::task::Context;
 
     use super::*;
@@ -697,6 +698,48 @@ mod tests {
         }
     }
 
+    /// A reservation of `key` in a task of its own, started now; its answer when awaited.
+    fn spawn_reserve(
+        batcher: &Arc<Batcher>,
+        key: &str,
+    ) -> impl Future<Output = Result<Reservation, StoreError>> + use<> {
+        let (batcher, claim) = (batcher.clone(), claim(key));
+        let task = tokio::spawn(async move { batcher.reserve(claim).await });
+        async move { task.await.expect("task") }
+    }
+
+    /// Waits (at most 5 s) for a reservation, which must acquire its record.
+    async fn acquires(call: impl Future<Output = Result<Reservation, StoreError>>, why: &str) {
+        let got = tokio::time::timeout(Duration::from_secs(5), call).await;
+        assert!(
+            matches!(got.expect(why), Ok(Reservation::Acquired)),
+            "{why}"
+        );
+    }
+
+    /// Polls `call` once, with a waker that does nothing: whether it is still pending.
+    fn pending_after_one_poll<F: Future>(call: Pin<&mut F>) -> bool {
+        let waker = futures_util::task::noop_waker();
+        call.poll(&mut Context::from_waker(&waker)).is_pending()
+    }
+
+    /// A runtime of its own, to shut down under a runner.
+    fn runtime() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime")
+    }
+
+    /// A call in flight (in a task of its own), so that the next call has company.
+    async fn busy(
+        batcher: &Arc<Batcher>,
+    ) -> impl Future<Output = Result<Reservation, StoreError>> + use<> {
+        let busy = spawn_reserve(batcher, "busy");
+        tokio::task::yield_now().await;
+        busy
+    }
+
     /// Calls answered by one batch and sending their next statement at once share one
     /// statement: the first to find the lane idle lets the others, already woken, join it,
     /// instead of going alone and leaving them the next one.
@@ -705,11 +748,7 @@ mod tests {
         for max_in_flight in [1, 2] {
             let (batcher, store) = batcher(max_in_flight);
             // A lone call: no one else waits, so it goes at once and alone.
-            let lone = {
-                let batcher = batcher.clone();
-                tokio::spawn(async move { batcher.reserve(claim("lone")).await })
-            };
-            tokio::task::yield_now().await;
+            let lone = busy(&batcher).await;
             let calls: Vec<_> = (0..8)
                 .map(|i| {
                     let batcher = batcher.clone();
@@ -720,10 +759,7 @@ mod tests {
                     })
                 })
                 .collect();
-            assert!(matches!(
-                lone.await.expect("task"),
-                Ok(Reservation::Acquired)
-            ));
+            acquires(lone, "the lone call").await;
             for call in calls {
                 let got = call.await.expect("task").expect("reserve");
                 assert!(got.iter().all(|r| matches!(r, Reservation::Acquired)));
@@ -738,8 +774,7 @@ mod tests {
     async fn a_lone_call_goes_on_its_own() {
         let (batcher, store) = batcher(2);
         for i in 0..3 {
-            let got = batcher.reserve(claim(&format!("k{i}"))).await;
-            assert!(matches!(got, Ok(Reservation::Acquired)));
+            acquires(batcher.reserve(claim(&format!("k{i}"))), "alone").await;
         }
         // Each went as a batch of one, nothing waiting for company, sent from the caller's
         // own future (here the test's `block_on`), not from a runner task.
@@ -753,37 +788,21 @@ mod tests {
     #[tokio::test(flavor = "current_thread")]
     async fn an_unpolled_caller_holds_up_no_one() {
         let (batcher, store) = batcher(2);
-        // A call in flight, so that the next one has company and gathers.
-        let busy = {
-            let batcher = batcher.clone();
-            tokio::spawn(async move { batcher.reserve(claim("busy")).await })
-        };
-        tokio::task::yield_now().await;
+        let busy = busy(&batcher).await;
         let mut first = Box::pin(batcher.reserve(claim("first")));
-        let waker = futures_util::task::noop_waker();
-        let polled = first.as_mut().poll(&mut Context::from_waker(&waker));
-        assert!(polled.is_pending(), "queued for its runner");
+        assert!(
+            pending_after_one_poll(first.as_mut()),
+            "queued for its runner"
+        );
         let others: Vec<_> = (0..3)
-            .map(|i| {
-                let batcher = batcher.clone();
-                tokio::spawn(async move { batcher.reserve(claim(&format!("k{i}"))).await })
-            })
+            .map(|i| spawn_reserve(&batcher, &format!("k{i}")))
             .collect();
         for call in others {
-            let got = tokio::time::timeout(Duration::from_secs(5), call).await;
-            let got = got.expect("not held up").expect("task").expect("reserve");
-            assert!(matches!(got, Reservation::Acquired));
+            acquires(call, "not held up").await;
         }
-        assert!(matches!(
-            busy.await.expect("task"),
-            Ok(Reservation::Acquired)
-        ));
-        let after = tokio::time::timeout(Duration::from_secs(5), batcher.reserve(claim("after")));
-        assert!(matches!(
-            after.await.expect("the lane is free"),
-            Ok(Reservation::Acquired)
-        ));
-        assert!(matches!(first.await, Ok(Reservation::Acquired)));
+        acquires(busy, "busy").await;
+        acquires(batcher.reserve(claim("after")), "the lane is free").await;
+        acquires(first, "its answer waited").await;
         let batches = store.batches.lock().unwrap().clone();
         assert_eq!(
             batches[..2],
@@ -797,37 +816,19 @@ mod tests {
     #[tokio::test(flavor = "current_thread")]
     async fn a_caller_gone_while_its_batch_gathers_leaves_nothing_behind() {
         let (batcher, store) = batcher(2);
-        let busy = {
-            let batcher = batcher.clone();
-            tokio::spawn(async move { batcher.reserve(claim("busy")).await })
-        };
-        tokio::task::yield_now().await;
+        let busy = busy(&batcher).await;
         let gone = claim("gone");
         let gone_id = gone.id.clone();
         let mut first = Box::pin(batcher.reserve(gone));
-        let waker = futures_util::task::noop_waker();
-        assert!(
-            first
-                .as_mut()
-                .poll(&mut Context::from_waker(&waker))
-                .is_pending()
-        );
+        assert!(pending_after_one_poll(first.as_mut()));
         drop(first);
         let others: Vec<_> = (0..2)
-            .map(|i| {
-                let batcher = batcher.clone();
-                tokio::spawn(async move { batcher.reserve(claim(&format!("k{i}"))).await })
-            })
+            .map(|i| spawn_reserve(&batcher, &format!("k{i}")))
             .collect();
         for call in others {
-            let got = tokio::time::timeout(Duration::from_secs(5), call).await;
-            let got = got.expect("answered").expect("task").expect("reserve");
-            assert!(matches!(got, Reservation::Acquired));
+            acquires(call, "answered").await;
         }
-        assert!(matches!(
-            busy.await.expect("task"),
-            Ok(Reservation::Acquired)
-        ));
+        acquires(busy, "busy").await;
         // The release of the orphaned reservation runs in a task of its own.
         let deadline = Instant::now() + Duration::from_secs(5);
         while store.inner.load(&gone_id).await.unwrap().is_some() {
@@ -837,11 +838,7 @@ mod tests {
             );
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
-        let after = tokio::time::timeout(Duration::from_secs(5), batcher.reserve(claim("after")));
-        assert!(matches!(
-            after.await.expect("the lane is free"),
-            Ok(Reservation::Acquired)
-        ));
+        acquires(batcher.reserve(claim("after")), "the lane is free").await;
     }
 
     /// A runner whose runtime shuts down before it runs (a runtime shared across tests, or a
@@ -850,10 +847,7 @@ mod tests {
     #[test]
     fn a_runner_dropped_unrun_does_not_stall_its_lane() {
         let (batcher, _store) = batcher(1);
-        let first = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .expect("runtime");
+        let first = runtime();
         first.block_on(async {
             {
                 let mut queue = batcher.reserve.lock();
@@ -869,18 +863,7 @@ mod tests {
             assert_eq!(queue.running, 0, "the slot was given back");
             assert!(queue.gathering.is_none(), "the gathering ended");
         }
-        let second = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .expect("runtime");
-        second.block_on(async {
-            let call = batcher.reserve(claim("later"));
-            let got = tokio::time::timeout(Duration::from_secs(5), call).await;
-            assert!(matches!(
-                got.expect("the lane serves"),
-                Ok(Reservation::Acquired)
-            ));
-        });
+        runtime().block_on(acquires(batcher.reserve(claim("later")), "the lane serves"));
     }
 
     /// A runner dropped with calls still queued and no other runner left (its runtime shut
@@ -894,14 +877,12 @@ mod tests {
         // Another call somewhere in the lanes: this one queues and starts a runner.
         let _other = Waiting::new(&batcher.waiting);
         let mut call = Box::pin(batcher.reserve(claim("queued")));
-        let first = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .expect("runtime");
+        let first = runtime();
         first.block_on(async {
-            let waker = futures_util::task::noop_waker();
-            let polled = call.as_mut().poll(&mut Context::from_waker(&waker));
-            assert!(polled.is_pending(), "queued, its runner spawned");
+            assert!(
+                pending_after_one_poll(call.as_mut()),
+                "queued, its runner spawned"
+            );
         });
         // Shut down with the runner never run.
         drop(first);
@@ -915,11 +896,7 @@ mod tests {
             free,
             "and the call's room"
         );
-        let second = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .expect("runtime");
-        let got = second.block_on(async {
+        let got = runtime().block_on(async {
             tokio::time::timeout(Duration::from_secs(5), call)
                 .await
                 .expect("answered, not left waiting")
@@ -943,12 +920,7 @@ mod tests {
         // Another call somewhere in the lanes, so this one queues (and would wait for the
         // gathering runner) instead of going alone.
         let _other = Waiting::new(&batcher.waiting);
-        let call = batcher.reserve(claim("later"));
-        let got = tokio::time::timeout(Duration::from_secs(5), call).await;
-        assert!(matches!(
-            got.expect("not held back"),
-            Ok(Reservation::Acquired)
-        ));
+        acquires(batcher.reserve(claim("later")), "not held back").await;
     }
 
     /// A lane whose runners are all stuck (on a runtime no longer driven, where even the
@@ -965,9 +937,7 @@ mod tests {
         }
         tokio::time::sleep(Duration::from_millis(60)).await;
         let _other = Waiting::new(&batcher.waiting);
-        let call = batcher.reserve(claim("later"));
-        let got = tokio::time::timeout(Duration::from_secs(5), call).await;
-        assert!(matches!(got.expect("served"), Ok(Reservation::Acquired)));
+        acquires(batcher.reserve(claim("later")), "served").await;
         // The stuck runner still holds its place; the extra one gave its own back.
         assert_eq!(batcher.reserve.lock().running, 1);
     }
