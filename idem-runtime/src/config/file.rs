@@ -62,8 +62,9 @@ pub struct IdemConfig {
     pub batch_max_rows: usize,
     /// Group commit: the most result bytes one batch of finalizes carries.
     pub batch_max_bytes: usize,
-    /// Group commit: how many batches of one verb may be in flight at once.
-    pub batch_concurrency: usize,
+    /// Group commit: how many batches of one verb may be in flight at once; `null` (the
+    /// default): as many as the store runs well (1 on SQLite, 2 on the others).
+    pub batch_concurrency: Option<usize>,
     /// Run every body unprotected (see [`IdemBuilder::disabled`]; a release build also needs
     /// [`IdemBuilder::allow_disabled_in_release`] in code).
     pub disabled: bool,
@@ -85,7 +86,7 @@ impl Default for IdemConfig {
             group_commit: true,
             batch_max_rows: defaults::BATCH_MAX_ROWS,
             batch_max_bytes: defaults::BATCH_MAX_BYTES,
-            batch_concurrency: defaults::BATCH_CONCURRENCY,
+            batch_concurrency: None,
             disabled: false,
         }
     }
@@ -124,8 +125,11 @@ impl IdemConfig {
             .store_timeout(self.store_timeout.as_str())
             .group_commit(self.group_commit)
             .batch_max(self.batch_max_rows, self.batch_max_bytes)
-            .batch_concurrency(self.batch_concurrency)
             .disabled(self.disabled);
+        let builder = match self.batch_concurrency {
+            Some(n) => builder.batch_concurrency(n),
+            None => builder,
+        };
         // Check the durations before connecting, so a typo is reported as such.
         if let Some(e) = &builder.error {
             return Err(e.clone());

@@ -18,7 +18,7 @@ use crate::engine::{BatchLimits, Engine, Settings};
 const DEFAULT_BATCHING: BatchLimits = BatchLimits {
     max_rows: defaults::BATCH_MAX_ROWS,
     max_bytes: defaults::BATCH_MAX_BYTES,
-    max_in_flight: defaults::BATCH_CONCURRENCY,
+    max_in_flight: None,
     max_queued: defaults::BATCH_QUEUE,
 };
 use crate::store::Store;
@@ -109,8 +109,9 @@ pub mod defaults {
     pub const BATCH_MAX_ROWS: usize = 128;
     /// Group commit: the most result bytes one batch of finalizes carries: 4 MiB.
     pub const BATCH_MAX_BYTES: usize = 4 << 20;
-    /// Group commit: how many batches of one verb may be in flight at once.
-    pub const BATCH_CONCURRENCY: usize = 2;
+    /// Group commit: how many batches of one verb may be in flight at once, on a store that
+    /// does not say ([`Store::batch_concurrency`]).
+    pub const BATCH_CONCURRENCY: usize = crate::store::BATCH_CONCURRENCY;
     /// Group commit: how many statements of one verb may wait for a batch before callers
     /// wait for room.
     pub const BATCH_QUEUE: usize = 4_096;
@@ -231,11 +232,13 @@ impl IdemBuilder {
         self
     }
 
-    /// Group commit: how many batches of one verb may be in flight at once (default 2). One
-    /// keeps batches largest; more lowers latency when calls arrive steadily.
+    /// Group commit: how many batches of one verb may be in flight at once. By default, as
+    /// many as the store runs well ([`Store::batch_concurrency`]): 1 on SQLite, which writes
+    /// one transaction at a time, 2 on the others. One keeps batches largest; more lowers
+    /// latency when calls arrive steadily on a store that runs them side by side.
     pub fn batch_concurrency(mut self, batches: usize) -> Self {
         if let Some(b) = &mut self.batching {
-            b.max_in_flight = batches.max(1);
+            b.max_in_flight = Some(batches.max(1));
         }
         self
     }

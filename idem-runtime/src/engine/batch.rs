@@ -33,8 +33,9 @@ pub(crate) struct BatchLimits {
     pub(crate) max_rows: usize,
     /// The most result bytes one finalize batch carries (at least one row goes).
     pub(crate) max_bytes: usize,
-    /// How many batches of one verb may be in flight at once.
-    pub(crate) max_in_flight: usize,
+    /// How many batches of one verb may be in flight at once; `None`: as many as the store
+    /// runs well ([`Store::batch_concurrency`]).
+    pub(crate) max_in_flight: Option<usize>,
     /// How many statements of one verb may wait in its queue.
     pub(crate) max_queued: usize,
 }
@@ -125,6 +126,8 @@ pub(crate) struct Batcher {
     store: Arc<dyn Store>,
     timeout: Duration,
     limits: BatchLimits,
+    /// How many batches of one verb may be in flight at once (at least one).
+    max_in_flight: usize,
     reserve: Lane<OwnedClaim, Reservation>,
     finalize: Lane<(RecordId, Fence, StoredResult, Duration), bool>,
     heartbeat: Lane<(RecordId, Fence, Duration), bool>,
@@ -247,10 +250,14 @@ impl Verb<(RecordId, Fence), bool> for ReleaseVerb {
 
 impl Batcher {
     pub(crate) fn new(store: Arc<dyn Store>, timeout: Duration, limits: BatchLimits) -> Batcher {
+        let max_in_flight = limits
+            .max_in_flight
+            .unwrap_or_else(|| store.batch_concurrency());
         Batcher {
             store,
             timeout,
             limits,
+            max_in_flight: max_in_flight.max(1),
             reserve: Lane::new(&limits),
             finalize: Lane::new(&limits),
             heartbeat: Lane::new(&limits),
@@ -312,7 +319,7 @@ impl Batcher {
         let _waiting = Waiting::new(&self.waiting);
         let room = lane.room.clone().acquire_owned().await;
         let room = room.map_err(|_| StoreError::msg("the runtime is shutting down"))?;
-        let max = self.limits.max_in_flight.max(1);
+        let max = self.max_in_flight;
         // Others are waiting on the lanes: some may be about to reach this one.
         let company = self.waiting.load(Ordering::Relaxed) > 1;
         let alone = !company && {
@@ -486,7 +493,7 @@ where
             lane.lock().gathering = None;
             self.gathering = false;
         }
-        let max = batcher.limits.max_in_flight.max(1);
+        let max = batcher.max_in_flight;
         loop {
             let (mut batch, another) = {
                 let mut queue = lane.lock();
@@ -614,6 +621,11 @@ mod tests {
         batches: Mutex<Vec<usize>>,
         /// The task each batch ran in (`None`: the test's own `block_on`, not a task).
         tasks: Mutex<Vec<Option<tokio::task::Id>>>,
+        /// What the store says of itself: how many batches it runs well at once.
+        concurrency: usize,
+        /// Reservation batches in flight now, and the most there were at once.
+        in_flight: AtomicUsize,
+        most_in_flight: AtomicUsize,
     }
 
     #[async_trait::async_trait]
@@ -653,12 +665,18 @@ mod tests {
         async fn reserve_many(&self, claims: &[Claim<'_>]) -> Vec<Result<Reservation, StoreError>> {
             self.batches.lock().unwrap().push(claims.len());
             self.tasks.lock().unwrap().push(tokio::task::try_id());
+            let now = self.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+            self.most_in_flight.fetch_max(now, Ordering::SeqCst);
             // A round trip: the batch is in flight for a while.
             tokio::time::sleep(Duration::from_millis(5)).await;
+            self.in_flight.fetch_sub(1, Ordering::SeqCst);
             self.inner.reserve_many(claims).await
         }
         fn group_commit(&self) -> bool {
             true
+        }
+        fn batch_concurrency(&self) -> usize {
+            self.concurrency
         }
         fn backend(&self) -> &'static str {
             "counting"
@@ -673,17 +691,30 @@ mod tests {
         max_in_flight: usize,
         timeout: Duration,
     ) -> (Arc<Batcher>, Arc<Counting>) {
+        let limits = BatchLimits {
+            max_rows: 128,
+            max_bytes: 1 << 20,
+            max_in_flight: Some(max_in_flight),
+            max_queued: 1024,
+        };
+        batcher_with(limits, 2, timeout)
+    }
+
+    /// A batcher with `limits` on a counting store that says it runs `concurrency` batches
+    /// well at once.
+    fn batcher_with(
+        limits: BatchLimits,
+        concurrency: usize,
+        timeout: Duration,
+    ) -> (Arc<Batcher>, Arc<Counting>) {
         let store = Arc::new(Counting {
             inner: MemoryStore::new(),
             batches: Mutex::new(Vec::new()),
             tasks: Mutex::new(Vec::new()),
+            concurrency,
+            in_flight: AtomicUsize::new(0),
+            most_in_flight: AtomicUsize::new(0),
         });
-        let limits = BatchLimits {
-            max_rows: 128,
-            max_bytes: 1 << 20,
-            max_in_flight,
-            max_queued: 1024,
-        };
         let batcher = Batcher::new(store.clone(), timeout, limits);
         (Arc::new(batcher), store)
     }
@@ -738,6 +769,34 @@ mod tests {
         let busy = spawn_reserve(batcher, "busy");
         tokio::task::yield_now().await;
         busy
+    }
+
+    /// Unless the runtime is told otherwise, a lane runs as many batches at once as its store
+    /// says it runs well: one, for a store with one writer (SQLite), however many calls queue.
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_lane_runs_as_many_batches_at_once_as_its_store_runs_well() {
+        for (configured, store_says, most) in [(None, 1, 1), (None, 2, 2), (Some(2), 1, 2)] {
+            let limits = BatchLimits {
+                // Small batches: 24 queued calls need several, so a lane with room runs more
+                // than one at once.
+                max_rows: 4,
+                max_bytes: 1 << 20,
+                max_in_flight: configured,
+                max_queued: 1024,
+            };
+            let (batcher, store) = batcher_with(limits, store_says, Duration::from_secs(5));
+            let calls: Vec<_> = (0..24)
+                .map(|i| spawn_reserve(&batcher, &format!("k{i}")))
+                .collect();
+            for call in calls {
+                acquires(call, "queued behind the batches in flight").await;
+            }
+            assert_eq!(
+                store.most_in_flight.load(Ordering::SeqCst),
+                most,
+                "configured {configured:?}, the store says {store_says}"
+            );
+        }
     }
 
     /// Calls answered by one batch and sending their next statement at once share one

@@ -53,6 +53,10 @@ use crate::key::{Fingerprint, RecordId};
 /// The table name used when none is configured.
 pub const DEFAULT_TABLE: &str = "idem_records";
 
+/// How many batches of one verb run at once on a store that does not say otherwise
+/// ([`Store::batch_concurrency`]).
+pub(crate) const BATCH_CONCURRENCY: usize = 2;
+
 /// The token that makes a reservation this caller's own.
 ///
 /// Every reservation and takeover writes a fresh random fence; heartbeat, finalize and
@@ -302,6 +306,15 @@ pub trait Store: Send + Sync + 'static {
     /// `false`, sends each call's statement on its own.
     fn group_commit(&self) -> bool {
         false
+    }
+
+    /// With group commit, how many batches of one verb to run at once unless the runtime is
+    /// told ([`IdemBuilder::batch_concurrency`](crate::IdemBuilder::batch_concurrency)): the
+    /// default is 2, one batch in flight while the next gathers. A store that runs one write
+    /// at a time (SQLite) answers 1: a second batch would only wait for the first one's lock,
+    /// and the calls it carries would have made the next batch larger.
+    fn batch_concurrency(&self) -> usize {
+        BATCH_CONCURRENCY
     }
 
     /// Whether the store deletes expired records by itself, and how long after their lease

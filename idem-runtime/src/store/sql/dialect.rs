@@ -45,6 +45,10 @@ pub(crate) mod sealed {
         const BACKEND: &'static str;
         /// The database's name in messages (`"PostgreSQL"`).
         const NAME: &'static str;
+        /// How many batches of one verb run well at once ([`Store::batch_concurrency`]).
+        ///
+        /// [`Store::batch_concurrency`]: crate::store::Store::batch_concurrency
+        const BATCH_CONCURRENCY: usize = crate::store::BATCH_CONCURRENCY;
         /// The statement that begins a migration's or a purge's transaction.
         const BEGIN: &'static str;
         /// The record statements for `table`.
@@ -194,6 +198,72 @@ pub struct Statements {
     /// ([`sealed::Sealed::reserve_as_one`]).
     #[cfg_attr(not(feature = "postgres"), allow(dead_code))]
     pub(crate) many: Option<ManyStatements>,
+    /// The batched verbs as single statements over a list of rows, for a dialect without
+    /// arrays that runs them itself.
+    #[cfg_attr(not(feature = "sqlite"), allow(dead_code))]
+    pub(crate) rows: Option<RowsStatements>,
+}
+
+/// The batched verbs as single statements over a list of rows, `VALUES (..), (..)` (SQLite):
+/// a batch is one statement, so one round trip to the database's thread and one commit.
+#[derive(Clone, Debug)]
+#[cfg_attr(not(feature = "sqlite"), allow(dead_code))]
+pub struct RowsStatements {
+    /// Inserts the rows that are absent; returns `namespace, key, fence` of each it inserted.
+    pub(crate) reserve: Rows,
+    /// The records of the rows' `(namespace, key)`, with those two columns first.
+    pub(crate) load: Rows,
+    /// Each returns `namespace, key, fence` of every record it changed.
+    pub(crate) finalize: Rows,
+    pub(crate) heartbeat: Rows,
+    pub(crate) release: Rows,
+}
+
+/// A statement over a list of rows. A batch's list is padded with rows of NULLs (which match
+/// nothing and insert nothing) to the next power of two, so that a verb has a handful of texts
+/// for the connection to prepare once and keep, rather than one per batch size.
+#[derive(Clone, Debug)]
+#[cfg_attr(not(feature = "sqlite"), allow(dead_code))]
+pub struct Rows {
+    /// The text with the table filled in, and `{rows}` where the list goes.
+    template: String,
+    /// Parameters per row.
+    pub(crate) params: usize,
+    /// The text for 2^i rows, made on first use.
+    texts: [std::sync::OnceLock<SqlStr>; Rows::SIZES],
+}
+
+#[cfg_attr(not(feature = "sqlite"), allow(dead_code))]
+impl Rows {
+    /// Lists of up to 2^15 rows; a longer batch is not carried as one statement.
+    const SIZES: usize = 16;
+    /// SQLite's limit on a statement's parameters (`SQLITE_MAX_VARIABLE_NUMBER`).
+    const MAX_PARAMS: usize = 32_766;
+
+    pub(crate) fn new(template: &str, table: &str, params: usize) -> Rows {
+        Rows {
+            template: template.replace("{t}", table),
+            params,
+            texts: Default::default(),
+        }
+    }
+
+    /// The text for `n` rows and the padded number of rows it lists, or `None` if `n` rows do
+    /// not fit in one statement.
+    pub(crate) fn sql(&self, n: usize) -> Option<(SqlStr, usize)> {
+        let padded = n.max(1).checked_next_power_of_two()?;
+        let slot = self.texts.get(padded.trailing_zeros() as usize)?;
+        if padded.checked_mul(self.params)? > Self::MAX_PARAMS {
+            return None;
+        }
+        let text = slot.get_or_init(|| {
+            let row = format!("({})", vec!["?"; self.params].join(", "));
+            let rows = vec![row.as_str(); padded].join(", ");
+            let sql: std::sync::Arc<str> = self.template.replace("{rows}", &rows).into();
+            sqlx::SqlSafeStr::into_sql_str(sqlx::AssertSqlSafe(sql))
+        });
+        Some((text.clone(), padded))
+    }
 }
 
 /// The batched verbs' statements over arrays (PostgreSQL).

@@ -404,6 +404,10 @@ impl<D: Dialect> Store for SqlStore<D> {
         true
     }
 
+    fn batch_concurrency(&self) -> usize {
+        D::BATCH_CONCURRENCY
+    }
+
     async fn purge(&self, limit: u32) -> Result<u64, StoreError> {
         self.again_after_conflicts(|| async move {
             let mut conn = self.checkout().await?;

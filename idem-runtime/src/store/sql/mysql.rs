@@ -167,6 +167,7 @@ impl Sealed for MySql {
                 &[Param::TableName, Param::Version],
             ),
             many: None,
+            rows: None,
         }
     }
 

@@ -175,6 +175,7 @@ impl Sealed for Postgres {
                 &[Param::TableName, Param::Version],
             ),
             many: Some(many(t)),
+            rows: None,
         }
     }
 
