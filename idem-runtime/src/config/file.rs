@@ -17,7 +17,8 @@ use crate::{Error, Idem};
 /// would split the replicas): `sqlite://path/to/idem.db` (feature `sqlite`), `postgres://..`
 /// (feature `postgres`), `mysql://..` or `mariadb://..` (feature `mysql`), `redis://..` or
 /// `redis+cluster://host1:port1,host2:port2` (feature `redis`), or `memory:`.
-/// Every other field has the default shown in [`defaults`].
+/// Every other field has the default shown in [`defaults`], except `batch_concurrency`,
+/// whose default is the store's own.
 ///
 /// What each mistake gives: an unknown field is refused by your deserializer (the type
 /// denies unknown fields, so serde's error names it); a missing or empty `store`, a store URL
@@ -62,8 +63,9 @@ pub struct IdemConfig {
     pub batch_max_rows: usize,
     /// Group commit: the most result bytes one batch of finalizes carries.
     pub batch_max_bytes: usize,
-    /// Group commit: how many batches of one verb may be in flight at once; `null` (the
-    /// default): as many as the store runs well (1 on SQLite, 2 on the others).
+    /// Group commit: how many batches of one verb may be in flight at once. Left out (the
+    /// default; `null` in JSON): as many as the store runs well (1 on SQLite, 2 on the
+    /// others).
     pub batch_concurrency: Option<usize>,
     /// Run every body unprotected (see [`IdemBuilder::disabled`]; a release build also needs
     /// [`IdemBuilder::allow_disabled_in_release`] in code).

@@ -171,8 +171,10 @@ impl Verb<OwnedClaim, Reservation> for ReserveVerb {
         store.reserve_many(&claims).await
     }
     fn orphaned(batcher: &Arc<Batcher>, item: OwnedClaim, out: &Result<Reservation, StoreError>) {
-        // Its caller is gone, and would have released this reservation: release it here.
-        if matches!(out, Ok(Reservation::Acquired)) {
+        // Its caller is gone, and would have released this reservation (or one its batch may
+        // have written before failing): release it here, under its own fence.
+        let maybe_written = matches!(out, Err(e) if e.is_timeout());
+        if matches!(out, Ok(Reservation::Acquired)) || maybe_written {
             let (batcher, OwnedClaim { id, fence, .. }) = (batcher.clone(), item);
             tokio::spawn(async move { drop(batcher.release(id, fence).await) });
         }

@@ -1,6 +1,6 @@
 //! Group commit in the SQL store: many calls' statements in one round trip and one commit.
 
-use super::dialect::{BoxFuture, Statements};
+use super::dialect::{Answers, BoxFuture, Statements};
 use super::{Connection, Dialect, SqlStore};
 use crate::error::StoreError;
 
@@ -41,7 +41,18 @@ impl<D: Dialect> SqlStore<D> {
             return vec![out];
         }
         let batched = if let Some(one) = as_one(&mut conn, &self.sql, items) {
-            one.await
+            match one.await {
+                Ok(answers) if answers.len() == items.len() => Ok(answers),
+                Ok(answers) => {
+                    let e = format!(
+                        "the batch answered {} of {} rows",
+                        answers.len(),
+                        items.len()
+                    );
+                    Err(StoreError::msg(e).maybe_applied())
+                }
+                Err(e) => Err(e),
+            }
         } else {
             let in_transaction = async {
                 let mut tx = sqlx::Connection::begin_with(&mut *conn, D::BEGIN).await?;
@@ -50,12 +61,12 @@ impl<D: Dialect> SqlStore<D> {
                     out.push(each(self, &mut tx, item).await?);
                 }
                 tx.commit().await?;
-                Ok::<_, StoreError>(out)
+                Ok::<_, StoreError>(out.into_iter().map(Ok).collect())
             };
             in_transaction.await
         };
         let failure = match conn.finish(batched) {
-            Ok(out) => return out.into_iter().map(Ok).collect(),
+            Ok(answers) => return answers,
             Err(e) => e,
         };
         if !matches!(
@@ -102,8 +113,9 @@ impl<D: Dialect> SqlStore<D> {
 }
 
 /// A dialect's one-statement form of a batch, if it has one.
-pub(super) type AsOne<D, I, O> = for<'c> fn(
-    &'c mut Connection<D>,
-    &'c Statements,
-    &'c [I],
-) -> Option<BoxFuture<'c, Result<Vec<O>, StoreError>>>;
+pub(super) type AsOne<D, I, O> =
+    for<'c> fn(
+        &'c mut Connection<D>,
+        &'c Statements,
+        &'c [I],
+    ) -> Option<BoxFuture<'c, Result<Answers<O>, StoreError>>>;

@@ -33,7 +33,7 @@ use super::RawRecord;
 pub trait Dialect: sealed::Sealed + Send + Sync + Sized + 'static {}
 
 pub(crate) mod sealed {
-    use super::{BoxFuture, Driver, Statements, Writes};
+    use super::{Answers, BoxFuture, Driver, Statements, Writes};
     use crate::error::StoreError;
     use crate::store::{Claim, Reservation};
 
@@ -63,26 +63,30 @@ pub(crate) mod sealed {
         /// and retrying it is the remedy.
         fn is_conflict(err: &sqlx::Error) -> bool;
 
-        /// A batch of reservations as one statement, where the database can take arrays;
+        /// A batch of reservations as one statement (over arrays, or a list of rows), with
+        /// an answer per claim (a record that cannot be read fails its own claim alone);
         /// `None`: the store runs the batch as one transaction of single statements.
         fn reserve_as_one<'c>(
             _conn: &'c mut <Self::Db as sqlx::Database>::Connection,
             _sql: &'c Statements,
             _claims: &'c [Claim<'c>],
-        ) -> Option<BoxFuture<'c, Result<Vec<Reservation>, StoreError>>> {
+        ) -> Option<BoxFuture<'c, Result<Answers<Reservation>, StoreError>>> {
             None
         }
 
-        /// A batch of fenced writes as one statement, where the database can take arrays.
+        /// A batch of fenced writes as one statement, with an answer per write.
         fn write_as_one<'c>(
             _conn: &'c mut <Self::Db as sqlx::Database>::Connection,
             _sql: &'c Statements,
             _writes: Writes<'c>,
-        ) -> Option<BoxFuture<'c, Result<Vec<bool>, StoreError>>> {
+        ) -> Option<BoxFuture<'c, Result<Answers<bool>, StoreError>>> {
             None
         }
     }
 }
+
+/// A batch's answers, one per item, in the batch's order.
+pub type Answers<O> = Vec<Result<O, crate::error::StoreError>>;
 
 /// A future a dialect hands back, boxed so the sealed trait can name it.
 pub type BoxFuture<'c, T> = std::pin::Pin<Box<dyn Future<Output = T> + Send + 'c>>;
@@ -216,7 +220,6 @@ pub struct RowsStatements {
     /// Each returns `namespace, key, fence` of every record it changed.
     pub(crate) finalize: Rows,
     pub(crate) heartbeat: Rows,
-    pub(crate) release: Rows,
 }
 
 /// A statement over a list of rows. A batch's list is padded with rows of NULLs (which match

@@ -12,8 +12,8 @@ use sqlx::postgres::PgConnection;
 use sqlx::{Row, SqlStr};
 
 use super::dialect::{
-    BoxFuture, Conflict, Dialect, ManyStatements, Param, Statement, Statements, Writes, raw_record,
-    sealed::Sealed,
+    Answers, BoxFuture, Conflict, Dialect, ManyStatements, Param, Statement, Statements, Writes,
+    raw_record, sealed::Sealed,
 };
 use super::{ServerStoreOptions, SqlStore, millis, statement};
 use crate::Error;
@@ -207,7 +207,7 @@ impl Sealed for Postgres {
         conn: &'c mut PgConnection,
         sql: &'c Statements,
         claims: &'c [Claim<'c>],
-    ) -> Option<BoxFuture<'c, Result<Vec<Reservation>, StoreError>>> {
+    ) -> Option<BoxFuture<'c, Result<Answers<Reservation>, StoreError>>> {
         let statement = sql.many.as_ref()?.reserve.clone();
         Some(Box::pin(reserve_many(conn, statement, claims)))
     }
@@ -216,7 +216,7 @@ impl Sealed for Postgres {
         conn: &'c mut PgConnection,
         sql: &'c Statements,
         writes: Writes<'c>,
-    ) -> Option<BoxFuture<'c, Result<Vec<bool>, StoreError>>> {
+    ) -> Option<BoxFuture<'c, Result<Answers<bool>, StoreError>>> {
         Some(Box::pin(write_many(conn, sql.many.as_ref()?, writes)))
     }
 }
@@ -324,7 +324,7 @@ async fn reserve_many(
     conn: &mut PgConnection,
     sql: SqlStr,
     claims: &[Claim<'_>],
-) -> Result<Vec<Reservation>, StoreError> {
+) -> Result<Answers<Reservation>, StoreError> {
     let rows = sqlx::query(sql)
         .bind(bytes(claims.iter().map(|c| c.id.namespace())))
         .bind(bytes(claims.iter().map(|c| c.id.key())))
@@ -344,13 +344,12 @@ async fn reserve_many(
         .bind(claims.iter().map(|c| millis(c.lease)).collect::<Vec<_>>())
         .fetch_all(conn)
         .await?;
-    if rows.len() != claims.len() {
-        let e = format!("the batch answered {} of {} rows", rows.len(), claims.len());
-        return Err(StoreError::msg(e));
-    }
-    rows.iter()
+    // The statement has committed: a row this side cannot read may be a reservation written.
+    Ok(rows
+        .iter()
         .map(|row| {
-            if row.try_get::<bool, _>("inserted")? {
+            let inserted = row.try_get::<bool, _>("inserted");
+            if inserted.map_err(|e| StoreError::from(e).maybe_applied())? {
                 return Ok(Reservation::Acquired);
             }
             // The row of a record that vanished between the insert and the read has no state.
@@ -360,14 +359,14 @@ async fn reserve_many(
             let raw = raw_record::<sqlx::Postgres>(row)?;
             Ok(Reservation::Exists(raw.into_record()?))
         })
-        .collect()
+        .collect())
 }
 
 async fn write_many(
     conn: &mut PgConnection,
     sql: &ManyStatements,
     writes: Writes<'_>,
-) -> Result<Vec<bool>, StoreError> {
+) -> Result<Answers<bool>, StoreError> {
     let query = match writes {
         Writes::Finalize(items) => sqlx::query(sql.finalize.clone())
             .bind(bytes(items.iter().map(|f| f.id.namespace())))
@@ -398,12 +397,15 @@ async fn write_many(
     };
     let mut changed = vec![false; writes.len()];
     for row in query.fetch_all(conn).await? {
-        let n: i64 = row.try_get("n")?;
+        // Committed: an answer this side cannot read may be a write applied.
+        let n: i64 = row
+            .try_get("n")
+            .map_err(|e| StoreError::from(e).maybe_applied())?;
         if let Some(slot) = usize::try_from(n - 1).ok().and_then(|i| changed.get_mut(i)) {
             *slot = true;
         }
     }
-    Ok(changed)
+    Ok(changed.into_iter().map(Ok).collect())
 }
 
 /// A [`Store`](crate::store::Store) in a PostgreSQL table, shared by every replica that points

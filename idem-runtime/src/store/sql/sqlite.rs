@@ -16,13 +16,13 @@ use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, S
 use sqlx::{Row, SqliteConnection};
 
 use super::dialect::{
-    BoxFuture, Conflict, Dialect, Param, Rows, RowsStatements, Statement, Statements, Writes,
-    raw_record, sealed::Sealed,
+    Answers, BoxFuture, Conflict, Dialect, Param, Rows, RowsStatements, Statement, Statements,
+    Writes, raw_record, sealed::Sealed,
 };
-use super::{SqlStore, millis, unavailable};
+use super::{RawRecord, SqlStore, millis, unavailable};
 use crate::Error;
 use crate::error::StoreError;
-use crate::store::{Claim, DEFAULT_TABLE, Reservation};
+use crate::store::{Claim, DEFAULT_TABLE, Record, Reservation};
 
 use Param::{
     Codec, Fence, Fingerprint, Key, Lease, Limit, Namespace, Observed, Owner, ResultBytes, Ttl,
@@ -163,7 +163,7 @@ impl Sealed for Sqlite {
         conn: &'c mut SqliteConnection,
         sql: &'c Statements,
         claims: &'c [Claim<'c>],
-    ) -> Option<BoxFuture<'c, Result<Vec<Reservation>, StoreError>>> {
+    ) -> Option<BoxFuture<'c, Result<Answers<Reservation>, StoreError>>> {
         let rows = sql.rows.as_ref()?;
         let insert = rows.reserve.sql(claims.len())?;
         Some(Box::pin(reserve_rows(conn, rows, insert, claims)))
@@ -173,12 +173,12 @@ impl Sealed for Sqlite {
         conn: &'c mut SqliteConnection,
         sql: &'c Statements,
         writes: Writes<'c>,
-    ) -> Option<BoxFuture<'c, Result<Vec<bool>, StoreError>>> {
+    ) -> Option<BoxFuture<'c, Result<Answers<bool>, StoreError>>> {
         let rows = sql.rows.as_ref()?;
         let statement = match writes {
             Writes::Finalize(_) => &rows.finalize,
             Writes::Heartbeat(_) => &rows.heartbeat,
-            Writes::Release(_) => &rows.release,
+            Writes::Release(_) => return None,
         };
         let text = statement.sql(writes.len())?;
         Some(Box::pin(write_rows(conn, statement, text, writes)))
@@ -302,14 +302,21 @@ fn is_locked(e: &sqlx::Error) -> bool {
     code.is_some_and(|c| c & 0xff == 5)
 }
 
-/// The batched verbs over a list of rows. The list joins the table on its primary key, each
-/// of its rows a lookup: the list's columns are written `+v.columnN`, which keeps SQLite from
-/// indexing the list and scanning the table instead (as it plans a join of a table without
-/// statistics), and a row-value `IN (VALUES ..)` would scan the table too. Rows of NULLs,
-/// which pad the list, match nothing and insert nothing.
+/// The batched verbs over a list of rows. Rows of NULLs, which pad the list, match nothing
+/// and insert nothing. Where a statement reads records, the list drives a `CROSS JOIN` (which
+/// SQLite never reorders) and each of its rows looks a record up by primary key, whatever the
+/// table's statistics say: in a plain join SQLite may index the list and scan the table
+/// instead, as it does for a table analyzed while it was small, and a row-value
+/// `IN (VALUES ..)` scans the table too. So the fenced writes, which must read the record to
+/// fence it, are upserts of rows read that way: every row read conflicts with its own record,
+/// and the `DO UPDATE` writes it, still only under the row's fence (`UPDATE .. FROM` has no
+/// join order to force). Releases are left to the transaction of single statements: a
+/// batch of them is rare (they follow failures), and `DELETE` has no such form.
 fn rows(t: &str) -> RowsStatements {
-    let record = "r.namespace = +v.column1 AND r.key = +v.column2";
-    let fenced = format!("{record} AND r.fence = +v.column3 AND r.state = 'in_progress'");
+    let fenced = "CROSS JOIN {t} AS r ON r.namespace = v.column1 AND r.key = v.column2
+        AND r.fence = v.column3 AND r.state = 'in_progress'";
+    // The written record's columns the insert half needs (it never inserts: each row conflicts).
+    let kept = "r.namespace, r.key, r.state, r.fence, r.owner, r.attempts, r.created_at";
     RowsStatements {
         // In the list's order (the batch's, sorted by record); `WHERE` is what SQLite needs
         // to read `ON CONFLICT` as the insert's, not a join's.
@@ -332,16 +339,22 @@ fn rows(t: &str) -> RowsStatements {
                     r.fingerprint AS fingerprint, r.fence AS fence, r.owner AS owner,
                     r.attempts AS attempts, r.lease_expires_at - {NOW} AS lease_remaining_ms,
                     r.expires_at - {NOW} AS expires_in_ms, r.result AS result, r.codec AS codec
-                 FROM (VALUES {{rows}}) AS v JOIN {{t}} AS r ON {record}"
+                 FROM (VALUES {{rows}}) AS v
+                 CROSS JOIN {{t}} AS r ON r.namespace = v.column1 AND r.key = v.column2"
             ),
             t,
             2,
         ),
         finalize: Rows::new(
             &format!(
-                "UPDATE {{t}} AS r SET state = 'completed', result = v.column4, codec = v.column5,
-                    completed_at = {NOW}, expires_at = {NOW} + v.column6, lease_expires_at = NULL
-                 FROM (VALUES {{rows}}) AS v WHERE {fenced}
+                "INSERT INTO {{t}} (namespace, key, state, fence, owner, attempts, created_at,
+                    result, codec, expires_at)
+                 SELECT {kept}, v.column4, v.column5, {NOW} + v.column6
+                 FROM (VALUES {{rows}}) AS v {fenced} WHERE true
+                 ON CONFLICT (namespace, key) DO UPDATE SET state = 'completed',
+                    result = excluded.result, codec = excluded.codec, completed_at = {NOW},
+                    expires_at = excluded.expires_at, lease_expires_at = NULL
+                    WHERE fence = excluded.fence AND state = 'in_progress'
                  RETURNING namespace, key, fence"
             ),
             t,
@@ -349,22 +362,17 @@ fn rows(t: &str) -> RowsStatements {
         ),
         heartbeat: Rows::new(
             &format!(
-                "UPDATE {{t}} AS r SET lease_expires_at = {NOW} + v.column4,
-                    expires_at = {NOW} + v.column4, heartbeat_at = {NOW}
-                 FROM (VALUES {{rows}}) AS v WHERE {fenced}
+                "INSERT INTO {{t}} (namespace, key, state, fence, owner, attempts, created_at,
+                    expires_at)
+                 SELECT {kept}, {NOW} + v.column4
+                 FROM (VALUES {{rows}}) AS v {fenced} WHERE true
+                 ON CONFLICT (namespace, key) DO UPDATE SET lease_expires_at = excluded.expires_at,
+                    expires_at = excluded.expires_at, heartbeat_at = {NOW}
+                    WHERE fence = excluded.fence AND state = 'in_progress'
                  RETURNING namespace, key, fence"
             ),
             t,
             4,
-        ),
-        release: Rows::new(
-            &format!(
-                "DELETE FROM {{t}} WHERE rowid IN (
-                    SELECT r.rowid FROM (VALUES {{rows}}) AS v JOIN {{t}} AS r ON {fenced})
-                 RETURNING namespace, key, fence"
-            ),
-            t,
-            3,
         ),
     }
 }
@@ -382,31 +390,37 @@ fn pad(mut query: SqliteQuery, n: usize) -> SqliteQuery {
 /// A record a statement wrote: its namespace, key and fence.
 type Written = (Vec<u8>, Vec<u8>, i64);
 
-/// Each returned row's `namespace, key, fence`: the records a statement wrote.
-fn written(rows: &[sqlx::sqlite::SqliteRow]) -> Result<Vec<Written>, sqlx::Error> {
+/// Each returned row's `namespace, key, fence`: the records a statement wrote. The statement
+/// has committed, so a row this side cannot read may be a write applied.
+fn written(rows: &[sqlx::sqlite::SqliteRow]) -> Result<Vec<Written>, StoreError> {
     rows.iter()
         .map(|row| Ok((row.try_get(0)?, row.try_get(1)?, row.try_get(2)?)))
-        .collect()
+        .collect::<Result<_, sqlx::Error>>()
+        .map_err(|e| StoreError::from(e).maybe_applied())
 }
 
-/// Whether `written` holds the record of `id` under `fence`.
-fn wrote(written: &[Written], id: &crate::RecordId, fence: crate::store::Fence) -> bool {
-    written.iter().any(|(namespace, key, f)| {
+/// Whether `written` holds the record of `id` under `fence`, taking it out if so: each
+/// record written answers one item, so an item sent twice in one batch is answered `true`
+/// once, as it would be alone (the second time, the record is no longer as it expects).
+fn took(written: &mut Vec<Written>, id: &crate::RecordId, fence: crate::store::Fence) -> bool {
+    let found = written.iter().position(|(namespace, key, f)| {
         *f == fence.get() && namespace == id.namespace().as_bytes() && key == id.key().as_bytes()
-    })
+    });
+    found.map(|i| written.swap_remove(i)).is_some()
 }
 
 /// A batch of reservations: one insert of every claim whose record is absent, in autocommit
 /// (one commit); then, if some were present, one read of those records. The insert has
 /// committed by then, so a read that fails fails every claim as a statement that may have been
 /// applied: the engine then releases what each may hold, rather than running the claims again
-/// one by one (which would find their own rows).
+/// one by one (which would find their own rows). A record that cannot be decoded fails its
+/// own claims alone.
 async fn reserve_rows(
     conn: &mut SqliteConnection,
     rows: &RowsStatements,
     (insert, padded): (sqlx::SqlStr, usize),
     claims: &[Claim<'_>],
-) -> Result<Vec<Reservation>, StoreError> {
+) -> Result<Answers<Reservation>, StoreError> {
     let mut query = sqlx::query(insert);
     for c in claims {
         query = query
@@ -418,13 +432,18 @@ async fn reserve_rows(
             .bind(millis(c.lease));
     }
     let query = pad(query, rows.reserve.params * (padded - claims.len()));
-    let inserted = written(&query.fetch_all(&mut *conn).await?)?;
+    let mut inserted = written(&query.fetch_all(&mut *conn).await?)?;
+    let acquired: Vec<bool> = claims
+        .iter()
+        .map(|c| took(&mut inserted, c.id, c.fence))
+        .collect();
     let present: Vec<&Claim<'_>> = claims
         .iter()
-        .filter(|c| !wrote(&inserted, c.id, c.fence))
+        .zip(&acquired)
+        .filter_map(|(c, acquired)| (!acquired).then_some(c))
         .collect();
     if present.is_empty() {
-        return Ok(claims.iter().map(|_| Reservation::Acquired).collect());
+        return Ok(claims.iter().map(|_| Ok(Reservation::Acquired)).collect());
     }
     let found = load_rows(conn, &rows.load, &present).await.map_err(|e| {
         StoreError::msg(format!(
@@ -434,27 +453,31 @@ async fn reserve_rows(
     })?;
     Ok(claims
         .iter()
-        .map(|c| {
-            if wrote(&inserted, c.id, c.fence) {
-                return Reservation::Acquired;
+        .zip(acquired)
+        .map(|(c, acquired)| {
+            if acquired {
+                return Ok(Reservation::Acquired);
             }
             let record = found.iter().find(|(namespace, key, _)| {
                 namespace == c.id.namespace().as_bytes() && key == c.id.key().as_bytes()
             });
-            // Gone between the insert and the read (released or purged): `Vanished`.
-            record.map_or(Reservation::Vanished, |(_, _, r)| {
-                Reservation::Exists(r.clone())
-            })
+            match record {
+                Some((_, _, Ok(r))) => Ok(Reservation::Exists(r.clone())),
+                Some((_, _, Err(e))) => Err(e.clone()),
+                // Gone between the insert and the read (released or purged).
+                None => Ok(Reservation::Vanished),
+            }
         })
         .collect())
 }
 
-/// The records of `claims`, each with its namespace and key.
+/// The records of `claims`, each with its namespace and key, and each read on its own: one
+/// that cannot be decoded is an error for its claims alone.
 async fn load_rows(
     conn: &mut SqliteConnection,
     load: &Rows,
     claims: &[&Claim<'_>],
-) -> Result<Vec<(Vec<u8>, Vec<u8>, crate::store::Record)>, StoreError> {
+) -> Result<Vec<(Vec<u8>, Vec<u8>, Result<Record, StoreError>)>, StoreError> {
     let (sql, padded) = load
         .sql(claims.len())
         .ok_or_else(|| StoreError::msg("too many records to read in one statement"))?;
@@ -470,19 +493,22 @@ async fn load_rows(
         .await?
         .iter()
         .map(|row| {
-            let record = raw_record::<sqlx::Sqlite>(row)?.into_record()?;
+            let record = raw_record::<sqlx::Sqlite>(row)
+                .map_err(StoreError::from)
+                .and_then(RawRecord::into_record);
             Ok((row.try_get(0)?, row.try_get(1)?, record))
         })
         .collect()
 }
 
-/// A batch of fenced writes as one statement (one commit): which of them changed their record.
+/// A batch of finalizes or heartbeats as one statement (one commit): which of them changed
+/// their record.
 async fn write_rows(
     conn: &mut SqliteConnection,
     statement: &Rows,
     (sql, padded): (sqlx::SqlStr, usize),
     writes: Writes<'_>,
-) -> Result<Vec<bool>, StoreError> {
+) -> Result<Answers<bool>, StoreError> {
     let record = |id: &crate::RecordId| {
         (
             id.namespace().as_bytes().to_vec(),
@@ -515,19 +541,17 @@ async fn write_rows(
             }
             items.iter().map(|h| (h.id, h.fence)).collect()
         }
-        Writes::Release(items) => {
-            for r in items {
-                let (namespace, key) = record(r.id);
-                query = query.bind(namespace).bind(key).bind(r.fence.get());
-            }
-            items.iter().map(|r| (r.id, r.fence)).collect()
+        Writes::Release(_) => {
+            return Err(StoreError::msg(
+                "releases are not batched as one statement on SQLite",
+            ));
         }
     };
     let query = pad(query, statement.params * (padded - targets.len()));
-    let changed = written(&query.fetch_all(conn).await?)?;
+    let mut changed = written(&query.fetch_all(conn).await?)?;
     Ok(targets
         .into_iter()
-        .map(|(id, fence)| wrote(&changed, id, fence))
+        .map(|(id, fence)| Ok(took(&mut changed, id, fence)))
         .collect())
 }
 
@@ -538,8 +562,10 @@ mod tests {
     use super::*;
 
     /// Every batched statement looks each of its rows up by the primary key, on the SQLite
-    /// this crate bundles, for small and large batches: a plan that scans the records table
-    /// makes each batch slower as the table grows.
+    /// this crate bundles, for one row and for many: on a table without statistics (idem
+    /// never analyzes it), and on one analyzed while it was tiny (by an application sharing
+    /// the file, say), whose statistics then make a scan look cheap. A plan that scans the
+    /// records table makes each batch slower as the table grows.
     #[tokio::test]
     async fn batched_statements_look_records_up_by_key() {
         let dir = tempfile::tempdir().expect("temp dir");
@@ -552,38 +578,135 @@ mod tests {
             ("load", &rows.load),
             ("finalize", &rows.finalize),
             ("heartbeat", &rows.heartbeat),
-            ("release", &rows.release),
         ];
-        for (verb, statement) in statements {
-            for n in [2, 64] {
-                let (sql, padded) = statement.sql(n).expect("fits");
-                assert_eq!(padded, n);
-                let explain = format!("EXPLAIN QUERY PLAN {}", sql.as_str());
-                let plan: Vec<String> = sqlx::query(sqlx::AssertSqlSafe(explain))
-                    .fetch_all(store.pool())
+        for analyzed in [false, true] {
+            if analyzed {
+                for i in 0..10 {
+                    let id = crate::RecordId::new("plans", format!("k{i}"));
+                    let claim = Claim {
+                        id: &id,
+                        fence: crate::store::Fence::random(),
+                        owner: "test",
+                        fingerprint: None,
+                        lease: Duration::from_secs(30),
+                    };
+                    crate::store::Store::reserve(&store, &claim)
+                        .await
+                        .expect("reserve");
+                }
+                sqlx::query("ANALYZE")
+                    .execute(store.pool())
                     .await
-                    .expect("explain")
-                    .iter()
-                    .map(|row| row.try_get::<String, _>("detail").expect("detail"))
-                    .collect();
-                let scans: Vec<&String> = plan
-                    .iter()
-                    .filter(|step| step.starts_with("SCAN") && !step.contains("VALUES"))
-                    .collect();
-                assert!(scans.is_empty(), "{verb} of {n} rows scans: {plan:?}");
+                    .expect("analyze");
             }
+            for (verb, statement) in statements {
+                for n in [1, 2, 64] {
+                    let (sql, padded) = statement.sql(n).expect("fits");
+                    assert_eq!(padded, n);
+                    let explain = format!("EXPLAIN QUERY PLAN {}", sql.as_str());
+                    let plan: Vec<String> = sqlx::query(sqlx::AssertSqlSafe(explain))
+                        .fetch_all(store.pool())
+                        .await
+                        .expect("explain")
+                        .iter()
+                        .map(|row| row.try_get::<String, _>("detail").expect("detail"))
+                        .collect();
+                    let scans: Vec<&String> = plan
+                        .iter()
+                        .filter(|step| {
+                            // The table is `r` in a join, or named; the list is `v`.
+                            let table = step.split_whitespace().nth(1);
+                            step.starts_with("SCAN") && matches!(table, Some("r" | "idem_records"))
+                        })
+                        .collect();
+                    assert!(
+                        scans.is_empty(),
+                        "{verb} of {n} rows (analyzed: {analyzed}) scans: {plan:?}"
+                    );
+                }
+            }
+        }
+    }
+
+    /// A batch answers each item as it would be answered alone: a finalize sent twice in one
+    /// batch is applied once and answered `true` once; a record that cannot be read fails
+    /// only the claims on it, and the claims on absent records beside it still acquire them.
+    #[tokio::test]
+    async fn each_item_of_a_batch_gets_its_own_answer() {
+        use crate::store::{Fence, Finalize, Store, StoredResult};
+        let dir = tempfile::tempdir().expect("temp dir");
+        let store = SqliteStore::open(dir.path().join("items.db"))
+            .await
+            .expect("open");
+        fn claim(id: &crate::RecordId, fence: Fence) -> Claim<'_> {
+            Claim {
+                id,
+                fence,
+                owner: "test",
+                fingerprint: None,
+                lease: Duration::from_secs(30),
+            }
+        }
+        let done = &crate::RecordId::new("t", "done");
+        let fence = Fence::random();
+        assert!(matches!(
+            store.reserve(&claim(done, fence)).await,
+            Ok(Reservation::Acquired)
+        ));
+        let result = StoredResult {
+            codec: crate::codec::Codec::Json,
+            bytes: b"42".to_vec(),
+        };
+        let twice = Finalize {
+            id: done,
+            fence,
+            result: &result,
+            ttl: Duration::from_secs(60),
+        };
+        let answers: Vec<bool> = store
+            .finalize_many(&[twice, twice])
+            .await
+            .into_iter()
+            .map(|a| a.expect("finalize"))
+            .collect();
+        assert_eq!(answers, [true, false], "applied once, answered once");
+
+        // A codec this version does not know (written by a newer one, say).
+        sqlx::query("UPDATE idem_records SET codec = 'msgpack' WHERE key = ?1")
+            .bind(b"done".to_vec())
+            .execute(store.pool())
+            .await
+            .expect("corrupt");
+        let fresh: Vec<crate::RecordId> = (0..3)
+            .map(|i| crate::RecordId::new("t", format!("fresh-{i}")))
+            .collect();
+        let mut claims: Vec<Claim<'_>> =
+            fresh.iter().map(|id| claim(id, Fence::random())).collect();
+        claims.insert(1, claim(done, Fence::random()));
+        let answers = store.reserve_many(&claims).await;
+        assert!(
+            answers[1].is_err(),
+            "the unreadable record: {:?}",
+            answers[1]
+        );
+        for i in [0, 2, 3] {
+            assert!(
+                matches!(answers[i], Ok(Reservation::Acquired)),
+                "claim {i}: {:?}",
+                answers[i]
+            );
         }
     }
 
     #[test]
     fn a_batch_is_padded_to_a_power_of_two_and_bounded_by_the_parameter_limit() {
         let rows = rows("idem_records");
-        let (sql, padded) = rows.release.sql(5).expect("fits");
+        let (sql, padded) = rows.heartbeat.sql(5).expect("fits");
         assert_eq!(padded, 8);
-        assert_eq!(sql.as_str().matches("(?, ?, ?)").count(), 8);
-        // 8,192 rows of 3 parameters fit SQLite's 32,766; 16,384 do not.
-        assert!(rows.release.sql(8_192).is_some());
-        assert!(rows.release.sql(8_193).is_none());
+        assert_eq!(sql.as_str().matches("(?, ?, ?, ?)").count(), 8);
+        // 4,096 rows of 4 parameters fit SQLite's 32,766; 8,192 do not.
+        assert!(rows.heartbeat.sql(4_096).is_some());
+        assert!(rows.heartbeat.sql(4_097).is_none());
         assert!(rows.reserve.sql(usize::MAX).is_none());
     }
 }
