@@ -110,7 +110,7 @@ pub mod defaults {
     /// Group commit: the most result bytes one batch of finalizes carries: 4 MiB.
     pub const BATCH_MAX_BYTES: usize = 4 << 20;
     /// Group commit: how many batches of one verb may be in flight at once, on a store that
-    /// does not say ([`Store::batch_concurrency`]).
+    /// does not say ([`Store::batch_concurrency`](crate::store::Store::batch_concurrency)).
     pub const BATCH_CONCURRENCY: usize = crate::store::BATCH_CONCURRENCY;
     /// Group commit: how many statements of one verb may wait for a batch before callers
     /// wait for room.

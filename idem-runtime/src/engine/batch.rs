@@ -389,7 +389,8 @@ impl Batcher {
                     outs.len(),
                     items.len()
                 );
-                every(items.len(), &StoreError::msg(e))
+                // It ran them: any may have been applied.
+                every(items.len(), &StoreError::msg(e).maybe_applied())
             }
             Err(_elapsed) => {
                 let e = format!(

@@ -69,10 +69,14 @@ impl<D: Dialect> SqlStore<D> {
             Ok(answers) => return answers,
             Err(e) => e,
         };
-        if !matches!(
-            failure.downcast_ref::<sqlx::Error>(),
-            Some(sqlx::Error::Database(_))
-        ) {
+        // Only a statement the database refused (and so rolled back) runs again row by row;
+        // one that may have been applied is never sent twice.
+        if failure.is_timeout()
+            || !matches!(
+                failure.downcast_ref::<sqlx::Error>(),
+                Some(sqlx::Error::Database(_))
+            )
+        {
             return items.iter().map(|_| Err(failure.clone())).collect();
         }
         tracing::debug!(backend = D::BACKEND, error = %failure, rows = items.len(),

@@ -400,8 +400,9 @@ fn written(rows: &[sqlx::sqlite::SqliteRow]) -> Result<Vec<Written>, StoreError>
 }
 
 /// Whether `written` holds the record of `id` under `fence`, taking it out if so: each
-/// record written answers one item, so an item sent twice in one batch is answered `true`
-/// once, as it would be alone (the second time, the record is no longer as it expects).
+/// record written answers one item, so an item sent twice in one batch is answered as it
+/// would be alone: a reservation or a finalize once (the second finds the record no longer as
+/// it expects, and is not written), a heartbeat each time it was written.
 fn took(written: &mut Vec<Written>, id: &crate::RecordId, fence: crate::store::Fence) -> bool {
     let found = written.iter().position(|(namespace, key, f)| {
         *f == fence.get() && namespace == id.namespace().as_bytes() && key == id.key().as_bytes()
@@ -410,11 +411,10 @@ fn took(written: &mut Vec<Written>, id: &crate::RecordId, fence: crate::store::F
 }
 
 /// A batch of reservations: one insert of every claim whose record is absent, in autocommit
-/// (one commit); then, if some were present, one read of those records. The insert has
-/// committed by then, so a read that fails fails every claim as a statement that may have been
-/// applied: the engine then releases what each may hold, rather than running the claims again
-/// one by one (which would find their own rows). A record that cannot be decoded fails its
-/// own claims alone.
+/// (one commit); then, if some were present, one read of those records. Each claim is answered
+/// as alone: one that inserted its record has acquired it, whatever the read does; one that
+/// did not gets its record, or the read's error (its own insert wrote nothing), or `Vanished`.
+/// A record that cannot be decoded fails its own claims alone.
 async fn reserve_rows(
     conn: &mut SqliteConnection,
     rows: &RowsStatements,
@@ -445,12 +445,7 @@ async fn reserve_rows(
     if present.is_empty() {
         return Ok(claims.iter().map(|_| Ok(Reservation::Acquired)).collect());
     }
-    let found = load_rows(conn, &rows.load, &present).await.map_err(|e| {
-        StoreError::msg(format!(
-            "reading the records a batch of reservations found failed after the batch was written: {e}"
-        ))
-        .maybe_applied()
-    })?;
+    let found = load_rows(conn, &rows.load, &present).await;
     Ok(claims
         .iter()
         .zip(acquired)
@@ -458,6 +453,7 @@ async fn reserve_rows(
             if acquired {
                 return Ok(Reservation::Acquired);
             }
+            let found = found.as_ref().map_err(Clone::clone)?;
             let record = found.iter().find(|(namespace, key, _)| {
                 namespace == c.id.namespace().as_bytes() && key == c.id.key().as_bytes()
             });
