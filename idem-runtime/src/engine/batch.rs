@@ -8,8 +8,8 @@
 //! a timer: a call that arrives alone goes at once, and calls that arrive while a batch is in
 //! flight share the next one. A runner started for the first call in an idle lane while other
 //! calls wait on the lanes yields once first, so that the callers one batch just answered,
-//! woken together, also reach the next lane together. The queue is bounded (`max_queued`): past it, callers wait for
-//! room, which is their back-pressure.
+//! woken together, also reach the next lane together. The queue is bounded (`max_queued`):
+//! past it, callers wait for room, which is their back-pressure.
 //!
 //! Batching decides nothing. Each call gets the answer its own statement would get: the
 //! store's `_many` verbs answer per item, and the engine decides from each answer as before.
@@ -629,6 +629,9 @@ mod tests {
         /// Reservation batches in flight now, and the most there were at once.
         in_flight: AtomicUsize,
         most_in_flight: AtomicUsize,
+        /// Reservation batches are written, and then their answers lost (a connection that
+        /// dropped after the commit): every item is an error that may have been applied.
+        lose_answers: std::sync::atomic::AtomicBool,
     }
 
     #[async_trait::async_trait]
@@ -673,7 +676,12 @@ mod tests {
             // A round trip: the batch is in flight for a while.
             tokio::time::sleep(Duration::from_millis(5)).await;
             self.in_flight.fetch_sub(1, Ordering::SeqCst);
-            self.inner.reserve_many(claims).await
+            let out = self.inner.reserve_many(claims).await;
+            if self.lose_answers.load(Ordering::SeqCst) {
+                let lost = StoreError::msg("test: answers lost after the commit").maybe_applied();
+                return every(out.len(), &lost);
+            }
+            out
         }
         fn group_commit(&self) -> bool {
             true
@@ -717,6 +725,7 @@ mod tests {
             concurrency,
             in_flight: AtomicUsize::new(0),
             most_in_flight: AtomicUsize::new(0),
+            lose_answers: std::sync::atomic::AtomicBool::new(false),
         });
         let batcher = Batcher::new(store.clone(), timeout, limits);
         (Arc::new(batcher), store)
@@ -772,6 +781,15 @@ mod tests {
         let busy = spawn_reserve(batcher, "busy");
         tokio::task::yield_now().await;
         busy
+    }
+
+    /// Waits (at most 5 s) until the store no longer holds `id`'s record.
+    async fn released(store: &Counting, id: &RecordId, why: &str) {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while store.inner.load(id).await.unwrap().is_some() {
+            assert!(Instant::now() < deadline, "{why}");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
     }
 
     /// Unless the runtime is told otherwise, a lane runs as many batches at once as its store
@@ -892,15 +910,36 @@ mod tests {
         }
         acquires(busy, "busy").await;
         // The release of the orphaned reservation runs in a task of its own.
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while store.inner.load(&gone_id).await.unwrap().is_some() {
-            assert!(
-                Instant::now() < deadline,
-                "the orphaned reservation was released"
-            );
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
+        released(&store, &gone_id, "the orphaned reservation was released").await;
         acquires(batcher.reserve(claim("after")), "the lane is free").await;
+    }
+
+    /// A caller gone while its batch is in flight, whose batch wrote its reservation and then
+    /// lost the answers: the reservation it may hold (acquired for no one) is released, under
+    /// its own fence, rather than left held for its whole lease.
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_gone_callers_reservation_its_batch_may_have_written_is_released() {
+        let (batcher, store) = batcher(2);
+        store.lose_answers.store(true, Ordering::SeqCst);
+        let busy = busy(&batcher).await;
+        let gone = claim("gone");
+        let gone_id = gone.id.clone();
+        let mut first = Box::pin(batcher.reserve(gone));
+        assert!(pending_after_one_poll(first.as_mut()), "queued");
+        drop(first);
+        let answer = busy.await;
+        assert!(
+            matches!(&answer, Err(e) if e.is_timeout()),
+            "a lost answer may have been applied: {answer:?}"
+        );
+        // Its batch (the second) wrote the reservation; a task of its own then releases it.
+        assert_eq!(store.batches.lock().unwrap()[..], [1, 1]);
+        released(
+            &store,
+            &gone_id,
+            "the maybe-written reservation was released",
+        )
+        .await;
     }
 
     /// A runner whose runtime shuts down before it runs (a runtime shared across tests, or a

@@ -387,6 +387,13 @@ fn pad(mut query: SqliteQuery, n: usize) -> SqliteQuery {
     query
 }
 
+/// `query` with a record's namespace and key bound next, as the single statements bind them.
+fn bind_record(query: SqliteQuery, id: &crate::RecordId) -> SqliteQuery {
+    query
+        .bind(id.namespace().as_bytes().to_vec())
+        .bind(id.key().as_bytes().to_vec())
+}
+
 /// A record a statement wrote: its namespace, key and fence.
 type Written = (Vec<u8>, Vec<u8>, i64);
 
@@ -423,9 +430,7 @@ async fn reserve_rows(
 ) -> Result<Answers<Reservation>, StoreError> {
     let mut query = sqlx::query(insert);
     for c in claims {
-        query = query
-            .bind(c.id.namespace().as_bytes().to_vec())
-            .bind(c.id.key().as_bytes().to_vec())
+        query = bind_record(query, c.id)
             .bind(c.fingerprint.map(|f| f.as_bytes().to_vec()))
             .bind(c.fence.get())
             .bind(c.owner.to_owned())
@@ -479,9 +484,7 @@ async fn load_rows(
         .ok_or_else(|| StoreError::msg("too many records to read in one statement"))?;
     let mut query = sqlx::query(sql);
     for c in claims {
-        query = query
-            .bind(c.id.namespace().as_bytes().to_vec())
-            .bind(c.id.key().as_bytes().to_vec());
+        query = bind_record(query, c.id);
     }
     let query = pad(query, load.params * (padded - claims.len()));
     query
@@ -505,20 +508,11 @@ async fn write_rows(
     (sql, padded): (sqlx::SqlStr, usize),
     writes: Writes<'_>,
 ) -> Result<Answers<bool>, StoreError> {
-    let record = |id: &crate::RecordId| {
-        (
-            id.namespace().as_bytes().to_vec(),
-            id.key().as_bytes().to_vec(),
-        )
-    };
     let mut query = sqlx::query(sql);
     let targets: Vec<(&crate::RecordId, crate::store::Fence)> = match writes {
         Writes::Finalize(items) => {
             for f in items {
-                let (namespace, key) = record(f.id);
-                query = query
-                    .bind(namespace)
-                    .bind(key)
+                query = bind_record(query, f.id)
                     .bind(f.fence.get())
                     .bind(f.result.bytes.clone())
                     .bind(f.result.codec.as_str().to_owned())
@@ -528,15 +522,13 @@ async fn write_rows(
         }
         Writes::Heartbeat(items) => {
             for h in items {
-                let (namespace, key) = record(h.id);
-                query = query
-                    .bind(namespace)
-                    .bind(key)
+                query = bind_record(query, h.id)
                     .bind(h.fence.get())
                     .bind(millis(h.lease));
             }
             items.iter().map(|h| (h.id, h.fence)).collect()
         }
+        // `write_as_one` leaves releases to the transaction of single statements.
         Writes::Release(_) => {
             return Err(StoreError::msg(
                 "releases are not batched as one statement on SQLite",
