@@ -58,3 +58,121 @@ async fn a_table_filled_by_batches_is_analyzed_early() {
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
 }
+
+/// Batches of a few rows run on the one plan the server keeps for each batched statement,
+/// not on one planned afresh per batch. (For batches under ten rows the server used to judge
+/// a plan made for each batch's values cheaper, and planned every batch: planning took more
+/// of its time than the statements did.) Read from `pg_prepared_statements`, on a store with
+/// one connection so that every statement is prepared on the session that asks.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn small_batches_run_on_one_kept_plan() {
+    use idem_runtime::store::{
+        Claim, Fence, Finalize, Heartbeat, PgStore, PgStoreOptions, Release, Reservation, Store,
+        StoredResult,
+    };
+    use idem_runtime::{Codec, RecordId};
+    use std::time::Duration;
+
+    let url = support::postgres_url();
+    let options = PgStoreOptions::new()
+        .table(support::unique_table())
+        .max_connections(1);
+    let fx = match PgStore::connect_with(&url, options).await {
+        Ok(store) => support::PgFixture { store },
+        Err(e) => {
+            support::server_missing("PostgreSQL", "IDEM_TEST_POSTGRES_URL", &url, &e);
+            return;
+        }
+    };
+    // A table of some size, with statistics: the server weighs plans by them.
+    let fill = format!(
+        "INSERT INTO {} (namespace, key, state, fence, owner, attempts, created_at, expires_at)
+         SELECT convert_to('filler', 'UTF8'), convert_to('f' || n, 'UTF8'), 'completed', n, 'test', 1, now(),
+             now() + interval '1 hour'
+         FROM generate_series(1, 50000) n",
+        fx.store.table()
+    );
+    sqlx::raw_sql(sqlx::AssertSqlSafe(fill))
+        .execute(fx.store.pool())
+        .await
+        .unwrap();
+    let analyze = format!("ANALYZE {}", fx.store.table());
+    sqlx::raw_sql(sqlx::AssertSqlSafe(analyze))
+        .execute(fx.store.pool())
+        .await
+        .unwrap();
+    const ROUNDS: usize = 12;
+    let result = StoredResult {
+        codec: Codec::Json,
+        bytes: b"1".to_vec(),
+    };
+    for round in 0..ROUNDS {
+        let ids: Vec<RecordId> = (0..4)
+            .map(|i| RecordId::new("plan-test", format!("k{round}-{i}")))
+            .collect();
+        let fences: Vec<Fence> = ids.iter().map(|_| Fence::random()).collect();
+        let claims: Vec<Claim<'_>> = ids
+            .iter()
+            .zip(&fences)
+            .map(|(id, fence)| Claim {
+                id,
+                fence: *fence,
+                owner: "test",
+                fingerprint: None,
+                lease: Duration::from_secs(60),
+            })
+            .collect();
+        let reserved = fx.store.reserve_many(&claims).await;
+        assert!(
+            reserved
+                .iter()
+                .all(|r| matches!(r, Ok(Reservation::Acquired))),
+            "{reserved:?}"
+        );
+        let (done, freed) = (0..2, 2..4);
+        let beats: Vec<Heartbeat<'_>> = done
+            .clone()
+            .map(|i| Heartbeat {
+                id: &ids[i],
+                fence: fences[i],
+                lease: Duration::from_secs(60),
+            })
+            .collect();
+        let finals: Vec<Finalize<'_>> = done
+            .map(|i| Finalize {
+                id: &ids[i],
+                fence: fences[i],
+                result: &result,
+                ttl: Duration::from_secs(60),
+            })
+            .collect();
+        let releases: Vec<Release<'_>> = freed
+            .map(|i| Release {
+                id: &ids[i],
+                fence: fences[i],
+            })
+            .collect();
+        for out in [
+            fx.store.heartbeat_many(&beats).await,
+            fx.store.finalize_many(&finals).await,
+            fx.store.release_many(&releases).await,
+        ] {
+            assert!(out.iter().all(|r| matches!(r, Ok(true))), "{out:?}");
+        }
+    }
+    let plans: Vec<(String, i64, i64)> = sqlx::query_as(
+        "SELECT statement, generic_plans, custom_plans FROM pg_prepared_statements
+         WHERE statement LIKE '%unnest%' AND statement NOT LIKE '%pg_prepared_statements%'",
+    )
+    .fetch_all(fx.store.pool())
+    .await
+    .unwrap();
+    assert_eq!(plans.len(), 4, "the four batched statements: {plans:?}");
+    for (statement, generic, custom) in plans {
+        // The server plans the first five executions for their values, then compares.
+        assert!(
+            custom <= 5 && generic >= (ROUNDS - 5) as i64,
+            "{custom} custom and {generic} generic plans for {statement}"
+        );
+    }
+}

@@ -221,6 +221,33 @@ impl Sealed for Postgres {
     }
 }
 
+/// The rows of a batch, as a `FROM` item named `i`: the array parameters `$1..`, one per
+/// column (`name`, element type), unnested into rows numbered `n` from 1.
+///
+/// The arrays are read in a subquery the planner may not flatten (`OFFSET 0`), so it never
+/// sees how long they are: every plan of the statement counts on the same number of rows,
+/// whatever the batch. Otherwise a plan made for the values of one execution (a custom plan:
+/// the server's first five, and every later one it judges cheaper than the generic plan)
+/// counts the rows of that batch, and for batches under ten rows, the length the generic plan
+/// assumes, the server judges the custom plan cheaper and plans every execution afresh, which
+/// cost more of its time than running the statement.
+fn rows(columns: &[(&str, &str)]) -> String {
+    let list = |f: &dyn Fn(usize, &str, &str) -> String| {
+        let items: Vec<String> = columns
+            .iter()
+            .enumerate()
+            .map(|(n, (name, ty))| f(n + 1, name, ty))
+            .collect();
+        items.join(", ")
+    };
+    format!(
+        "(SELECT {} OFFSET 0) a CROSS JOIN LATERAL unnest({}) WITH ORDINALITY AS i({}, n)",
+        list(&|n, name, ty| format!("${n}::{ty}[] AS {name}")),
+        list(&|_, name, _| format!("a.{name}")),
+        list(&|_, name, _| name.to_owned()),
+    )
+}
+
 /// The batched verbs as single statements over arrays: `unnest` turns the arrays into rows
 /// (numbered, to answer each item), and each statement writes or reads them all at once.
 fn many(t: &str) -> ManyStatements {
@@ -232,9 +259,7 @@ fn many(t: &str) -> ManyStatements {
         reserve: statement(
             &format!(
                 "WITH i AS (
-                    SELECT * FROM unnest($1::BYTEA[], $2::BYTEA[], $3::BYTEA[], $4::BIGINT[],
-                        $5::TEXT[], $6::BIGINT[])
-                        WITH ORDINALITY AS i(namespace, key, fingerprint, fence, owner, lease_ms, n)
+                    SELECT i.* FROM {}
                 ), existing AS (
                     SELECT i.n, r.state, r.fingerprint, r.fence, r.owner,
                         r.attempts::BIGINT AS attempts,
@@ -259,7 +284,15 @@ fn many(t: &str) -> ManyStatements {
                 LEFT JOIN ins ON ins.namespace = i.namespace AND ins.key = i.key
                     AND ins.fence = i.fence
                 LEFT JOIN existing e ON e.n = i.n
-                ORDER BY i.n"
+                ORDER BY i.n",
+                rows(&[
+                    ("namespace", "BYTEA"),
+                    ("key", "BYTEA"),
+                    ("fingerprint", "BYTEA"),
+                    ("fence", "BIGINT"),
+                    ("owner", "TEXT"),
+                    ("lease_ms", "BIGINT"),
+                ])
             ),
             t,
         ),
@@ -268,22 +301,34 @@ fn many(t: &str) -> ManyStatements {
                 "UPDATE {{t}} r SET state = 'completed', result = i.result, codec = i.codec,
                     completed_at = {NOW}, lease_expires_at = NULL,
                     expires_at = {NOW} + i.ttl_ms * interval '1 millisecond'
-                 FROM unnest($1::BYTEA[], $2::BYTEA[], $3::BIGINT[], $4::BYTEA[], $5::TEXT[],
-                    $6::BIGINT[]) WITH ORDINALITY AS i(namespace, key, fence, result, codec, ttl_ms, n)
+                 FROM {}
                  WHERE r.namespace = i.namespace AND r.key = i.key AND r.fence = i.fence
                    AND r.state = 'in_progress'
-                 RETURNING i.n"
+                 RETURNING i.n",
+                rows(&[
+                    ("namespace", "BYTEA"),
+                    ("key", "BYTEA"),
+                    ("fence", "BIGINT"),
+                    ("result", "BYTEA"),
+                    ("codec", "TEXT"),
+                    ("ttl_ms", "BIGINT"),
+                ])
             ),
             t,
         ),
         heartbeat: statement(
             &format!(
                 "UPDATE {{t}} r SET lease_expires_at = {lease}, expires_at = {lease}, heartbeat_at = {NOW}
-                 FROM unnest($1::BYTEA[], $2::BYTEA[], $3::BIGINT[], $4::BIGINT[])
-                    WITH ORDINALITY AS i(namespace, key, fence, lease_ms, n)
+                 FROM {}
                  WHERE r.namespace = i.namespace AND r.key = i.key AND r.fence = i.fence
                    AND r.state = 'in_progress'
-                 RETURNING i.n"
+                 RETURNING i.n",
+                rows(&[
+                    ("namespace", "BYTEA"),
+                    ("key", "BYTEA"),
+                    ("fence", "BIGINT"),
+                    ("lease_ms", "BIGINT"),
+                ])
             ),
             t,
         ),
@@ -306,11 +351,14 @@ fn many(t: &str) -> ManyStatements {
             &[Limit],
         ),
         release: statement(
-            "DELETE FROM {t} r
-             USING unnest($1::BYTEA[], $2::BYTEA[], $3::BIGINT[]) WITH ORDINALITY AS i(namespace, key, fence, n)
-             WHERE r.namespace = i.namespace AND r.key = i.key AND r.fence = i.fence
-               AND r.state = 'in_progress'
-             RETURNING i.n",
+            &format!(
+                "DELETE FROM {{t}} r
+                 USING {}
+                 WHERE r.namespace = i.namespace AND r.key = i.key AND r.fence = i.fence
+                   AND r.state = 'in_progress'
+                 RETURNING i.n",
+                rows(&[("namespace", "BYTEA"), ("key", "BYTEA"), ("fence", "BIGINT")])
+            ),
             t,
         ),
     }
