@@ -261,8 +261,15 @@ impl Drop for PgFixture {
 }
 
 pub async fn postgres_store() -> Option<PgFixture> {
+    postgres_store_with(idem_runtime::store::PgStoreOptions::new()).await
+}
+
+/// [`postgres_store`] with `options` (its table replaced by a unique one).
+pub async fn postgres_store_with(
+    options: idem_runtime::store::PgStoreOptions,
+) -> Option<PgFixture> {
     let url = postgres_url();
-    let options = idem_runtime::store::PgStoreOptions::new().table(unique_table());
+    let options = options.table(unique_table());
     match idem_runtime::store::PgStore::connect_with(&url, options).await {
         Ok(store) => Some(PgFixture { store }),
         Err(e) => {
