@@ -20,7 +20,7 @@ async fn writes_beside_purges_do_not_fail_with_deadlocks() {
 
     use idem_runtime::Codec;
     use idem_runtime::RecordId;
-    use idem_runtime::store::{Claim, Fence, Finalize, Store, StoredResult};
+    use idem_runtime::store::{Fence, Finalize, Store, StoredResult};
 
     let Some(fixture) = support::mysql_store().await else {
         return;
@@ -54,17 +54,7 @@ async fn writes_beside_purges_do_not_fail_with_deadlocks() {
                         .map(|k| RecordId::new("purge-deadlock/v0", format!("{}-{k}", (w + i) % 4)))
                         .collect();
                     let fences: Vec<Fence> = ids.iter().map(|_| Fence::random()).collect();
-                    let claims: Vec<Claim<'_>> = ids
-                        .iter()
-                        .zip(&fences)
-                        .map(|(id, fence)| Claim {
-                            id,
-                            fence: *fence,
-                            owner: "t",
-                            fingerprint: None,
-                            lease: Duration::ZERO,
-                        })
-                        .collect();
+                    let claims = support::claims(&ids, &fences, "t", Duration::ZERO);
                     for r in store.reserve_many(&claims).await {
                         if let Err(e) = r {
                             failures.push(format!("reserve_many: {e}"));

@@ -11,7 +11,7 @@ idem_runtime::store_conformance_tests!(optional: support::postgres_store());
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_table_filled_by_batches_is_analyzed_early() {
     use idem_runtime::RecordId;
-    use idem_runtime::store::{Claim, Fence, Reservation, Store};
+    use idem_runtime::store::{Fence, Reservation, Store};
 
     let Some(fx) = support::postgres_store().await else {
         return;
@@ -29,16 +29,8 @@ async fn a_table_filled_by_batches_is_analyzed_early() {
         let ids: Vec<RecordId> = (0..64)
             .map(|i| RecordId::new("analyze-test", format!("k{batch}-{i}")))
             .collect();
-        let claims: Vec<Claim<'_>> = ids
-            .iter()
-            .map(|id| Claim {
-                id,
-                fence: Fence::random(),
-                owner: "test",
-                fingerprint: None,
-                lease: std::time::Duration::from_secs(60),
-            })
-            .collect();
+        let fences: Vec<Fence> = ids.iter().map(|_| Fence::random()).collect();
+        let claims = support::claims(&ids, &fences, "test", std::time::Duration::from_secs(60));
         let out = fx.store.reserve_many(&claims).await;
         reserved += out
             .iter()
@@ -67,8 +59,7 @@ async fn a_table_filled_by_batches_is_analyzed_early() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn small_batches_run_on_one_kept_plan() {
     use idem_runtime::store::{
-        Claim, Fence, Finalize, Heartbeat, PgStoreOptions, Release, Reservation, Store,
-        StoredResult,
+        Fence, Finalize, Heartbeat, PgStoreOptions, Release, Reservation, Store, StoredResult,
     };
     use idem_runtime::{Codec, RecordId};
     use std::time::Duration;
@@ -117,17 +108,7 @@ async fn small_batches_run_on_one_kept_plan() {
             .map(|i| RecordId::new("plan-test", format!("k{round}-{i}")))
             .collect();
         let fences: Vec<Fence> = ids.iter().map(|_| Fence::random()).collect();
-        let claims: Vec<Claim<'_>> = ids
-            .iter()
-            .zip(&fences)
-            .map(|(id, fence)| Claim {
-                id,
-                fence: *fence,
-                owner: "test",
-                fingerprint: None,
-                lease: Duration::from_secs(60),
-            })
-            .collect();
+        let claims = support::claims(&ids, &fences, "test", Duration::from_secs(60));
         let reserved = fx.store.reserve_many(&claims).await;
         assert!(
             reserved

@@ -632,6 +632,9 @@ mod tests {
         /// Reservation batches are written, and then their answers lost (a connection that
         /// dropped after the commit): every item is an error that may have been applied.
         lose_answers: std::sync::atomic::AtomicBool,
+        /// Reservation batches are written, and the store answers one item fewer than it
+        /// was sent (a store breaking the `_many` contract).
+        answer_short: std::sync::atomic::AtomicBool,
     }
 
     #[async_trait::async_trait]
@@ -681,6 +684,11 @@ mod tests {
                 let lost = StoreError::msg("test: answers lost after the commit").maybe_applied();
                 return every(out.len(), &lost);
             }
+            if self.answer_short.load(Ordering::SeqCst) {
+                let mut out = out;
+                out.pop();
+                return out;
+            }
             out
         }
         fn group_commit(&self) -> bool {
@@ -726,6 +734,7 @@ mod tests {
             in_flight: AtomicUsize::new(0),
             most_in_flight: AtomicUsize::new(0),
             lose_answers: std::sync::atomic::AtomicBool::new(false),
+            answer_short: std::sync::atomic::AtomicBool::new(false),
         });
         let batcher = Batcher::new(store.clone(), timeout, limits);
         (Arc::new(batcher), store)
@@ -940,6 +949,34 @@ mod tests {
             "the maybe-written reservation was released",
         )
         .await;
+    }
+
+    /// A store that answers fewer items than its batch carried ran the batch: every call in
+    /// it gets an error that may have been applied (so the engine releases what it may hold),
+    /// never an answer meant for another call.
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_batch_answered_short_may_have_been_applied_for_every_call() {
+        let (batcher, store) = batcher(1);
+        store.answer_short.store(true, Ordering::SeqCst);
+        // One call alone, answered with nothing; then two calls queued behind it share a
+        // batch, answered with one item: neither takes it.
+        let busy = busy(&batcher).await;
+        let queued = [
+            spawn_reserve(&batcher, "queued-1"),
+            spawn_reserve(&batcher, "queued-2"),
+        ];
+        tokio::task::yield_now().await;
+        let mut answers = vec![busy.await];
+        for call in queued {
+            answers.push(call.await);
+        }
+        assert_eq!(store.batches.lock().unwrap()[..], [1, 2]);
+        for answer in answers {
+            assert!(
+                matches!(&answer, Err(e) if e.is_timeout()),
+                "a short answer may have been applied: {answer:?}"
+            );
+        }
     }
 
     /// A runner whose runtime shuts down before it runs (a runtime shared across tests, or a

@@ -229,6 +229,25 @@ pub fn server_missing(what: &str, var: &str, url: &str, err: &dyn std::fmt::Disp
     );
 }
 
+/// Claims on `ids`, each under its fence in `fences`, for one owner with one lease.
+pub fn claims<'a>(
+    ids: &'a [idem_runtime::RecordId],
+    fences: &[idem_runtime::store::Fence],
+    owner: &'a str,
+    lease: std::time::Duration,
+) -> Vec<idem_runtime::store::Claim<'a>> {
+    ids.iter()
+        .zip(fences)
+        .map(|(id, fence)| idem_runtime::store::Claim {
+            id,
+            fence: *fence,
+            owner,
+            fingerprint: None,
+            lease,
+        })
+        .collect()
+}
+
 /// A fresh, unique table name, so tests can share one database and run in parallel.
 pub fn unique_table() -> String {
     format!("idem_test_{:016x}", fastrand::u64(..))
