@@ -24,7 +24,9 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, oneshot};
 
 use crate::error::StoreError;
 use crate::key::{Fingerprint, RecordId};
-use crate::store::{Claim, Fence, Finalize, Heartbeat, Release, Reservation, Store, StoredResult};
+use crate::store::{
+    Claim, Combined, Fence, Finalize, Heartbeat, Release, Reservation, Store, StoredResult,
+};
 
 /// The bounds of group commit.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -135,6 +137,11 @@ pub(crate) struct Batcher {
     /// Calls in any lane (waiting for room, a batch or an answer), counted on entry: with none
     /// but itself, a call that finds its lane idle has no one to wait for and sends at once.
     waiting: AtomicUsize,
+    /// The lanes are combined ([`Store::combine_verbs`], one batch in flight): a runner holds
+    /// `gate` while it takes what every lane has queued and sends it as one combined batch,
+    /// and a call sending its statement on its own holds it too.
+    combine: bool,
+    gate: tokio::sync::Mutex<()>,
 }
 
 /// What a lane's batch does: the verb, and how its items are sized and ordered.
@@ -254,17 +261,21 @@ impl Batcher {
     pub(crate) fn new(store: Arc<dyn Store>, timeout: Duration, limits: BatchLimits) -> Batcher {
         let max_in_flight = limits
             .max_in_flight
-            .unwrap_or_else(|| store.batch_concurrency());
+            .unwrap_or_else(|| store.batch_concurrency())
+            .max(1);
+        let combine = store.combine_verbs() && max_in_flight == 1;
         Batcher {
             store,
             timeout,
             limits,
-            max_in_flight: max_in_flight.max(1),
+            max_in_flight,
             reserve: Lane::new(&limits),
             finalize: Lane::new(&limits),
             heartbeat: Lane::new(&limits),
             release: Lane::new(&limits),
             waiting: AtomicUsize::new(0),
+            combine,
+            gate: tokio::sync::Mutex::new(()),
         }
     }
 
@@ -340,8 +351,9 @@ impl Batcher {
                 batcher: self,
                 _types: std::marker::PhantomData,
             };
+            let gate = self.gate().await;
             let out = self.run_batch::<I, O, V>(&[&item]).await;
-            drop(room);
+            drop((gate, room));
             return out.into_iter().next().unwrap_or_else(|| Err(lost()));
         }
         let (reply, answer) = oneshot::channel();
@@ -382,27 +394,134 @@ impl Batcher {
     async fn run_batch<I, O, V: Verb<I, O>>(&self, items: &[&I]) -> Vec<Result<O, StoreError>> {
         let start = Instant::now();
         let outs = match tokio::time::timeout(self.timeout, V::run(&*self.store, items)).await {
-            Ok(outs) if outs.len() == items.len() => outs,
-            Ok(outs) => {
-                let e = format!(
-                    "the store answered {} of {} statements",
-                    outs.len(),
-                    items.len()
-                );
-                // It ran them: any may have been applied.
-                every(items.len(), &StoreError::msg(e).maybe_applied())
-            }
-            Err(_elapsed) => {
-                let e = format!(
-                    "no answer from the store within {:?} ({})",
-                    self.timeout,
-                    V::OP
-                );
-                every(items.len(), &StoreError::timed_out(e))
-            }
+            Ok(outs) => one_each(outs, items.len()),
+            Err(_elapsed) => every(items.len(), &self.timed_out(V::OP)),
         };
         crate::metrics::batch(self.store.backend(), V::OP, items.len(), start.elapsed());
         outs
+    }
+
+    fn timed_out(&self, op: &str) -> StoreError {
+        let e = format!("no answer from the store within {:?} ({op})", self.timeout);
+        StoreError::timed_out(e)
+    }
+
+    /// The gate of combined lanes (`None` when they are not combined). One held past twice
+    /// the store timeout (which bounds every batch of a runtime that is driven) is held by a
+    /// runner on a runtime no longer driven: the caller goes on without it, and the database
+    /// then orders the writes itself (SQLite's busy timeout), as it does between processes.
+    async fn gate(&self) -> Option<tokio::sync::MutexGuard<'_, ()>> {
+        if !self.combine {
+            return None;
+        }
+        if let Ok(gate) = self.gate.try_lock() {
+            return Some(gate);
+        }
+        let gate = tokio::time::timeout(self.timeout * 2, self.gate.lock()).await;
+        if gate.is_err() {
+            tracing::warn!(
+                "idem: the combined group-commit lanes made no progress for twice the store timeout (a runner on a runtime no longer driven?); sending without waiting for them"
+            );
+        }
+        gate.ok()
+    }
+
+    /// Takes what every lane has queued, up to each lane's limits: one combined batch.
+    fn take_all(&self) -> Taken {
+        fn from<I, O, V: Verb<I, O>>(batcher: &Batcher) -> Vec<Job<I, O>> {
+            let mut queue = V::lane(batcher).lock();
+            let batch = batcher.take::<I, O, V>(&mut queue.jobs);
+            if !batch.is_empty() {
+                queue.started = Instant::now();
+            }
+            batch
+        }
+        Taken {
+            reserve: from::<_, _, ReserveVerb>(self),
+            finalize: from::<_, _, FinalizeVerb>(self),
+            heartbeat: from::<_, _, HeartbeatVerb>(self),
+            release: from::<_, _, ReleaseVerb>(self),
+        }
+    }
+
+    /// One combined batch through the store ([`Store::run_combined`]), bounded by the store
+    /// timeout, timed and counted per verb; then each call's answer.
+    async fn run_taken(self: &Arc<Self>, mut taken: Taken) {
+        fn sorted<I, O, V: Verb<I, O>>(jobs: &mut [Job<I, O>]) -> Vec<&I> {
+            // One global lock order, as in a lane's own batches.
+            jobs.sort_by(|a, b| V::id(&a.item).cmp(V::id(&b.item)));
+            jobs.iter().map(|job| &job.item).collect()
+        }
+        let start = Instant::now();
+        let reserve: Vec<Claim<'_>> = sorted::<_, _, ReserveVerb>(&mut taken.reserve)
+            .into_iter()
+            .map(OwnedClaim::claim)
+            .collect();
+        let finalize: Vec<Finalize<'_>> = sorted::<_, _, FinalizeVerb>(&mut taken.finalize)
+            .into_iter()
+            .map(|(id, fence, result, ttl)| Finalize {
+                id,
+                fence: *fence,
+                result,
+                ttl: *ttl,
+            })
+            .collect();
+        let heartbeat: Vec<Heartbeat<'_>> = sorted::<_, _, HeartbeatVerb>(&mut taken.heartbeat)
+            .into_iter()
+            .map(|(id, fence, lease)| Heartbeat {
+                id,
+                fence: *fence,
+                lease: *lease,
+            })
+            .collect();
+        let release: Vec<Release<'_>> = sorted::<_, _, ReleaseVerb>(&mut taken.release)
+            .into_iter()
+            .map(|(id, fence)| Release { id, fence: *fence })
+            .collect();
+        let batches = Combined {
+            reserve: &reserve,
+            finalize: &finalize,
+            heartbeat: &heartbeat,
+            release: &release,
+        };
+        let run = self.store.run_combined(batches);
+        let outs = match tokio::time::timeout(self.timeout, run).await {
+            Ok(outs) => outs,
+            Err(_elapsed) => {
+                crate::store::CombinedAnswers::every(&batches, &self.timed_out("combined"))
+            }
+        };
+        let elapsed = start.elapsed();
+        let backend = self.store.backend();
+        let sizes = [
+            (ReserveVerb::OP, reserve.len()),
+            (FinalizeVerb::OP, finalize.len()),
+            (HeartbeatVerb::OP, heartbeat.len()),
+            (ReleaseVerb::OP, release.len()),
+        ];
+        for (op, n) in sizes.into_iter().filter(|(_, n)| *n > 0) {
+            crate::metrics::batch(backend, op, n, elapsed);
+        }
+        let (reserve, finalize) = (reserve.len(), finalize.len());
+        let (heartbeat, release) = (heartbeat.len(), release.len());
+        self.answer::<_, _, ReserveVerb>(taken.reserve, one_each(outs.reserve, reserve));
+        self.answer::<_, _, FinalizeVerb>(taken.finalize, one_each(outs.finalize, finalize));
+        self.answer::<_, _, HeartbeatVerb>(taken.heartbeat, one_each(outs.heartbeat, heartbeat));
+        self.answer::<_, _, ReleaseVerb>(taken.release, one_each(outs.release, release));
+    }
+
+    /// Each job's answer to its caller; a caller that stopped waiting gets its statement
+    /// undone where it must be.
+    fn answer<I, O, V: Verb<I, O>>(
+        self: &Arc<Self>,
+        jobs: Vec<Job<I, O>>,
+        outs: Vec<Result<O, StoreError>>,
+    ) {
+        for (job, out) in jobs.into_iter().zip(outs) {
+            if let Err(out) = job.reply.send(out) {
+                V::orphaned(self, job.item, &out);
+            }
+        }
     }
 
     /// Starts a runner on a slot of the lane already counted in `running` (and, with
@@ -496,6 +615,9 @@ where
             lane.lock().gathering = None;
             self.gathering = false;
         }
+        if batcher.combine {
+            return self.run_combined().await;
+        }
         let max = batcher.max_in_flight;
         loop {
             let (mut batch, another) = {
@@ -521,11 +643,30 @@ where
             batch.sort_by(|a, b| V::id(&a.item).cmp(V::id(&b.item)));
             let items: Vec<&I> = batch.iter().map(|job| &job.item).collect();
             let outs = batcher.run_batch::<I, O, V>(&items).await;
-            for (job, out) in batch.into_iter().zip(outs) {
-                if let Err(out) = job.reply.send(out) {
-                    V::orphaned(&batcher, job.item, &out);
+            batcher.answer::<I, O, V>(batch, outs);
+        }
+    }
+
+    /// The runner of combined lanes: under the gate, takes what every lane has queued and
+    /// sends it as one batch, until its own lane and the others are empty. Other lanes' runners
+    /// find their queues emptied by it and end; a call queued in a lane always has that lane's
+    /// runner to carry it if no other runner does.
+    async fn run_combined(mut self) {
+        let batcher = self.batcher.clone();
+        let lane = V::lane(&batcher);
+        loop {
+            let _gate = batcher.gate().await;
+            let taken = batcher.take_all();
+            if taken.is_empty() {
+                let mut queue = lane.lock();
+                if queue.jobs.is_empty() {
+                    queue.running -= 1;
+                    self.done = true;
+                    return;
                 }
+                continue;
             }
+            batcher.run_taken(taken).await;
         }
     }
 }
@@ -561,6 +702,33 @@ where
 }
 
 type BoxFuture<T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send>>;
+
+/// What combined lanes took for one batch: every verb's jobs.
+struct Taken {
+    reserve: Vec<Job<OwnedClaim, Reservation>>,
+    finalize: Vec<Job<(RecordId, Fence, StoredResult, Duration), bool>>,
+    heartbeat: Vec<Job<(RecordId, Fence, Duration), bool>>,
+    release: Vec<Job<(RecordId, Fence), bool>>,
+}
+
+impl Taken {
+    fn is_empty(&self) -> bool {
+        self.reserve.is_empty()
+            && self.finalize.is_empty()
+            && self.heartbeat.is_empty()
+            && self.release.is_empty()
+    }
+}
+
+/// A batch's answers, which must be one per statement sent: a store that answered fewer ran
+/// them all the same, so any may have been applied.
+fn one_each<O>(outs: Vec<Result<O, StoreError>>, sent: usize) -> Vec<Result<O, StoreError>> {
+    if outs.len() == sent {
+        return outs;
+    }
+    let e = format!("the store answered {} of {sent} statements", outs.len());
+    every(sent, &StoreError::msg(e).maybe_applied())
+}
 
 /// `n` copies of one failure.
 fn every<O>(n: usize, e: &StoreError) -> Vec<Result<O, StoreError>> {
@@ -635,6 +803,10 @@ mod tests {
         /// Reservation batches are written, and the store answers one item fewer than it
         /// was sent (a store breaking the `_many` contract).
         answer_short: std::sync::atomic::AtomicBool,
+        /// Says it combines its verbs' batches ([`Store::combine_verbs`]).
+        combine: bool,
+        /// The shape of every combined batch: reservations, finalizes, heartbeats, releases.
+        combined: Mutex<Vec<[usize; 4]>>,
     }
 
     #[async_trait::async_trait]
@@ -697,6 +869,21 @@ mod tests {
         fn batch_concurrency(&self) -> usize {
             self.concurrency
         }
+        fn combine_verbs(&self) -> bool {
+            self.combine
+        }
+        async fn run_combined(&self, batches: Combined<'_>) -> crate::store::CombinedAnswers {
+            let shape = [
+                batches.reserve.len(),
+                batches.finalize.len(),
+                batches.heartbeat.len(),
+                batches.release.len(),
+            ];
+            self.combined.lock().unwrap().push(shape);
+            // A round trip: the batch is in flight for a while.
+            tokio::time::sleep(Duration::from_millis(5)).await;
+            batches.run_each(&self.inner).await
+        }
         fn backend(&self) -> &'static str {
             "counting"
         }
@@ -716,7 +903,7 @@ mod tests {
             max_in_flight: Some(max_in_flight),
             max_queued: 1024,
         };
-        batcher_with(limits, 2, timeout)
+        batcher_with(limits, 2, timeout, false)
     }
 
     /// A batcher with `limits` on a counting store that says it runs `concurrency` batches
@@ -725,6 +912,7 @@ mod tests {
         limits: BatchLimits,
         concurrency: usize,
         timeout: Duration,
+        combine: bool,
     ) -> (Arc<Batcher>, Arc<Counting>) {
         let store = Arc::new(Counting {
             inner: MemoryStore::new(),
@@ -735,6 +923,8 @@ mod tests {
             most_in_flight: AtomicUsize::new(0),
             lose_answers: std::sync::atomic::AtomicBool::new(false),
             answer_short: std::sync::atomic::AtomicBool::new(false),
+            combine,
+            combined: Mutex::new(Vec::new()),
         });
         let batcher = Batcher::new(store.clone(), timeout, limits);
         (Arc::new(batcher), store)
@@ -814,7 +1004,7 @@ mod tests {
                 max_in_flight: configured,
                 max_queued: 1024,
             };
-            let (batcher, store) = batcher_with(limits, store_says, Duration::from_secs(5));
+            let (batcher, store) = batcher_with(limits, store_says, Duration::from_secs(5), false);
             let calls: Vec<_> = (0..24)
                 .map(|i| spawn_reserve(&batcher, &format!("k{i}")))
                 .collect();
@@ -1078,5 +1268,76 @@ mod tests {
         acquires(batcher.reserve(claim("later")), "served").await;
         // The stuck runner still holds its place; the extra one gave its own back.
         assert_eq!(batcher.reserve.lock().running, 1);
+    }
+
+    /// A store that runs one write at a time combines its lanes: the reservations and the
+    /// results queued while a statement was in flight go together in the next batch, one
+    /// store call, and each call still gets its own answer. Without one batch in flight, or
+    /// on a store that does not combine, the lanes stay apart.
+    #[tokio::test(flavor = "current_thread")]
+    async fn combined_lanes_carry_reservations_and_results_in_one_batch() {
+        let limits = BatchLimits {
+            max_rows: 128,
+            max_bytes: 1 << 20,
+            max_in_flight: None,
+            max_queued: 1024,
+        };
+        let (batcher, store) = batcher_with(limits, 1, Duration::from_secs(5), true);
+        let done = claim("done");
+        let (id, fence) = (done.id.clone(), done.fence);
+        acquires(batcher.reserve(done), "reserved alone").await;
+        assert!(
+            store.combined.lock().unwrap().is_empty(),
+            "alone: its own verb"
+        );
+
+        let first = busy(&batcher).await;
+        let (a, b) = (spawn_reserve(&batcher, "a"), spawn_reserve(&batcher, "b"));
+        let result = StoredResult {
+            codec: crate::codec::Codec::Json,
+            bytes: b"1".to_vec(),
+        };
+        let finalize = {
+            let batcher = batcher.clone();
+            let (id, ttl) = (id.clone(), Duration::from_secs(60));
+            tokio::spawn(async move { batcher.finalize(id, fence, result, ttl).await })
+        };
+        let wrong = {
+            let batcher = batcher.clone();
+            let id = id.clone();
+            tokio::spawn(async move { batcher.release(id, Fence::random()).await })
+        };
+        acquires(first, "busy").await;
+        acquires(a, "a").await;
+        acquires(b, "b").await;
+        assert!(
+            finalize.await.expect("task").expect("finalize"),
+            "its own fence"
+        );
+        assert!(
+            !wrong.await.expect("task").expect("release"),
+            "not its fence"
+        );
+        assert_eq!(
+            *store.combined.lock().unwrap(),
+            [[2, 1, 0, 1]],
+            "what queued behind the busy call went as one combined batch"
+        );
+        let record = store.inner.load(&id).await.expect("load").expect("record");
+        assert_eq!(record.state, crate::store::RecordState::Completed);
+
+        // Two batches in flight: the lanes stay apart.
+        let limits = BatchLimits {
+            max_in_flight: Some(2),
+            ..limits
+        };
+        let (batcher, store) = batcher_with(limits, 1, Duration::from_secs(5), true);
+        let first = busy(&batcher).await;
+        let (a, b) = (spawn_reserve(&batcher, "a"), spawn_reserve(&batcher, "b"));
+        acquires(first, "busy").await;
+        acquires(a, "a").await;
+        acquires(b, "b").await;
+        assert!(store.combined.lock().unwrap().is_empty());
+        assert!(!store.batches.lock().unwrap().is_empty());
     }
 }

@@ -213,6 +213,79 @@ pub struct Release<'a> {
     pub fence: Fence,
 }
 
+/// Batches of several verbs, carried in one transaction and one commit by a store that runs
+/// one write at a time: see [`Store::combine_verbs`].
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Combined<'a> {
+    /// Reservations, as for [`Store::reserve_many`].
+    pub reserve: &'a [Claim<'a>],
+    /// Finalizes, as for [`Store::finalize_many`].
+    pub finalize: &'a [Finalize<'a>],
+    /// Heartbeats, as for [`Store::heartbeat_many`].
+    pub heartbeat: &'a [Heartbeat<'a>],
+    /// Releases, as for [`Store::release_many`].
+    pub release: &'a [Release<'a>],
+}
+
+impl Combined<'_> {
+    /// How many items the batches carry in all.
+    pub fn len(&self) -> usize {
+        self.reserve.len() + self.finalize.len() + self.heartbeat.len() + self.release.len()
+    }
+
+    /// Whether they carry none.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Each verb's batch through its own `_many` verb, one after another: the default of
+    /// [`Store::run_combined`].
+    pub async fn run_each<S: Store + ?Sized>(self, store: &S) -> CombinedAnswers {
+        let mut out = CombinedAnswers::default();
+        if !self.heartbeat.is_empty() {
+            out.heartbeat = store.heartbeat_many(self.heartbeat).await;
+        }
+        if !self.finalize.is_empty() {
+            out.finalize = store.finalize_many(self.finalize).await;
+        }
+        if !self.release.is_empty() {
+            out.release = store.release_many(self.release).await;
+        }
+        if !self.reserve.is_empty() {
+            out.reserve = store.reserve_many(self.reserve).await;
+        }
+        out
+    }
+}
+
+/// The answers to a [`Combined`] batch: one per item of each verb, in the order given.
+#[derive(Debug, Default)]
+pub struct CombinedAnswers {
+    /// Answers to [`Combined::reserve`].
+    pub reserve: Vec<Result<Reservation, StoreError>>,
+    /// Answers to [`Combined::finalize`].
+    pub finalize: Vec<Result<bool, StoreError>>,
+    /// Answers to [`Combined::heartbeat`].
+    pub heartbeat: Vec<Result<bool, StoreError>>,
+    /// Answers to [`Combined::release`].
+    pub release: Vec<Result<bool, StoreError>>,
+}
+
+impl CombinedAnswers {
+    /// `e` for every item of `batches`: they failed as a whole.
+    pub fn every(batches: &Combined<'_>, e: &StoreError) -> CombinedAnswers {
+        fn all<O>(n: usize, e: &StoreError) -> Vec<Result<O, StoreError>> {
+            (0..n).map(|_| Err(e.clone())).collect()
+        }
+        CombinedAnswers {
+            reserve: all(batches.reserve.len(), e),
+            finalize: all(batches.finalize.len(), e),
+            heartbeat: all(batches.heartbeat.len(), e),
+            release: all(batches.release.len(), e),
+        }
+    }
+}
+
 /// The protocol's statements against one durable table.
 ///
 /// Implementations must make `reserve` and `take_over` atomic single statements (insert if
@@ -315,6 +388,24 @@ pub trait Store: Send + Sync + 'static {
     /// and the calls it carries would have made the next batch larger.
     fn batch_concurrency(&self) -> usize {
         BATCH_CONCURRENCY
+    }
+
+    /// With group commit, whether the engine should carry the batches of all four verbs
+    /// together through [`Store::run_combined`], one combined batch at a time, instead of one
+    /// lane per verb. `true` suits a store that runs one write at a time (SQLite): there a
+    /// batch of reservations only waits for a batch of results to commit, and one commit can
+    /// carry both. The default, `false`, keeps the lanes apart. The engine combines only
+    /// while one batch is in flight (`batch_concurrency` 1).
+    fn combine_verbs(&self) -> bool {
+        false
+    }
+
+    /// The batches of several verbs: each item gets exactly the answer it would get alone,
+    /// and a failure of the whole fails every item, as for the `_many` verbs. A store that
+    /// says [`Store::combine_verbs`] runs them in one transaction; the default runs each
+    /// verb's `_many` in turn (heartbeats, finalizes, releases, then reservations).
+    async fn run_combined(&self, batches: Combined<'_>) -> CombinedAnswers {
+        batches.run_each(self).await
     }
 
     /// Whether the store deletes expired records by itself, and how long after their lease

@@ -49,6 +49,11 @@ pub(crate) mod sealed {
         ///
         /// [`Store::batch_concurrency`]: crate::store::Store::batch_concurrency
         const BATCH_CONCURRENCY: usize = crate::store::BATCH_CONCURRENCY;
+        /// Whether batches of different verbs share one transaction
+        /// ([`Store::combine_verbs`]): for a database with one writer at a time.
+        ///
+        /// [`Store::combine_verbs`]: crate::store::Store::combine_verbs
+        const COMBINE_VERBS: bool = false;
         /// The statement that begins a migration's or a purge's transaction.
         const BEGIN: &'static str;
         /// The record statements for `table`.

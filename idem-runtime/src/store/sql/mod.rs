@@ -30,13 +30,12 @@ use std::time::Duration;
 
 use sqlx::{AssertSqlSafe, SqlStr};
 
-use batch::AsOne;
 #[cfg(any(feature = "postgres", feature = "mysql"))]
 pub use connect::ServerStoreOptions;
 pub(crate) use connect::{check_table_name, unavailable};
 pub use dialect::Dialect;
 use dialect::sealed::Sealed;
-use dialect::{Conflict, Driver, Inserted, Statement, Statements, Values, Writes};
+use dialect::{Conflict, Driver, Inserted, Statement, Statements, Values};
 #[cfg(feature = "mysql")]
 pub use mysql::MySql;
 #[cfg(feature = "postgres")]
@@ -48,8 +47,8 @@ use crate::Error;
 use crate::error::StoreError;
 use crate::key::RecordId;
 use crate::store::{
-    Claim, Fence, Finalize, Heartbeat, Record, Release, Reservation, Store, StoredResult,
-    TxStatements,
+    Claim, Combined, CombinedAnswers, Fence, Finalize, Heartbeat, Record, Release, Reservation,
+    Store, StoredResult, TxStatements,
 };
 pub(crate) use record::{RawRecord, millis};
 
@@ -341,63 +340,38 @@ impl<D: Dialect> Store for SqlStore<D> {
     }
 
     async fn reserve_many(&self, claims: &[Claim<'_>]) -> Vec<Result<Reservation, StoreError>> {
-        let as_one: AsOne<D, _, _> = |conn, sql, claims| D::reserve_as_one(conn, sql, claims);
         let out = self
-            .batch(claims, as_one, |store, conn, claim| {
-                // Inside the batch's transaction a conflicting row is read the way a transaction
-                // must read it (a locking read on MySQL).
-                Box::pin(async move {
-                    match &store.sql.insert_or_load {
-                        Some(_) => store.reserve_on(conn, claim).await,
-                        None => {
-                            let load = &store.sql.load_in_transaction;
-                            store.insert_then_load(conn, claim, load).await
-                        }
-                    }
-                })
-            })
+            .batch(claims, Self::reserve_as_one, Self::reserve_each)
             .await;
-        if claims.len() > 1 {
-            let acquired = out
-                .iter()
-                .filter(|r| matches!(r, Ok(Reservation::Acquired)));
-            self.analyze_as_it_fills(acquired.count());
-        }
+        self.reserved_in_batch(claims.len(), &out);
         out
     }
 
     async fn finalize_many(&self, items: &[Finalize<'_>]) -> Vec<Result<bool, StoreError>> {
-        let as_one: AsOne<D, _, _> =
-            |conn, sql, items| D::write_as_one(conn, sql, Writes::Finalize(items));
-        self.batch(items, as_one, |store, conn, f| {
-            Box::pin(store.finalize_in(conn, f.id, f.fence, f.result, f.ttl))
-        })
-        .await
+        self.batch(items, Self::finalize_as_one, Self::finalize_each)
+            .await
     }
 
     async fn heartbeat_many(&self, items: &[Heartbeat<'_>]) -> Vec<Result<bool, StoreError>> {
-        let as_one: AsOne<D, _, _> =
-            |conn, sql, items| D::write_as_one(conn, sql, Writes::Heartbeat(items));
-        self.batch(items, as_one, |store, conn, h| {
-            Box::pin(async move {
-                let values = Values {
-                    lease: Some(h.lease),
-                    ..Values::fenced(h.id, h.fence)
-                };
-                let done = D::Db::execute(conn, &store.sql.heartbeat, values).await;
-                Ok(done.map_err(|e| store.error(e))? == 1)
-            })
-        })
-        .await
+        self.batch(items, Self::heartbeat_as_one, Self::heartbeat_each)
+            .await
     }
 
     async fn release_many(&self, items: &[Release<'_>]) -> Vec<Result<bool, StoreError>> {
-        let as_one: AsOne<D, _, _> =
-            |conn, sql, items| D::write_as_one(conn, sql, Writes::Release(items));
-        self.batch(items, as_one, |store, conn, r| {
-            Box::pin(store.release_in(conn, r.id, r.fence))
-        })
-        .await
+        self.batch(items, Self::release_as_one, Self::release_each)
+            .await
+    }
+
+    fn combine_verbs(&self) -> bool {
+        D::COMBINE_VERBS
+    }
+
+    async fn run_combined(&self, batches: Combined<'_>) -> CombinedAnswers {
+        if D::COMBINE_VERBS {
+            self.combined(batches).await
+        } else {
+            batches.run_each(self).await
+        }
     }
 
     fn group_commit(&self) -> bool {

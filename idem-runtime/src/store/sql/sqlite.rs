@@ -45,6 +45,9 @@ impl Sealed for Sqlite {
     /// One writer at a time: a second batch would wait for the first one's lock (sleeping in
     /// SQLite's busy handler), where its calls would have joined the next batch.
     const BATCH_CONCURRENCY: usize = 1;
+    /// One writer at a time: a batch of reservations would wait for a batch of results to
+    /// commit, where one commit can carry both.
+    const COMBINE_VERBS: bool = true;
 
     fn statements(t: &str) -> Statements {
         let load = format!(
@@ -684,6 +687,130 @@ mod tests {
                 answers[i]
             );
         }
+    }
+
+    /// Batches of several verbs share one transaction (results first, reservations last),
+    /// and each item is answered as it would be alone; if the database refuses one row, the
+    /// transaction rolls back and each verb's batch runs on its own, so that row's call alone
+    /// gets the error and nothing is applied twice.
+    #[tokio::test]
+    async fn batches_of_several_verbs_commit_together_and_answer_each_as_alone() {
+        use crate::store::{
+            Combined, Fence, Finalize, Heartbeat, RecordState, Release, Store, StoredResult,
+        };
+        let dir = tempfile::tempdir().expect("temp dir");
+        let store = SqliteStore::open(dir.path().join("combined.db"))
+            .await
+            .expect("open");
+        assert!(store.combine_verbs());
+        let ids: Vec<crate::RecordId> = ["a", "b", "c", "d", "e", "fresh-1", "fresh-2", "bad"]
+            .iter()
+            .map(|k| crate::RecordId::new("t", *k))
+            .collect();
+        let [a, b, c, d, e, fresh_1, fresh_2, bad] = &ids[..] else {
+            unreachable!()
+        };
+        let claim = |id, fence| Claim {
+            id,
+            fence,
+            owner: "test",
+            fingerprint: None,
+            lease: Duration::from_secs(30),
+        };
+        let fences: Vec<Fence> = (0..5).map(|_| Fence::random()).collect();
+        for (id, fence) in [a, b, c, d, e].into_iter().zip(&fences) {
+            let got = store.reserve(&claim(id, *fence)).await.expect("reserve");
+            assert!(matches!(got, Reservation::Acquired));
+        }
+        let result = StoredResult {
+            codec: crate::codec::Codec::Json,
+            bytes: b"7".to_vec(),
+        };
+        let day = Duration::from_secs(86_400);
+        let finalize = [
+            Finalize {
+                id: a,
+                fence: fences[0],
+                result: &result,
+                ttl: day,
+            },
+            Finalize {
+                id: b,
+                fence: Fence::random(),
+                result: &result,
+                ttl: day,
+            },
+        ];
+        let heartbeat = [Heartbeat {
+            id: d,
+            fence: fences[3],
+            lease: day,
+        }];
+        let release = [Release {
+            id: c,
+            fence: fences[2],
+        }];
+        // `a` is reserved again in the same batch: it sees the result written before it.
+        let reserve = [claim(a, Fence::random()), claim(fresh_1, Fence::random())];
+        let out = store
+            .run_combined(Combined {
+                reserve: &reserve,
+                finalize: &finalize,
+                heartbeat: &heartbeat,
+                release: &release,
+            })
+            .await;
+        let answers = |v: &[Result<bool, StoreError>]| -> Vec<bool> {
+            v.iter().map(|r| *r.as_ref().expect("answer")).collect()
+        };
+        assert_eq!(
+            answers(&out.finalize),
+            [true, false],
+            "each under its own fence"
+        );
+        assert_eq!(answers(&out.heartbeat), [true]);
+        assert_eq!(answers(&out.release), [true]);
+        match &out.reserve[0] {
+            Ok(Reservation::Exists(r)) => assert_eq!(r.state, RecordState::Completed),
+            other => panic!("a: {other:?}"),
+        }
+        assert!(matches!(out.reserve[1], Ok(Reservation::Acquired)));
+        assert!(store.load(c).await.expect("load").is_none(), "released");
+        let held = store.load(d).await.expect("load").expect("d");
+        assert!(held.lease_remaining > Duration::from_secs(3_600), "beaten");
+
+        // A row the database refuses, in the reservations of a combined batch.
+        sqlx::query(
+            "CREATE TRIGGER refuse BEFORE INSERT ON idem_records
+             WHEN NEW.key = CAST('bad' AS BLOB) BEGIN SELECT RAISE(ABORT, 'refused by the test'); END",
+        )
+        .execute(store.pool())
+        .await
+        .expect("trigger");
+        let finalize = [Finalize {
+            id: e,
+            fence: fences[4],
+            result: &result,
+            ttl: day,
+        }];
+        let reserve = [claim(bad, Fence::random()), claim(fresh_2, Fence::random())];
+        let out = store
+            .run_combined(Combined {
+                reserve: &reserve,
+                finalize: &finalize,
+                ..Combined::default()
+            })
+            .await;
+        assert_eq!(
+            answers(&out.finalize),
+            [true],
+            "applied once: the combined transaction rolled back before it ran again"
+        );
+        assert!(out.reserve[0].is_err(), "bad: {:?}", out.reserve[0]);
+        assert!(matches!(out.reserve[1], Ok(Reservation::Acquired)));
+        let e = store.load(e).await.expect("load").expect("e");
+        assert_eq!(e.state, RecordState::Completed);
+        assert!(store.load(bad).await.expect("load").is_none());
     }
 
     #[test]
