@@ -138,10 +138,9 @@ pub(crate) struct Batcher {
     /// but itself, a call that finds its lane idle has no one to wait for and sends at once.
     waiting: AtomicUsize,
     /// The lanes are combined ([`Store::combine_verbs`], one batch in flight): a runner holds
-    /// `gate` while it takes what every lane has queued and sends it as one combined batch,
-    /// and a call sending its statement on its own holds it too.
+    /// `gate` while it takes what every lane has queued and sends it as one combined batch.
     combine: bool,
-    gate: tokio::sync::Mutex<()>,
+    gate: Gate,
 }
 
 /// What a lane's batch does: the verb, and how its items are sized and ordered.
@@ -158,6 +157,8 @@ trait Verb<I, O>: Sized {
     ) -> impl std::future::Future<Output = Vec<Result<O, StoreError>>> + Send;
     /// A caller stopped waiting for its answer; undo what must not outlive it.
     fn orphaned(_batcher: &Arc<Batcher>, _item: I, _out: &Result<O, StoreError>) {}
+    /// How many of this verb's calls combined lanes took.
+    fn taken(taken: &Taken) -> usize;
 }
 
 struct ReserveVerb;
@@ -166,6 +167,9 @@ struct HeartbeatVerb;
 struct ReleaseVerb;
 
 impl Verb<OwnedClaim, Reservation> for ReserveVerb {
+    fn taken(taken: &Taken) -> usize {
+        taken.reserve.len()
+    }
     const OP: &'static str = "reserve";
     fn lane(b: &Batcher) -> &Lane<OwnedClaim, Reservation> {
         &b.reserve
@@ -189,6 +193,9 @@ impl Verb<OwnedClaim, Reservation> for ReserveVerb {
 }
 
 impl Verb<(RecordId, Fence, StoredResult, Duration), bool> for FinalizeVerb {
+    fn taken(taken: &Taken) -> usize {
+        taken.finalize.len()
+    }
     const OP: &'static str = "finalize";
     fn lane(b: &Batcher) -> &Lane<(RecordId, Fence, StoredResult, Duration), bool> {
         &b.finalize
@@ -217,6 +224,9 @@ impl Verb<(RecordId, Fence, StoredResult, Duration), bool> for FinalizeVerb {
 }
 
 impl Verb<(RecordId, Fence, Duration), bool> for HeartbeatVerb {
+    fn taken(taken: &Taken) -> usize {
+        taken.heartbeat.len()
+    }
     const OP: &'static str = "heartbeat";
     fn lane(b: &Batcher) -> &Lane<(RecordId, Fence, Duration), bool> {
         &b.heartbeat
@@ -241,6 +251,9 @@ impl Verb<(RecordId, Fence, Duration), bool> for HeartbeatVerb {
 }
 
 impl Verb<(RecordId, Fence), bool> for ReleaseVerb {
+    fn taken(taken: &Taken) -> usize {
+        taken.release.len()
+    }
     const OP: &'static str = "release";
     fn lane(b: &Batcher) -> &Lane<(RecordId, Fence), bool> {
         &b.release
@@ -275,7 +288,7 @@ impl Batcher {
             release: Lane::new(&limits),
             waiting: AtomicUsize::new(0),
             combine,
-            gate: tokio::sync::Mutex::new(()),
+            gate: Gate::default(),
         }
     }
 
@@ -351,9 +364,11 @@ impl Batcher {
                 batcher: self,
                 _types: std::marker::PhantomData,
             };
-            let gate = self.gate().await;
+            // No gate, even for combined lanes: with no company there is nothing to combine,
+            // and a caller that stops polling must not hold up anyone (the database orders
+            // this write with a runner's, if one starts meanwhile).
             let out = self.run_batch::<I, O, V>(&[&item]).await;
-            drop((gate, room));
+            drop(room);
             return out.into_iter().next().unwrap_or_else(|| Err(lost()));
         }
         let (reply, answer) = oneshot::channel();
@@ -406,24 +421,16 @@ impl Batcher {
         StoreError::timed_out(e)
     }
 
-    /// The gate of combined lanes (`None` when they are not combined). One held past twice
-    /// the store timeout (which bounds every batch of a runtime that is driven) is held by a
-    /// runner on a runtime no longer driven: the caller goes on without it, and the database
-    /// then orders the writes itself (SQLite's busy timeout), as it does between processes.
-    async fn gate(&self) -> Option<tokio::sync::MutexGuard<'_, ()>> {
+    /// The gate of combined lanes (`None` when they are not combined), held for at most twice
+    /// the store timeout (which bounds every batch of a runtime that is driven): a holder
+    /// past that is a runner on a runtime no longer driven, and the gate passes to the next
+    /// caller, which the database then orders with the stale holder's write, as it does
+    /// between processes.
+    async fn gate(&self) -> Option<GateGuard<'_>> {
         if !self.combine {
             return None;
         }
-        if let Ok(gate) = self.gate.try_lock() {
-            return Some(gate);
-        }
-        let gate = tokio::time::timeout(self.timeout * 2, self.gate.lock()).await;
-        if gate.is_err() {
-            tracing::warn!(
-                "idem: the combined group-commit lanes made no progress for twice the store timeout (a runner on a runtime no longer driven?); sending without waiting for them"
-            );
-        }
-        gate.ok()
+        Some(self.gate.enter(self.timeout * 2).await)
     }
 
     /// Takes what every lane has queued, up to each lane's limits: one combined batch.
@@ -648,25 +655,30 @@ where
     }
 
     /// The runner of combined lanes: under the gate, takes what every lane has queued and
-    /// sends it as one batch, until its own lane and the others are empty. Other lanes' runners
-    /// find their queues emptied by it and end; a call queued in a lane always has that lane's
-    /// runner to carry it if no other runner does.
+    /// sends it as one batch, until its own lane is empty. Other lanes' runners find their
+    /// queues emptied by it and end; a call queued in a lane always has that lane's runner to
+    /// carry it if no other runner does.
     async fn run_combined(mut self) {
         let batcher = self.batcher.clone();
         let lane = V::lane(&batcher);
         loop {
-            let _gate = batcher.gate().await;
+            let gate = batcher.gate().await;
             let taken = batcher.take_all();
-            if taken.is_empty() {
+            let own = V::taken(&taken);
+            if !taken.is_empty() {
+                batcher.run_taken(taken).await;
+            }
+            drop(gate);
+            if own == 0 {
+                // Its own lane had nothing: the other lanes' calls it carried have their own
+                // runners, so it ends while its lane is quiet.
                 let mut queue = lane.lock();
                 if queue.jobs.is_empty() {
                     queue.running -= 1;
                     self.done = true;
                     return;
                 }
-                continue;
             }
-            batcher.run_taken(taken).await;
         }
     }
 }
@@ -702,6 +714,71 @@ where
 }
 
 type BoxFuture<T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send>>;
+
+/// The gate of combined lanes: one holder at a time, and a holder is passed over once it has
+/// held the gate longer than the caller's `stale` (it is not being run), so a runner frozen
+/// on a runtime no longer driven, holding the gate or first in line for it, holds up no one
+/// for good. Every waiter is woken when the gate frees and checks again.
+#[derive(Default)]
+struct Gate {
+    /// The holder's number and since when it holds the gate.
+    held: Mutex<(Option<(u64, Instant)>, u64)>,
+    freed: tokio::sync::Notify,
+}
+
+/// The gate held; freed on drop unless it passed on meanwhile.
+struct GateGuard<'g> {
+    gate: &'g Gate,
+    number: u64,
+}
+
+impl Gate {
+    fn lock(&self) -> MutexGuard<'_, (Option<(u64, Instant)>, u64)> {
+        self.held.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    async fn enter(&self, stale: Duration) -> GateGuard<'_> {
+        loop {
+            let freed = self.freed.notified();
+            tokio::pin!(freed);
+            // Registered before the check: a gate freed after it wakes this waiter.
+            freed.as_mut().enable();
+            let wait = {
+                let mut state = self.lock();
+                let (held, next) = &mut *state;
+                let left = held.map(|(_, since)| stale.saturating_sub(since.elapsed()));
+                match left {
+                    Some(left) if !left.is_zero() => left,
+                    stale_or_free => {
+                        if stale_or_free.is_some() {
+                            tracing::warn!(
+                                "idem: a combined group-commit batch has held its gate for twice the store timeout (its runner is on a runtime no longer driven?); passing it on"
+                            );
+                        }
+                        *next += 1;
+                        *held = Some((*next, Instant::now()));
+                        return GateGuard {
+                            gate: self,
+                            number: *next,
+                        };
+                    }
+                }
+            };
+            drop(tokio::time::timeout(wait, freed).await);
+        }
+    }
+}
+
+impl Drop for GateGuard<'_> {
+    fn drop(&mut self) {
+        let mut state = self.gate.lock();
+        if state.0.is_some_and(|(number, _)| number == self.number) {
+            state.0 = None;
+            drop(state);
+            self.gate.freed.notify_waiters();
+        }
+    }
+}
 
 /// What combined lanes took for one batch: every verb's jobs.
 struct Taken {
@@ -1272,8 +1349,8 @@ mod tests {
 
     /// A store that runs one write at a time combines its lanes: the reservations and the
     /// results queued while a statement was in flight go together in the next batch, one
-    /// store call, and each call still gets its own answer. Without one batch in flight, or
-    /// on a store that does not combine, the lanes stay apart.
+    /// store call, and each call still gets its own answer. With two batches in flight the
+    /// lanes stay apart (a store that does not combine: every other test here).
     #[tokio::test(flavor = "current_thread")]
     async fn combined_lanes_carry_reservations_and_results_in_one_batch() {
         let limits = BatchLimits {
@@ -1291,6 +1368,7 @@ mod tests {
             "alone: its own verb"
         );
 
+        acquires(batcher.reserve(claim("a")), "a, before").await;
         let first = busy(&batcher).await;
         let (a, b) = (spawn_reserve(&batcher, "a"), spawn_reserve(&batcher, "b"));
         let result = StoredResult {
@@ -1308,7 +1386,10 @@ mod tests {
             tokio::spawn(async move { batcher.release(id, Fence::random()).await })
         };
         acquires(first, "busy").await;
-        acquires(a, "a").await;
+        assert!(
+            matches!(a.await, Ok(Reservation::Exists(_))),
+            "a was reserved before: its own answer"
+        );
         acquires(b, "b").await;
         assert!(
             finalize.await.expect("task").expect("finalize"),
@@ -1339,5 +1420,72 @@ mod tests {
         acquires(b, "b").await;
         assert!(store.combined.lock().unwrap().is_empty());
         assert!(!store.batches.lock().unwrap().is_empty());
+    }
+
+    /// A lone call on combined lanes takes no gate: polled once and then left pending, it
+    /// holds up no later call, whose batch goes at once.
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_lone_call_left_pending_holds_up_no_combined_batch() {
+        let limits = BatchLimits {
+            max_rows: 128,
+            max_bytes: 1 << 20,
+            max_in_flight: None,
+            max_queued: 1024,
+        };
+        let (batcher, _store) = batcher_with(limits, 1, Duration::from_secs(5), true);
+        let held = claim("held");
+        let (id, fence) = (held.id.clone(), held.fence);
+        acquires(batcher.reserve(held), "held").await;
+        let lone = batcher.reserve(claim("lone"));
+        tokio::pin!(lone);
+        assert!(pending_after_one_poll(lone.as_mut()), "in its store call");
+        // Another lane's call, with company (the lone call still waits): a combined batch.
+        let later = {
+            let batcher = batcher.clone();
+            tokio::spawn(async move { batcher.release(id, fence).await })
+        };
+        let got = tokio::time::timeout(Duration::from_secs(2), later).await;
+        let got = got.expect("not held up").expect("task");
+        assert!(got.expect("release"), "released under its own fence");
+    }
+
+    /// The gate of combined lanes passes on from a holder that has held it too long (a runner
+    /// frozen on a runtime no longer driven), and that holder's late release frees nothing;
+    /// a waiter that is never polled again holds up none of the others.
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_stale_gate_passes_on_and_a_frozen_waiter_holds_up_no_one() {
+        let gate = Gate::default();
+        let stale = Duration::from_millis(50);
+        let frozen = gate.enter(stale).await;
+        let start = Instant::now();
+        let second = gate.enter(stale).await;
+        assert!(start.elapsed() >= stale, "waited for the holder first");
+        drop(frozen);
+        let third = gate.enter(stale);
+        tokio::pin!(third);
+        assert!(
+            pending_after_one_poll(third.as_mut()),
+            "the stale holder's release did not free the gate its successor holds"
+        );
+        drop(second);
+        let third = tokio::time::timeout(Duration::from_secs(2), third).await;
+        let third = third.expect("freed");
+
+        // A waiter polled once and then left alone, and one that is run.
+        let gate = Arc::new(Gate::default());
+        let long = Duration::from_secs(60);
+        let holder = gate.enter(long).await;
+        let frozen_waiter = gate.enter(long);
+        tokio::pin!(frozen_waiter);
+        assert!(pending_after_one_poll(frozen_waiter.as_mut()));
+        let runs = {
+            let gate = gate.clone();
+            tokio::spawn(async move { drop(gate.enter(long).await) })
+        };
+        tokio::task::yield_now().await;
+        drop(holder);
+        let ran = tokio::time::timeout(Duration::from_secs(2), runs).await;
+        ran.expect("woken when the gate freed").expect("task");
+        drop(third);
     }
 }

@@ -216,6 +216,7 @@ pub struct Release<'a> {
 /// Batches of several verbs, carried in one transaction and one commit by a store that runs
 /// one write at a time: see [`Store::combine_verbs`].
 #[derive(Clone, Copy, Debug, Default)]
+#[non_exhaustive]
 pub struct Combined<'a> {
     /// Reservations, as for [`Store::reserve_many`].
     pub reserve: &'a [Claim<'a>],
@@ -260,6 +261,7 @@ impl Combined<'_> {
 
 /// The answers to a [`Combined`] batch: one per item of each verb, in the order given.
 #[derive(Debug, Default)]
+#[non_exhaustive]
 pub struct CombinedAnswers {
     /// Answers to [`Combined::reserve`].
     pub reserve: Vec<Result<Reservation, StoreError>>,
@@ -395,7 +397,9 @@ pub trait Store: Send + Sync + 'static {
     /// lane per verb. `true` suits a store that runs one write at a time (SQLite): there a
     /// batch of reservations only waits for a batch of results to commit, and one commit can
     /// carry both. The default, `false`, keeps the lanes apart. The engine combines only
-    /// while one batch is in flight (`batch_concurrency` 1).
+    /// when one batch may be in flight at a time: [`Store::batch_concurrency`] 1, unless the
+    /// runtime's [`batch_concurrency`](crate::IdemBuilder::batch_concurrency) says otherwise.
+    /// A combined batch has one store timeout for all its verbs.
     fn combine_verbs(&self) -> bool {
         false
     }

@@ -689,8 +689,8 @@ mod tests {
         }
     }
 
-    /// Batches of several verbs share one transaction (results first, reservations last),
-    /// and each item is answered as it would be alone; if the database refuses one row, the
+    /// Batches of several verbs share one transaction and one commit (results first,
+    /// reservations last), and each item is answered as it would be alone; if the database refuses one row, the
     /// transaction rolls back and each verb's batch runs on its own, so that row's call alone
     /// gets the error and nothing is applied twice.
     #[tokio::test]
@@ -699,9 +699,30 @@ mod tests {
             Combined, Fence, Finalize, Heartbeat, RecordState, Release, Store, StoredResult,
         };
         let dir = tempfile::tempdir().expect("temp dir");
-        let store = SqliteStore::open(dir.path().join("combined.db"))
+        // Every commit on the store's connections, counted.
+        let commits = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let count = commits.clone();
+        let pool = SqlitePoolOptions::new()
+            .after_connect(move |conn, _| {
+                let count = count.clone();
+                Box::pin(async move {
+                    conn.lock_handle().await?.set_commit_hook(move || {
+                        count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                        true
+                    });
+                    Ok(())
+                })
+            })
+            .connect_with(
+                SqliteConnectOptions::new()
+                    .filename(dir.path().join("combined.db"))
+                    .create_if_missing(true),
+            )
             .await
-            .expect("open");
+            .expect("pool");
+        let store = SqliteStore::from_pool(pool, DEFAULT_TABLE)
+            .await
+            .expect("store");
         assert!(store.combine_verbs());
         let ids: Vec<crate::RecordId> = ["a", "b", "c", "d", "e", "fresh-1", "fresh-2", "bad"]
             .iter()
@@ -752,6 +773,7 @@ mod tests {
         }];
         // `a` is reserved again in the same batch: it sees the result written before it.
         let reserve = [claim(a, Fence::random()), claim(fresh_1, Fence::random())];
+        let before = commits.load(std::sync::atomic::Ordering::SeqCst);
         let out = store
             .run_combined(Combined {
                 reserve: &reserve,
@@ -760,6 +782,11 @@ mod tests {
                 release: &release,
             })
             .await;
+        assert_eq!(
+            commits.load(std::sync::atomic::Ordering::SeqCst),
+            before + 1,
+            "four verbs' batches, one commit"
+        );
         let answers = |v: &[Result<bool, StoreError>]| -> Vec<bool> {
             v.iter().map(|r| *r.as_ref().expect("answer")).collect()
         };
