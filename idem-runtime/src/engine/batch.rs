@@ -437,11 +437,10 @@ impl Batcher {
     fn take_all(&self) -> Taken {
         fn from<I, O, V: Verb<I, O>>(batcher: &Batcher) -> Vec<Job<I, O>> {
             let mut queue = V::lane(batcher).lock();
-            let batch = batcher.take::<I, O, V>(&mut queue.jobs);
-            if !batch.is_empty() {
-                queue.started = Instant::now();
-            }
-            batch
+            // Every lane is served by this round, whichever runner it has waiting at the
+            // gate: none of them is stuck.
+            queue.started = Instant::now();
+            batcher.take::<I, O, V>(&mut queue.jobs)
         }
         Taken {
             reserve: from::<_, _, ReserveVerb>(self),
@@ -669,6 +668,9 @@ where
                 batcher.run_taken(taken).await;
             }
             drop(gate);
+            // The gate takes no turns: let the runners it just woke try for it before this
+            // one is back (one of them may end, its lane served).
+            tokio::task::yield_now().await;
             if own == 0 {
                 // Its own lane had nothing: the other lanes' calls it carried have their own
                 // runners, so it ends while its lane is quiet.
@@ -1455,7 +1457,7 @@ mod tests {
     #[tokio::test(flavor = "current_thread")]
     async fn a_stale_gate_passes_on_and_a_frozen_waiter_holds_up_no_one() {
         let gate = Gate::default();
-        let stale = Duration::from_millis(50);
+        let stale = Duration::from_secs(1);
         let frozen = gate.enter(stale).await;
         let start = Instant::now();
         let second = gate.enter(stale).await;
@@ -1487,5 +1489,65 @@ mod tests {
         let ran = tokio::time::timeout(Duration::from_secs(2), runs).await;
         ran.expect("woken when the gate freed").expect("task");
         drop(third);
+    }
+
+    /// A lane whose calls other runners carry in their combined rounds is served, even while
+    /// its own runner waits at the gate all along: a call arriving long after its last one
+    /// does not take that runner for one stuck on a runtime no longer driven (which would
+    /// start another, and log that the runtime is not driven).
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_lane_served_by_combined_rounds_is_not_taken_for_stuck() {
+        let limits = BatchLimits {
+            max_rows: 128,
+            max_bytes: 1 << 20,
+            max_in_flight: None,
+            max_queued: 1024,
+        };
+        // Stuck means nothing started for twice the timeout: 400 ms here.
+        let (batcher, _store) = batcher_with(limits, 1, Duration::from_millis(200), true);
+        let held = claim("held");
+        let (id, fence) = (held.id.clone(), held.fence);
+        acquires(batcher.reserve(held), "held").await;
+        // Company for the whole test, so that the beats queue rather than go alone.
+        let lone = batcher.reserve(claim("lone"));
+        tokio::pin!(lone);
+        assert!(pending_after_one_poll(lone.as_mut()));
+        let beat = |batcher: &Arc<Batcher>| {
+            let (batcher, id) = (batcher.clone(), id.clone());
+            tokio::spawn(async move { batcher.heartbeat(id, fence, Duration::from_secs(30)).await })
+        };
+        // This test is the holder that never lets go for long: it re-takes the gate at once
+        // each time it gives it back, and serves every lane in its rounds.
+        let mut gate = batcher.gate().await;
+        let first = beat(&batcher);
+        tokio::task::yield_now().await;
+        assert_eq!(
+            batcher.heartbeat.lock().running,
+            1,
+            "its runner, at the gate"
+        );
+        for _ in 0..25 {
+            drop(gate);
+            gate = batcher.gate().await;
+            let taken = batcher.take_all();
+            if !taken.is_empty() {
+                batcher.run_taken(taken).await;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(
+            first.await.expect("task").expect("beat"),
+            "carried by a round"
+        );
+        let second = beat(&batcher);
+        tokio::task::yield_now().await;
+        assert_eq!(
+            batcher.heartbeat.lock().running,
+            1,
+            "no second runner for a lane the rounds kept serving"
+        );
+        drop(gate);
+        let second = tokio::time::timeout(Duration::from_secs(2), second).await;
+        assert!(second.expect("served").expect("task").expect("beat"));
     }
 }
