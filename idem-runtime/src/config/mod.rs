@@ -235,7 +235,9 @@ impl IdemBuilder {
     /// Group commit: how many batches of one verb may be in flight at once. By default, as
     /// many as the store runs well ([`Store::batch_concurrency`]): 1 on SQLite, which writes
     /// one transaction at a time, 2 on the others. One keeps batches largest; more lowers
-    /// latency when calls arrive steadily on a store that runs them side by side.
+    /// latency when calls arrive steadily on a store that runs them side by side. On a store
+    /// that combines its verbs ([`Store::combine_verbs`]: SQLite), one batch in flight also
+    /// carries every verb's calls in one commit; more keeps the verbs' batches apart.
     pub fn batch_concurrency(mut self, batches: usize) -> Self {
         if let Some(b) = &mut self.batching {
             b.max_in_flight = Some(batches.max(1));
