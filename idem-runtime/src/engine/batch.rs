@@ -25,7 +25,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, oneshot};
 use crate::error::StoreError;
 use crate::key::{Fingerprint, RecordId};
 use crate::store::{
-    Claim, Combined, Fence, Finalize, Heartbeat, Release, Reservation, Store, StoredResult,
+    Claim, Combined, Fence, Finalize, Heartbeat, Release, Reservation, Store, StoredResult, every,
 };
 
 /// The bounds of group commit.
@@ -61,6 +61,32 @@ impl OwnedClaim {
             lease: self.lease,
         }
     }
+}
+
+/// A queued finalize, in the store's view.
+fn finalize_of(
+    (id, fence, result, ttl): &(RecordId, Fence, StoredResult, Duration),
+) -> Finalize<'_> {
+    Finalize {
+        id,
+        fence: *fence,
+        result,
+        ttl: *ttl,
+    }
+}
+
+/// A queued heartbeat, in the store's view.
+fn heartbeat_of((id, fence, lease): &(RecordId, Fence, Duration)) -> Heartbeat<'_> {
+    Heartbeat {
+        id,
+        fence: *fence,
+        lease: *lease,
+    }
+}
+
+/// A queued release, in the store's view.
+fn release_of((id, fence): &(RecordId, Fence)) -> Release<'_> {
+    Release { id, fence: *fence }
 }
 
 /// One call's statement in a lane, and where its answer goes.
@@ -167,9 +193,6 @@ struct HeartbeatVerb;
 struct ReleaseVerb;
 
 impl Verb<OwnedClaim, Reservation> for ReserveVerb {
-    fn taken(taken: &Taken) -> usize {
-        taken.reserve.len()
-    }
     const OP: &'static str = "reserve";
     fn lane(b: &Batcher) -> &Lane<OwnedClaim, Reservation> {
         &b.reserve
@@ -190,12 +213,12 @@ impl Verb<OwnedClaim, Reservation> for ReserveVerb {
             tokio::spawn(async move { drop(batcher.release(id, fence).await) });
         }
     }
+    fn taken(taken: &Taken) -> usize {
+        taken.reserve.len()
+    }
 }
 
 impl Verb<(RecordId, Fence, StoredResult, Duration), bool> for FinalizeVerb {
-    fn taken(taken: &Taken) -> usize {
-        taken.finalize.len()
-    }
     const OP: &'static str = "finalize";
     fn lane(b: &Batcher) -> &Lane<(RecordId, Fence, StoredResult, Duration), bool> {
         &b.finalize
@@ -210,23 +233,15 @@ impl Verb<(RecordId, Fence, StoredResult, Duration), bool> for FinalizeVerb {
         store: &dyn Store,
         items: &[&(RecordId, Fence, StoredResult, Duration)],
     ) -> Vec<Result<bool, StoreError>> {
-        let items: Vec<Finalize<'_>> = items
-            .iter()
-            .map(|(id, fence, result, ttl)| Finalize {
-                id,
-                fence: *fence,
-                result,
-                ttl: *ttl,
-            })
-            .collect();
+        let items: Vec<Finalize<'_>> = items.iter().map(|f| finalize_of(f)).collect();
         store.finalize_many(&items).await
+    }
+    fn taken(taken: &Taken) -> usize {
+        taken.finalize.len()
     }
 }
 
 impl Verb<(RecordId, Fence, Duration), bool> for HeartbeatVerb {
-    fn taken(taken: &Taken) -> usize {
-        taken.heartbeat.len()
-    }
     const OP: &'static str = "heartbeat";
     fn lane(b: &Batcher) -> &Lane<(RecordId, Fence, Duration), bool> {
         &b.heartbeat
@@ -238,22 +253,15 @@ impl Verb<(RecordId, Fence, Duration), bool> for HeartbeatVerb {
         store: &dyn Store,
         items: &[&(RecordId, Fence, Duration)],
     ) -> Vec<Result<bool, StoreError>> {
-        let items: Vec<Heartbeat<'_>> = items
-            .iter()
-            .map(|(id, fence, lease)| Heartbeat {
-                id,
-                fence: *fence,
-                lease: *lease,
-            })
-            .collect();
+        let items: Vec<Heartbeat<'_>> = items.iter().map(|h| heartbeat_of(h)).collect();
         store.heartbeat_many(&items).await
+    }
+    fn taken(taken: &Taken) -> usize {
+        taken.heartbeat.len()
     }
 }
 
 impl Verb<(RecordId, Fence), bool> for ReleaseVerb {
-    fn taken(taken: &Taken) -> usize {
-        taken.release.len()
-    }
     const OP: &'static str = "release";
     fn lane(b: &Batcher) -> &Lane<(RecordId, Fence), bool> {
         &b.release
@@ -262,11 +270,11 @@ impl Verb<(RecordId, Fence), bool> for ReleaseVerb {
         &item.0
     }
     async fn run(store: &dyn Store, items: &[&(RecordId, Fence)]) -> Vec<Result<bool, StoreError>> {
-        let items: Vec<Release<'_>> = items
-            .iter()
-            .map(|(id, fence)| Release { id, fence: *fence })
-            .collect();
+        let items: Vec<Release<'_>> = items.iter().map(|r| release_of(r)).collect();
         store.release_many(&items).await
+    }
+    fn taken(taken: &Taken) -> usize {
+        taken.release.len()
     }
 }
 
@@ -453,11 +461,6 @@ impl Batcher {
     /// One combined batch through the store ([`Store::run_combined`]), bounded by the store
     /// timeout, timed and counted per verb; then each call's answer.
     async fn run_taken(self: &Arc<Self>, mut taken: Taken) {
-        fn sorted<I, O, V: Verb<I, O>>(jobs: &mut [Job<I, O>]) -> Vec<&I> {
-            // One global lock order, as in a lane's own batches.
-            jobs.sort_by(|a, b| V::id(&a.item).cmp(V::id(&b.item)));
-            jobs.iter().map(|job| &job.item).collect()
-        }
         let start = Instant::now();
         let reserve: Vec<Claim<'_>> = sorted::<_, _, ReserveVerb>(&mut taken.reserve)
             .into_iter()
@@ -465,24 +468,15 @@ impl Batcher {
             .collect();
         let finalize: Vec<Finalize<'_>> = sorted::<_, _, FinalizeVerb>(&mut taken.finalize)
             .into_iter()
-            .map(|(id, fence, result, ttl)| Finalize {
-                id,
-                fence: *fence,
-                result,
-                ttl: *ttl,
-            })
+            .map(finalize_of)
             .collect();
         let heartbeat: Vec<Heartbeat<'_>> = sorted::<_, _, HeartbeatVerb>(&mut taken.heartbeat)
             .into_iter()
-            .map(|(id, fence, lease)| Heartbeat {
-                id,
-                fence: *fence,
-                lease: *lease,
-            })
+            .map(heartbeat_of)
             .collect();
         let release: Vec<Release<'_>> = sorted::<_, _, ReleaseVerb>(&mut taken.release)
             .into_iter()
-            .map(|(id, fence)| Release { id, fence: *fence })
+            .map(release_of)
             .collect();
         let batches = Combined {
             reserve: &reserve,
@@ -645,9 +639,7 @@ where
             if another {
                 batcher.spawn_runner::<I, O, V>(false);
             }
-            // One global lock order: two batches touching the same rows cannot deadlock.
-            batch.sort_by(|a, b| V::id(&a.item).cmp(V::id(&b.item)));
-            let items: Vec<&I> = batch.iter().map(|job| &job.item).collect();
+            let items = sorted::<I, O, V>(&mut batch);
             let outs = batcher.run_batch::<I, O, V>(&items).await;
             batcher.answer::<I, O, V>(batch, outs);
         }
@@ -782,6 +774,13 @@ impl Drop for GateGuard<'_> {
     }
 }
 
+/// `jobs` sorted by record: one global lock order, so two batches touching the same rows
+/// cannot deadlock.
+fn sorted<I, O, V: Verb<I, O>>(jobs: &mut [Job<I, O>]) -> Vec<&I> {
+    jobs.sort_by(|a, b| V::id(&a.item).cmp(V::id(&b.item)));
+    jobs.iter().map(|job| &job.item).collect()
+}
+
 /// What combined lanes took for one batch: every verb's jobs.
 struct Taken {
     reserve: Vec<Job<OwnedClaim, Reservation>>,
@@ -807,11 +806,6 @@ fn one_each<O>(outs: Vec<Result<O, StoreError>>, sent: usize) -> Vec<Result<O, S
     }
     let e = format!("the store answered {} of {sent} statements", outs.len());
     every(sent, &StoreError::msg(e).maybe_applied())
-}
-
-/// `n` copies of one failure.
-fn every<O>(n: usize, e: &StoreError) -> Vec<Result<O, StoreError>> {
-    (0..n).map(|_| Err(e.clone())).collect()
 }
 
 /// The answer to a statement whose batch was lost: it may have been applied (the engine then
@@ -886,6 +880,8 @@ mod tests {
         combine: bool,
         /// The shape of every combined batch: reservations, finalizes, heartbeats, releases.
         combined: Mutex<Vec<[usize; 4]>>,
+        /// The next combined batch with reservations takes half a second.
+        slow_combined: std::sync::atomic::AtomicBool,
     }
 
     #[async_trait::async_trait]
@@ -959,8 +955,11 @@ mod tests {
                 batches.release.len(),
             ];
             self.combined.lock().unwrap().push(shape);
-            // A round trip: the batch is in flight for a while.
-            tokio::time::sleep(Duration::from_millis(5)).await;
+            // A round trip: the batch is in flight for a while (the first one, much longer
+            // when the test says so).
+            let slow = shape[0] > 0 && self.slow_combined.swap(false, Ordering::SeqCst);
+            let pause = if slow { 500 } else { 5 };
+            tokio::time::sleep(Duration::from_millis(pause)).await;
             batches.run_each(&self.inner).await
         }
         fn backend(&self) -> &'static str {
@@ -1004,9 +1003,31 @@ mod tests {
             answer_short: std::sync::atomic::AtomicBool::new(false),
             combine,
             combined: Mutex::new(Vec::new()),
+            slow_combined: std::sync::atomic::AtomicBool::new(false),
         });
         let batcher = Batcher::new(store.clone(), timeout, limits);
         (Arc::new(batcher), store)
+    }
+
+    /// The limits of the combined-lane tests: the store's own number in flight.
+    const COMBINED: BatchLimits = BatchLimits {
+        max_rows: 128,
+        max_bytes: 1 << 20,
+        max_in_flight: None,
+        max_queued: 1024,
+    };
+
+    /// A batcher on a counting store that runs one batch at a time and combines its verbs.
+    fn combined_batcher(timeout: Duration) -> (Arc<Batcher>, Arc<Counting>) {
+        batcher_with(COMBINED, 1, timeout, true)
+    }
+
+    /// Reserves `key`, which must be acquired: its record and fence, for later writes.
+    async fn hold(batcher: &Arc<Batcher>, key: &str) -> (RecordId, Fence) {
+        let held = claim(key);
+        let (id, fence) = (held.id.clone(), held.fence);
+        acquires(batcher.reserve(held), key).await;
+        (id, fence)
     }
 
     fn claim(key: &str) -> OwnedClaim {
@@ -1355,16 +1376,8 @@ mod tests {
     /// lanes stay apart (a store that does not combine: every other test here).
     #[tokio::test(flavor = "current_thread")]
     async fn combined_lanes_carry_reservations_and_results_in_one_batch() {
-        let limits = BatchLimits {
-            max_rows: 128,
-            max_bytes: 1 << 20,
-            max_in_flight: None,
-            max_queued: 1024,
-        };
-        let (batcher, store) = batcher_with(limits, 1, Duration::from_secs(5), true);
-        let done = claim("done");
-        let (id, fence) = (done.id.clone(), done.fence);
-        acquires(batcher.reserve(done), "reserved alone").await;
+        let (batcher, store) = combined_batcher(Duration::from_secs(5));
+        let (id, fence) = hold(&batcher, "done").await;
         assert!(
             store.combined.lock().unwrap().is_empty(),
             "alone: its own verb"
@@ -1412,7 +1425,7 @@ mod tests {
         // Two batches in flight: the lanes stay apart.
         let limits = BatchLimits {
             max_in_flight: Some(2),
-            ..limits
+            ..COMBINED
         };
         let (batcher, store) = batcher_with(limits, 1, Duration::from_secs(5), true);
         let first = busy(&batcher).await;
@@ -1428,16 +1441,8 @@ mod tests {
     /// holds up no later call, whose batch goes at once.
     #[tokio::test(flavor = "current_thread")]
     async fn a_lone_call_left_pending_holds_up_no_combined_batch() {
-        let limits = BatchLimits {
-            max_rows: 128,
-            max_bytes: 1 << 20,
-            max_in_flight: None,
-            max_queued: 1024,
-        };
-        let (batcher, _store) = batcher_with(limits, 1, Duration::from_secs(5), true);
-        let held = claim("held");
-        let (id, fence) = (held.id.clone(), held.fence);
-        acquires(batcher.reserve(held), "held").await;
+        let (batcher, _store) = combined_batcher(Duration::from_secs(5));
+        let (id, fence) = hold(&batcher, "held").await;
         let lone = batcher.reserve(claim("lone"));
         tokio::pin!(lone);
         assert!(pending_after_one_poll(lone.as_mut()), "in its store call");
@@ -1497,17 +1502,9 @@ mod tests {
     /// start another, and log that the runtime is not driven).
     #[tokio::test(flavor = "current_thread")]
     async fn a_lane_served_by_combined_rounds_is_not_taken_for_stuck() {
-        let limits = BatchLimits {
-            max_rows: 128,
-            max_bytes: 1 << 20,
-            max_in_flight: None,
-            max_queued: 1024,
-        };
         // Stuck means nothing started for twice the timeout: 400 ms here.
-        let (batcher, _store) = batcher_with(limits, 1, Duration::from_millis(200), true);
-        let held = claim("held");
-        let (id, fence) = (held.id.clone(), held.fence);
-        acquires(batcher.reserve(held), "held").await;
+        let (batcher, _store) = combined_batcher(Duration::from_millis(200));
+        let (id, fence) = hold(&batcher, "held").await;
         // Company for the whole test, so that the beats queue rather than go alone.
         let lone = batcher.reserve(claim("lone"));
         tokio::pin!(lone);
@@ -1549,5 +1546,29 @@ mod tests {
         drop(gate);
         let second = tokio::time::timeout(Duration::from_secs(2), second).await;
         assert!(second.expect("served").expect("task").expect("beat"));
+    }
+
+    /// A combined batch that outlasts the store timeout: every call it carried gets a timeout
+    /// (a statement that may have been applied, so the engine keeps its guard), and the lanes
+    /// serve the next calls.
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_combined_batch_past_the_timeout_times_out_every_call_it_carried() {
+        let (batcher, store) = combined_batcher(Duration::from_millis(100));
+        let (id, fence) = hold(&batcher, "held").await;
+        let first = busy(&batcher).await;
+        store.slow_combined.store(true, Ordering::SeqCst);
+        let (a, b) = (spawn_reserve(&batcher, "a"), spawn_reserve(&batcher, "b"));
+        let beat = {
+            let batcher = batcher.clone();
+            tokio::spawn(async move { batcher.heartbeat(id, fence, Duration::from_secs(30)).await })
+        };
+        acquires(first, "busy").await;
+        for (name, got) in [("a", a.await), ("b", b.await)] {
+            assert!(matches!(&got, Err(e) if e.is_timeout()), "{name}: {got:?}");
+        }
+        let beat = beat.await.expect("task");
+        assert!(matches!(&beat, Err(e) if e.is_timeout()), "beat: {beat:?}");
+        assert_eq!(store.combined.lock().unwrap()[0], [2, 0, 1, 0]);
+        acquires(batcher.reserve(claim("after")), "the lanes serve on").await;
     }
 }

@@ -276,16 +276,18 @@ pub struct CombinedAnswers {
 impl CombinedAnswers {
     /// `e` for every item of `batches`: they failed as a whole.
     pub fn every(batches: &Combined<'_>, e: &StoreError) -> CombinedAnswers {
-        fn all<O>(n: usize, e: &StoreError) -> Vec<Result<O, StoreError>> {
-            (0..n).map(|_| Err(e.clone())).collect()
-        }
         CombinedAnswers {
-            reserve: all(batches.reserve.len(), e),
-            finalize: all(batches.finalize.len(), e),
-            heartbeat: all(batches.heartbeat.len(), e),
-            release: all(batches.release.len(), e),
+            reserve: every(batches.reserve.len(), e),
+            finalize: every(batches.finalize.len(), e),
+            heartbeat: every(batches.heartbeat.len(), e),
+            release: every(batches.release.len(), e),
         }
     }
+}
+
+/// `n` copies of one failure: the answers to a batch that failed as a whole.
+pub(crate) fn every<O>(n: usize, e: &StoreError) -> Vec<Result<O, StoreError>> {
+    (0..n).map(|_| Err(e.clone())).collect()
 }
 
 /// The protocol's statements against one durable table.

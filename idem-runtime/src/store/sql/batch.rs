@@ -5,6 +5,7 @@ use super::{Connection, Dialect, Driver, SqlStore};
 use crate::error::StoreError;
 use crate::store::{
     Claim, Combined, CombinedAnswers, Finalize, Heartbeat, Release, Reservation, TxStatements,
+    every,
 };
 
 /// One item's statements on a connection (in autocommit, or inside a batch's transaction).
@@ -49,7 +50,7 @@ impl<D: Dialect> SqlStore<D> {
     {
         let mut conn = match self.checkout().await {
             Ok(conn) => conn,
-            Err(e) => return items.iter().map(|_| Err(e.clone())).collect(),
+            Err(e) => return every(items.len(), &e),
         };
         if let [item] = items {
             // Alone: its own statement, in autocommit, one round trip.
@@ -76,7 +77,7 @@ impl<D: Dialect> SqlStore<D> {
             Err(e) => e,
         };
         if !refused(&failure) {
-            return items.iter().map(|_| Err(failure.clone())).collect();
+            return every(items.len(), &failure);
         }
         tracing::debug!(backend = D::BACKEND, error = %failure, rows = items.len(),
             "idem: a batch failed on a statement; running its rows one by one");
