@@ -4,7 +4,9 @@
 //!
 //! `cargo bench -p idem-runtime --features postgres --bench group_commit`
 //! (`IDEM_TEST_POSTGRES_URL` picks the server; `IDEM_BENCH_BATCH_CONCURRENCY=1,2,4` runs
-//! group commit with each of those numbers of batches in flight, instead of the default).
+//! group commit with each of those numbers of batches in flight, instead of the default;
+//! `IDEM_BENCH_TASKS=16` runs only those numbers of tasks, and `IDEM_BENCH_STORES=postgres`
+//! only that store, `sqlite` or `postgres`, for a profile of one case).
 
 mod common;
 
@@ -64,13 +66,23 @@ fn idem(store: Arc<dyn Store>, batches: Option<usize>) -> Idem {
     builder.build().expect("idem")
 }
 
-/// The numbers of batches in flight to try (`0`: the default).
-fn concurrencies() -> Vec<usize> {
-    std::env::var("IDEM_BENCH_BATCH_CONCURRENCY")
+/// The numbers in the environment variable `var` (a comma-separated list), or `default`.
+fn numbers(var: &str, default: &[usize]) -> Vec<usize> {
+    std::env::var(var)
         .ok()
         .map(|v| v.split(',').filter_map(|n| n.trim().parse().ok()).collect())
         .filter(|v: &Vec<usize>| !v.is_empty())
-        .unwrap_or_else(|| vec![0])
+        .unwrap_or_else(|| default.to_vec())
+}
+
+/// The numbers of batches in flight to try (`0`: the default).
+fn concurrencies() -> Vec<usize> {
+    numbers("IDEM_BENCH_BATCH_CONCURRENCY", &[0])
+}
+
+/// Whether to run `store` (`IDEM_BENCH_STORES`, by default every store).
+fn runs(store: &str) -> bool {
+    std::env::var("IDEM_BENCH_STORES").map_or(true, |v| v.split(',').any(|s| s.trim() == store))
 }
 
 async fn compare(name: &str, store: Arc<dyn Store>, tasks_list: &[usize], snap: &Snapshotter) {
@@ -166,18 +178,24 @@ fn main() {
     let recorder = DebuggingRecorder::new();
     let snap = recorder.snapshotter();
     metrics::set_global_recorder(recorder).expect("recorder");
+    let tasks = numbers("IDEM_BENCH_TASKS", &[1, 16, 64]);
     common::runtime().block_on(async {
         let dir = tempfile::tempdir().expect("temp dir");
-        let sqlite = SqliteStore::open(dir.path().join("bench.db"))
-            .await
-            .expect("sqlite");
-        compare(
-            "SQLite (synchronous = FULL)",
-            Arc::new(sqlite),
-            &[1, 16, 64],
-            &snap,
-        )
-        .await;
+        if runs("sqlite") {
+            let sqlite = SqliteStore::open(dir.path().join("bench.db"))
+                .await
+                .expect("sqlite");
+            compare(
+                "SQLite (synchronous = FULL)",
+                Arc::new(sqlite),
+                &tasks,
+                &snap,
+            )
+            .await;
+        }
+        if !runs("postgres") {
+            return;
+        }
 
         let url = std::env::var("IDEM_TEST_POSTGRES_URL")
             .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into());
@@ -186,7 +204,7 @@ fn main() {
         match PgStore::connect_with(&url, options).await {
             Ok(pg) => {
                 let pool = pg.pool().clone();
-                compare("PostgreSQL", Arc::new(pg), &[1, 16, 64], &snap).await;
+                compare("PostgreSQL", Arc::new(pg), &tasks, &snap).await;
                 let drop = sqlx::AssertSqlSafe(format!("DROP TABLE IF EXISTS {table}"));
                 sqlx::raw_sql(drop).execute(&pool).await.expect("cleanup");
             }
