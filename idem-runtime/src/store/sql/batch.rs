@@ -65,7 +65,7 @@ impl<D: Dialect> SqlStore<D> {
             answered(one.await, items.len())
         } else {
             let in_transaction = async {
-                let mut tx = sqlx::Connection::begin_with(&mut *conn, D::BEGIN).await?;
+                let mut tx = sqlx::Connection::begin_with(&mut *conn, super::begin::<D>()).await?;
                 let out = self.each_of(&mut tx, items, &each).await?;
                 tx.commit().await?;
                 Ok::<_, StoreError>(out)
@@ -112,7 +112,7 @@ impl<D: Dialect> SqlStore<D> {
             Err(e) => return CombinedAnswers::every(&batches, &e),
         };
         let together = async {
-            let mut tx = sqlx::Connection::begin_with(&mut *conn, D::BEGIN).await?;
+            let mut tx = sqlx::Connection::begin_with(&mut *conn, super::begin::<D>()).await?;
             let heartbeat = self
                 .statements_of(
                     &mut tx,

@@ -18,7 +18,7 @@ impl<D: Dialect> SqlStore<D> {
     pub(super) async fn migrate(&self) -> Result<(), sqlx::Error> {
         let sql = &*self.sql;
         let mut conn = self.pool.acquire().await?;
-        let mut tx = sqlx::Connection::begin_with(&mut *conn, D::BEGIN).await?;
+        let mut tx = sqlx::Connection::begin_with(&mut *conn, super::begin::<D>()).await?;
         // Replicas starting together would race on `CREATE TABLE`; one migrates at a time.
         if let Some(lock) = &sql.lock {
             let held = D::Db::fetch_integer(&mut tx, lock, self.lock()).await?;
@@ -123,7 +123,7 @@ impl<D: Dialect> SqlStore<D> {
     ) -> Result<u64, sqlx::Error> {
         let sql = &*self.sql;
         let purged = async {
-            let mut tx = sqlx::Connection::begin_with(&mut *conn, D::BEGIN).await?;
+            let mut tx = sqlx::Connection::begin_with(&mut *conn, super::begin::<D>()).await?;
             // One replica purges a table at a time: the others find the lock taken and skip.
             if let Some(try_lock) = &sql.try_lock
                 && D::Db::fetch_integer(&mut tx, try_lock, self.lock()).await? != Some(1)

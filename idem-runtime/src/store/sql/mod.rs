@@ -205,7 +205,7 @@ impl<D: Dialect> SqlStore<D> {
 impl<D: Dialect> TxStatements<D::Db> for SqlStore<D> {
     async fn begin(&self) -> Result<sqlx::Transaction<'static, D::Db>, StoreError> {
         self.pool
-            .begin_with(D::BEGIN)
+            .begin_with(begin::<D>())
             .await
             .map_err(|e| self.error(e))
     }
@@ -425,6 +425,13 @@ pub(crate) fn is_conflict(err: &sqlx::Error) -> bool {
     }
     let _ = err;
     false
+}
+
+/// The dialect's `BEGIN`, as an owned statement: a `&'static str` handed to sqlx's
+/// `begin_with` made every future that awaits it fail to prove `Send` for `tokio::spawn`
+/// (the compiler cannot see the `'static` through the future's generics).
+pub(crate) fn begin<D: Dialect>() -> SqlStr {
+    sqlx::SqlSafeStr::into_sql_str(D::BEGIN)
 }
 
 /// A statement with the table name filled in, ready to hand to `sqlx::query` many times.
