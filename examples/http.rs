@@ -6,7 +6,7 @@
 //! cargo run --example http                                   # SQLite file in a temp dir
 //! cargo run --example http -- sqlite:///tmp/idem-demo.db     # a SQLite file that outlives the process
 //! cargo run --example http -- postgres://postgres@127.0.0.1:5432/test
-//! cargo run --example http -- mysql://root@127.0.0.1:3306/test
+//! cargo run --example http -- mysql://root@127.0.0.1:3306/test   # or: -- --store URL
 //! cargo run --example http -- client URL BODY [KEY]          # one order, retried with idem-client
 //! ```
 //!
@@ -289,6 +289,11 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     match args.first().map(String::as_str) {
         Some("client") => client(&args[1..]).await,
+        // `--store URL`, as the other examples take it, or the URL alone.
+        Some("--store") => match args.get(1) {
+            Some(url) => serve(Some(url)).await,
+            None => Err("--store needs a URL".into()),
+        },
         url => serve(url).await,
     }
 }
@@ -357,9 +362,19 @@ async fn serve(url: Option<&str>) -> Result<(), Box<dyn std::error::Error>> {
             (Idem::builder().store(store).build()?, db)
         }
         other => {
-            let path = match other.and_then(|u| u.strip_prefix("sqlite://")) {
-                Some(path) => path.into(),
+            let file = other.map(|u| u.strip_prefix("sqlite://").or(u.strip_prefix("sqlite:")));
+            let path = match file {
                 None => dir.path().join("orders.db"),
+                Some(Some(path)) => path.into(),
+                // Not a store this demo keeps its own rows in: say so rather than fall back
+                // to a temporary file the user did not ask for.
+                Some(None) => {
+                    return Err(format!(
+                        "{:?} is not a store URL this demo serves from: give sqlite://PATH, postgres://.. or mysql://.. (the orders and the ledger live in the same database), or nothing for a temporary SQLite file",
+                        other.unwrap_or_default()
+                    )
+                    .into());
+                }
             };
             let options = idem_runtime::store::SqliteStoreOptions::new().table(&records);
             let store = idem_runtime::store::SqliteStore::open_with(&path, options).await?;

@@ -200,6 +200,34 @@ impl IdemConfig {
 mod tests {
     use super::*;
 
+    /// The README's configuration example says its values are the defaults.
+    #[test]
+    fn the_readme_config_example_shows_the_defaults() {
+        let readme = include_str!("../../../README.md");
+        let start = readme
+            .find("serde_json::from_str(r#\"")
+            .expect("the README's config example")
+            + "serde_json::from_str(r#\"".len();
+        let end = start + readme[start..].find("\"#)").expect("its end");
+        let shown: IdemConfig = serde_json::from_str(&readme[start..end]).expect("it parses");
+        let defaults = IdemConfig {
+            store: shown.store.clone(),
+            ..IdemConfig::default()
+        };
+        assert_eq!(
+            serde_json::to_value(&shown).unwrap(),
+            serde_json::to_value(&defaults).unwrap()
+        );
+    }
+
+    #[tokio::test]
+    async fn a_result_limit_of_zero_is_refused() {
+        let cfg: IdemConfig =
+            serde_json::from_str(r#"{"store": "memory:", "max_result_bytes": 0}"#).expect("json");
+        let msg = Idem::from_config(&cfg).await.unwrap_err().to_string();
+        assert!(msg.contains("max_result_bytes is 0"), "{msg}");
+    }
+
     #[tokio::test]
     async fn config_files_use_the_attribute_rules() {
         let cfg: IdemConfig =
