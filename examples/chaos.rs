@@ -10,11 +10,11 @@
 //!
 //! The controller (this program without a mode) starts `--replicas` copies of itself in
 //! `replica` mode, each an axum service on its own port whose idem store reaches the database
-//! through a TCP proxy that the controller cuts every `--cut-every` seconds. Every `--kill-every`
-//! seconds it SIGKILLs one replica and starts it again. Clients send each request (a fresh
-//! key) from two senders at once to random replicas, retrying on refused connections, 409s and
-//! 5xx until they get an answer, alternately to a route behind `IdempotencyLayer` and to one
-//! calling an `#[idempotent]` fn. Every execution of a body writes an effect row straight to
+//! through a TCP proxy that the controller cuts every `--cut-every-ms` milliseconds. Every
+//! `--kill-every-ms` milliseconds it SIGKILLs one replica and starts it again. Clients send
+//! each request (a fresh key) from two senders at once to random replicas, retrying on refused
+//! connections, 409s and 5xx until they get an answer, alternately to a route behind
+//! `IdempotencyLayer` and to one calling an `#[idempotent]` fn. Every execution of a body writes an effect row straight to
 //! the database (not through the proxy).
 //!
 //! Invariants checked at the end (exit status 1 and the list if any fails):

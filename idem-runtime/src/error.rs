@@ -74,11 +74,9 @@ pub enum Error {
 
     /// The store could not be reached or refused a statement. The body did not run (idem fails
     /// closed: it never runs a body without a reservation). Retry later. HTTP 503.
-    #[error(
-        "`{function}`: the idempotency store is unavailable ({source}); the call did not run, retry later"
-    )]
+    #[error("{}", unavailable(.function, .source))]
     StoreUnavailable {
-        /// The fn's record path (`"idem"` for calls not tied to a fn).
+        /// The fn's record path (`"idem"` when the store could not be opened, before any call).
         function: &'static str,
         /// What the store said.
         source: StoreError,
@@ -339,5 +337,21 @@ impl fmt::Display for StoreError {
 impl std::error::Error for StoreError {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
         self.inner.source()
+    }
+}
+
+/// The `function` of an [`Error::StoreUnavailable`] raised while a store was being opened
+/// (connecting, creating its table), before any call.
+pub(crate) const OPENING_STORE: &str = "idem";
+
+fn unavailable(function: &str, source: &StoreError) -> String {
+    if function == OPENING_STORE {
+        format!(
+            "`idem`: the idempotency store could not be opened ({source}); check its URL, credentials and that the server is up"
+        )
+    } else {
+        format!(
+            "`{function}`: the idempotency store is unavailable ({source}); the call did not run, retry later"
+        )
     }
 }

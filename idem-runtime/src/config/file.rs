@@ -220,6 +220,23 @@ mod tests {
         );
     }
 
+    /// A store that cannot be opened is not a call that did not run: the message says what
+    /// to check, and which file.
+    #[cfg(feature = "sqlite")]
+    #[tokio::test]
+    async fn a_store_that_cannot_be_opened_says_which_and_what_to_check() {
+        let cfg = IdemConfig {
+            store: "sqlite:///nonexistent-idem-dir/records.db".into(),
+            ..IdemConfig::default()
+        };
+        let err = Idem::from_config(&cfg).await.unwrap_err();
+        assert!(matches!(err, Error::StoreUnavailable { .. }), "{err:?}");
+        let msg = err.to_string();
+        assert!(msg.contains("could not be opened"), "{msg}");
+        assert!(msg.contains("/nonexistent-idem-dir/records.db"), "{msg}");
+        assert!(!msg.contains("the call did not run"), "{msg}");
+    }
+
     #[tokio::test]
     async fn a_result_limit_of_zero_is_refused() {
         let cfg: IdemConfig =

@@ -175,7 +175,7 @@ impl std::fmt::Debug for RedisStore {
 
 fn unavailable(e: redis::RedisError) -> Error {
     Error::StoreUnavailable {
-        function: "idem",
+        function: crate::error::OPENING_STORE,
         source: StoreError::new(e),
     }
 }
@@ -240,7 +240,7 @@ impl RedisStore {
             .eval::<Value>(&store.scripts.load, &load, &probe, false)
             .await
             .map_err(|source| Error::StoreUnavailable {
-                function: "idem",
+                function: crate::error::OPENING_STORE,
                 source,
             })?;
         store.warn_if_evicting().await;

@@ -113,7 +113,7 @@ impl<D: Dialect> SqlStore<D> {
 /// A store that could not be reached while it was being opened.
 pub(crate) fn unavailable(err: sqlx::Error) -> Error {
     Error::StoreUnavailable {
-        function: "idem",
+        function: crate::error::OPENING_STORE,
         source: StoreError::new(err),
     }
 }

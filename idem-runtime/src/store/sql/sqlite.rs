@@ -19,7 +19,7 @@ use super::dialect::{
     Answers, BoxFuture, Conflict, Dialect, Param, Rows, RowsStatements, Statement, Statements,
     Writes, raw_record, sealed::Sealed,
 };
-use super::{RawRecord, SqlStore, millis, unavailable};
+use super::{RawRecord, SqlStore, millis};
 use crate::Error;
 use crate::error::StoreError;
 use crate::store::{Claim, DEFAULT_TABLE, Record, Reservation};
@@ -288,7 +288,13 @@ impl SqlStore<Sqlite> {
                     tokio::time::sleep(pause).await;
                     pause = (pause * 2).min(Duration::from_millis(200));
                 }
-                other => break other.map_err(unavailable)?,
+                other => {
+                    // SQLite's "unable to open database file" does not say which file.
+                    break other.map_err(|e| Error::StoreUnavailable {
+                        function: crate::error::OPENING_STORE,
+                        source: StoreError::msg(format!("{}: {e}", path.display())),
+                    })?;
+                }
             }
         };
         Self::from_pool(pool, &options.table).await
