@@ -14,8 +14,8 @@
 //! `--kill-every-ms` milliseconds it SIGKILLs one replica and starts it again. Clients send
 //! each request (a fresh key) from two senders at once to random replicas, retrying on refused
 //! connections, 409s and 5xx until they get an answer, alternately to a route behind
-//! `IdempotencyLayer` and to one calling an `#[idempotent]` fn. Every execution of a body writes an effect row straight to
-//! the database (not through the proxy).
+//! `IdempotencyLayer` and to one calling an `#[idempotent]` fn. Every execution of a body
+//! writes an effect row straight to the database (not through the proxy).
 //!
 //! Invariants checked at the end (exit status 1 and the list if any fails):
 //! - every request got an answer, and every answer for a key is the same;
