@@ -950,3 +950,48 @@ async fn a_stored_response_that_does_not_decode_is_a_500_problem() {
         "nothing ran and nothing was made up"
     );
 }
+
+/// A setting the layer cannot use fails `check()` (for startup), and until then every
+/// request through the layer, with a key or without, gets a 500 problem that names it; the
+/// route never runs.
+#[tokio::test]
+async fn a_misconfigured_layer_fails_check_and_answers_500_naming_the_setting() {
+    let idem = Idem::builder().store(MemoryStore::new()).build().unwrap();
+    let good = IdempotencyLayer::new(idem.clone());
+    good.check().expect("a layer with its defaults is fine");
+    let bad_header = IdempotencyLayer::new(idem.clone()).header("not a header");
+    let e = bad_header.check().unwrap_err().to_string();
+    assert!(e.contains("\"not a header\" is not a header name"), "{e}");
+    // The first setting that failed is the one reported.
+    let layer = IdempotencyLayer::new(idem.clone()).ttl("soon").lease("P1Y");
+    let e = layer.check().unwrap_err().to_string();
+    assert!(e.contains("ttl"), "{e}");
+
+    let runs = Arc::new(AtomicUsize::new(0));
+    let counted = runs.clone();
+    let router = Router::new().route(
+        "/orders",
+        post(move || {
+            counted.fetch_add(1, SeqCst);
+            async { StatusCode::CREATED }
+        })
+        .layer(layer),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, router).await });
+    let client = reqwest::Client::new();
+    for key in [Some("k1"), None] {
+        let mut req = client.post(format!("http://{addr}/orders"));
+        if let Some(key) = key {
+            req = req.header("Idempotency-Key", key);
+        }
+        let json = problem(req.send().await.unwrap(), 500).await;
+        assert!(
+            json["type"].as_str().unwrap().ends_with("misconfigured"),
+            "{json}"
+        );
+        assert!(json["detail"].as_str().unwrap().contains("ttl"), "{json}");
+    }
+    assert_eq!(runs.load(SeqCst), 0, "the route never ran");
+}

@@ -64,7 +64,7 @@ pub use service::IdempotencyService;
 pub use tx::IdemTx;
 
 use crate::engine::Spec;
-use crate::{Idem, IntoDuration};
+use crate::{Error, Idem, IntoDuration};
 
 /// The header a replayed response carries.
 pub const REPLAYED: &str = "idempotent-replayed";
@@ -192,7 +192,7 @@ impl IdempotencyLayer {
     pub fn header(self, name: &str) -> Self {
         match HeaderName::try_from(name) {
             Ok(h) => self.with(|c| c.header = h),
-            Err(_) => self.with(|c| c.error = Some(format!("{name:?} is not a header name"))),
+            Err(_) => self.misconfigured(format!("{name:?} is not a header name")),
         }
     }
 
@@ -246,7 +246,7 @@ impl IdempotencyLayer {
     pub fn replay_header(self, name: &str) -> Self {
         match HeaderName::try_from(name) {
             Ok(h) => self.with(|c| c.replay_headers.push(h)),
-            Err(_) => self.with(|c| c.error = Some(format!("{name:?} is not a header name"))),
+            Err(_) => self.misconfigured(format!("{name:?} is not a header name")),
         }
     }
 
@@ -280,12 +280,10 @@ impl IdempotencyLayer {
         let store = self.config.idem.engine().store.clone();
         match tx::mode_for(&*store) {
             Some(mode) => self.with(|c| c.transactional = Some(mode)),
-            None => self.with(|c| {
-                c.error = Some(format!(
-                    "transactional mode needs a PostgreSQL, MySQL or SQLite idem store, and this runtime's store is `{}`",
-                    store.backend()
-                ))
-            }),
+            None => self.misconfigured(format!(
+                "transactional mode needs a PostgreSQL, MySQL or SQLite idem store, and this runtime's store is `{}`",
+                store.backend()
+            )),
         }
     }
 
@@ -323,7 +321,26 @@ impl IdempotencyLayer {
                 let ms = u64::try_from(d.as_millis()).unwrap_or(u64::MAX).max(1);
                 self.with(|c| set(&mut c.settings, ms))
             }
-            Err(e) => self.with(|c| c.error = Some(format!("{what}: {e}"))),
+            Err(e) => self.misconfigured(format!("{what}: {e}")),
+        }
+    }
+
+    /// A setting the layer cannot use: logged now, and every request through the layer gets
+    /// a 500 that says so (a layer method cannot fail; [`check`](Self::check) can). The first
+    /// such setting is the one reported.
+    fn misconfigured(self, e: String) -> Self {
+        tracing::error!(error = %e, "idem: the idempotency layer is misconfigured; every request through it will get a 500");
+        self.with(|c| {
+            c.error.get_or_insert(e);
+        })
+    }
+
+    /// Whether every setting given to the layer could be used: call it at startup to fail
+    /// there (`layer.check()?`) rather than with a 500 on every request.
+    pub fn check(&self) -> Result<(), Error> {
+        match &self.config.error {
+            Some(e) => Err(Error::Config(format!("idempotency layer: {e}"))),
+            None => Ok(()),
         }
     }
 }
