@@ -192,6 +192,11 @@ impl Args {
             "lease" => self.lease = Some(parse_duration(input, "lease")?),
             "wait" => self.wait = Some(parse_duration(input, "wait")?),
             "skip" => {
+                if !input.peek(syn::token::Paren) {
+                    return Err(input.error(
+                        "`#[idempotent]`: `skip` takes the arguments to leave out of the fingerprint in parentheses, e.g. `skip(db, client)`",
+                    ));
+                }
                 let content;
                 syn::parenthesized!(content in input);
                 let names = Punctuated::<Ident, Token![,]>::parse_terminated(&content)?;
@@ -227,7 +232,13 @@ fn parse_on_conflict(input: ParseStream<'_>) -> syn::Result<OnConflict> {
 
 /// `= N`, a `u32`.
 fn parse_version(input: ParseStream<'_>) -> syn::Result<u32> {
-    let lit: LitInt = parse_value(input)?;
+    input.parse::<Token![=]>()?;
+    let lit: LitInt = input.parse().map_err(|e| {
+        syn::Error::new(
+            e.span(),
+            "`#[idempotent]`: `version` is a whole number, e.g. `version = 2` (no quotes)",
+        )
+    })?;
     lit.base10_parse::<u32>().map_err(|_| {
         syn::Error::new(
             lit.span(),
