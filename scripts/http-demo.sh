@@ -5,7 +5,7 @@
 set -u
 cd "$(dirname "$0")/.."
 cargo build -q --example http
-BIN=./target/debug/examples/http
+BIN="${CARGO_TARGET_DIR:-./target}/debug/examples/http"
 rm -f /tmp/idem-demo.db /tmp/idem-demo.db-wal /tmp/idem-demo.db-shm
 $BIN sqlite:///tmp/idem-demo.db > /tmp/server1.log 2>&1 &
 SERVER=$!
