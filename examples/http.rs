@@ -369,9 +369,11 @@ async fn serve(url: Option<&str>) -> Result<(), Box<dyn std::error::Error>> {
                 // Not a store this demo keeps its own rows in: say so rather than fall back
                 // to a temporary file the user did not ask for.
                 Some(None) => {
+                    // The scheme only: a URL may carry a password.
+                    let url = other.unwrap_or_default();
+                    let scheme = url.split_once(':').map_or(url, |(scheme, _)| scheme);
                     return Err(format!(
-                        "{:?} is not a store URL this demo serves from: give sqlite://PATH, postgres://.. or mysql://.. (the orders and the ledger live in the same database), or nothing for a temporary SQLite file",
-                        other.unwrap_or_default()
+                        "a {scheme:?} URL is not a store this demo serves from: give sqlite://PATH, postgres://.. or mysql://.. (the orders and the ledger live in the same database), or nothing for a temporary SQLite file"
                     )
                     .into());
                 }

@@ -85,6 +85,9 @@ fn runs(store: &str) -> bool {
     std::env::var("IDEM_BENCH_STORES").map_or(true, |v| v.split(',').any(|s| s.trim() == store))
 }
 
+/// The stores this bench knows, to catch a misspelt `IDEM_BENCH_STORES`.
+const STORES: [&str; 2] = ["sqlite", "postgres"];
+
 async fn compare(name: &str, store: Arc<dyn Store>, tasks_list: &[usize], snap: &Snapshotter) {
     let off = idem(store.clone(), None);
     let on: Vec<(usize, Idem)> = concurrencies()
@@ -178,6 +181,17 @@ fn main() {
     let recorder = DebuggingRecorder::new();
     let snap = recorder.snapshotter();
     metrics::set_global_recorder(recorder).expect("recorder");
+    if let Ok(stores) = std::env::var("IDEM_BENCH_STORES") {
+        let unknown: Vec<&str> = stores
+            .split(',')
+            .map(str::trim)
+            .filter(|s| !STORES.contains(s))
+            .collect();
+        assert!(
+            unknown.is_empty(),
+            "IDEM_BENCH_STORES: unknown {unknown:?}; the stores are {STORES:?}"
+        );
+    }
     let tasks = numbers("IDEM_BENCH_TASKS", &[1, 16, 64]);
     common::runtime().block_on(async {
         let dir = tempfile::tempdir().expect("temp dir");

@@ -73,10 +73,12 @@ pub enum Error {
     },
 
     /// The store could not be reached or refused a statement. The body did not run (idem fails
-    /// closed: it never runs a body without a reservation). Retry later. HTTP 503.
+    /// closed: it never runs a body without a reservation). Retry later. HTTP 503. Also what
+    /// opening a store that cannot be reached returns (`function` `"idem"`), with what to check.
     #[error("{}", unavailable(.function, .source))]
     StoreUnavailable {
-        /// The fn's record path (`"idem"` when the store could not be opened, before any call).
+        /// The fn's record path (`"idem"` when the store could not be opened, before any call:
+        /// then the message says what to check instead of "retry later").
         function: &'static str,
         /// What the store said.
         source: StoreError,
@@ -255,6 +257,8 @@ pub struct StoreError {
     inner: Arc<dyn std::error::Error + Send + Sync>,
     conflict: bool,
     timed_out: bool,
+    /// Set when the store could not be opened (before any call): what to check.
+    opening: Option<&'static str>,
 }
 
 impl StoreError {
@@ -264,6 +268,7 @@ impl StoreError {
             inner: Arc::new(err),
             conflict: false,
             timed_out: false,
+            opening: None,
         }
     }
 
@@ -273,6 +278,13 @@ impl StoreError {
     /// codes mean that.
     pub fn is_transaction_conflict(&self) -> bool {
         self.conflict
+    }
+
+    /// Marks the error as the store's failure to open (connect, create its table), with what
+    /// to check: no call was made, so "retry later" is not the advice.
+    pub(crate) fn opening(mut self, check: &'static str) -> Self {
+        self.opening = Some(check);
+        self
     }
 
     /// Marks (or unmarks) the error as a lost conflict with a concurrent transaction.
@@ -340,15 +352,12 @@ impl std::error::Error for StoreError {
     }
 }
 
-/// The `function` of an [`Error::StoreUnavailable`] raised while a store was being opened
-/// (connecting, creating its table), before any call.
-pub(crate) const OPENING_STORE: &str = "idem";
+/// What to check when a server store (PostgreSQL, MySQL, Redis) cannot be opened.
+pub(crate) const CHECK_SERVER: &str = "check its URL, credentials and that the server is up";
 
 fn unavailable(function: &str, source: &StoreError) -> String {
-    if function == OPENING_STORE {
-        format!(
-            "`idem`: the idempotency store could not be opened ({source}); check its URL, credentials and that the server is up"
-        )
+    if let Some(check) = source.opening {
+        format!("`{function}`: the idempotency store could not be opened ({source}); {check}")
     } else {
         format!(
             "`{function}`: the idempotency store is unavailable ({source}); the call did not run, retry later"

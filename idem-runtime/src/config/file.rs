@@ -204,6 +204,10 @@ mod tests {
     #[test]
     fn the_readme_config_example_shows_the_defaults() {
         let readme = include_str!("../../../README.md");
+        let section = readme
+            .find("### Configuration from a file")
+            .expect("the README's config section");
+        let readme = &readme[section..];
         let start = readme
             .find("serde_json::from_str(r#\"")
             .expect("the README's config example")
@@ -225,24 +229,51 @@ mod tests {
     #[cfg(feature = "sqlite")]
     #[tokio::test]
     async fn a_store_that_cannot_be_opened_says_which_and_what_to_check() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("missing").join("records.db");
         let cfg = IdemConfig {
-            store: "sqlite:///nonexistent-idem-dir/records.db".into(),
+            store: format!("sqlite://{}", path.display()),
             ..IdemConfig::default()
         };
         let err = Idem::from_config(&cfg).await.unwrap_err();
         assert!(matches!(err, Error::StoreUnavailable { .. }), "{err:?}");
         let msg = err.to_string();
         assert!(msg.contains("could not be opened"), "{msg}");
-        assert!(msg.contains("/nonexistent-idem-dir/records.db"), "{msg}");
+        assert!(msg.contains(&path.display().to_string()), "{msg}");
+        assert!(msg.contains("directory exists"), "{msg}");
         assert!(!msg.contains("the call did not run"), "{msg}");
+        // The driver's error is still there, as the cause.
+        let source = std::error::Error::source(&err).expect("the store error");
+        assert!(std::error::Error::source(source).is_some(), "{msg}");
     }
 
+    /// A call that finds the store down is told to retry, whatever its name.
+    #[test]
+    fn a_call_named_idem_that_finds_the_store_down_is_told_to_retry() {
+        let err = Error::StoreUnavailable {
+            function: "idem",
+            source: crate::StoreError::msg("connection refused"),
+        };
+        let msg = err.to_string();
+        assert!(msg.contains("retry later"), "{msg}");
+        assert!(!msg.contains("could not be opened"), "{msg}");
+    }
+
+    /// Refused before the store is opened: no file created, no server asked.
     #[tokio::test]
-    async fn a_result_limit_of_zero_is_refused() {
-        let cfg: IdemConfig =
-            serde_json::from_str(r#"{"store": "memory:", "max_result_bytes": 0}"#).expect("json");
-        let msg = Idem::from_config(&cfg).await.unwrap_err().to_string();
-        assert!(msg.contains("max_result_bytes is 0"), "{msg}");
+    async fn a_result_limit_of_zero_is_refused_before_the_store_is_opened() {
+        let cfg: IdemConfig = serde_json::from_str(
+            r#"{"store": "postgres://nobody@127.0.0.1:1/none", "max_result_bytes": 0}"#,
+        )
+        .expect("json");
+        let err = Idem::from_config(&cfg).await.unwrap_err();
+        assert!(matches!(err, Error::Config(_)), "{err:?}");
+        assert!(err.to_string().contains("max_result_bytes is 0"), "{err}");
+        let built = Idem::builder()
+            .store(crate::store::MemoryStore::new())
+            .max_result_bytes(0)
+            .build();
+        assert!(matches!(built, Err(Error::Config(_))));
     }
 
     #[tokio::test]

@@ -189,6 +189,11 @@ impl IdemBuilder {
     /// to its caller, the reservation is released, and an error is logged. `0` is refused by
     /// [`build`](Self::build): it would store nothing.
     pub fn max_result_bytes(mut self, bytes: usize) -> Self {
+        if bytes == 0 {
+            self.error.get_or_insert(Error::Config(
+                "max_result_bytes is 0: no result could be stored, so every call would run its body again; leave it at its default (1 MiB) or set the largest result to keep".into(),
+            ));
+        }
         self.max_result_bytes = bytes;
         self
     }
@@ -294,11 +299,6 @@ impl IdemBuilder {
                 "no store configured; call `.store(SqliteStore::open(\"idem.db\").await?)` (or another store) on the builder".into(),
             )
         })?;
-        if self.max_result_bytes == 0 {
-            return Err(Error::Config(
-                "max_result_bytes is 0: no result could be stored, so every call would run its body again; leave it at its default (1 MiB) or set the largest result to keep".into(),
-            ));
-        }
         let executor_id = match self.executor_id {
             Some(id) if !id.trim().is_empty() => id,
             _ => default_executor_id(),

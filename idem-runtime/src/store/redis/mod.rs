@@ -175,8 +175,8 @@ impl std::fmt::Debug for RedisStore {
 
 fn unavailable(e: redis::RedisError) -> Error {
     Error::StoreUnavailable {
-        function: crate::error::OPENING_STORE,
-        source: StoreError::new(e),
+        function: "idem",
+        source: StoreError::new(e).opening(crate::error::CHECK_SERVER),
     }
 }
 
@@ -240,8 +240,8 @@ impl RedisStore {
             .eval::<Value>(&store.scripts.load, &load, &probe, false)
             .await
             .map_err(|source| Error::StoreUnavailable {
-                function: crate::error::OPENING_STORE,
-                source,
+                function: "idem",
+                source: source.opening(crate::error::CHECK_SERVER),
             })?;
         store.warn_if_evicting().await;
         Ok(store)

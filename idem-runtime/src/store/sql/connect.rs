@@ -99,22 +99,22 @@ impl<D: Dialect> SqlStore<D> {
             Err(sqlx::Error::PoolTimedOut) => {
                 return Err(
                     match <Connection<D> as sqlx::Connection>::connect_with(&connect).await {
-                        Err(e) => unavailable(e),
-                        Ok(_) => unavailable(sqlx::Error::PoolTimedOut),
+                        Err(e) => unavailable::<D>(e),
+                        Ok(_) => unavailable::<D>(sqlx::Error::PoolTimedOut),
                     },
                 );
             }
-            Err(e) => return Err(unavailable(e)),
+            Err(e) => return Err(unavailable::<D>(e)),
         };
         Self::from_pool(pool, &options.table).await
     }
 }
 
 /// A store that could not be reached while it was being opened.
-pub(crate) fn unavailable(err: sqlx::Error) -> Error {
+pub(crate) fn unavailable<D: Dialect>(err: sqlx::Error) -> Error {
     Error::StoreUnavailable {
-        function: crate::error::OPENING_STORE,
-        source: StoreError::new(err),
+        function: "idem",
+        source: StoreError::new(err).opening(D::OPEN_CHECK),
     }
 }
 

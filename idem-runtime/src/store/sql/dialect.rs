@@ -54,6 +54,8 @@ pub(crate) mod sealed {
         ///
         /// [`Store::combine_verbs`]: crate::store::Store::combine_verbs
         const COMBINE_VERBS: bool = false;
+        /// What to check when the store cannot be opened (its message says so).
+        const OPEN_CHECK: &'static str = crate::error::CHECK_SERVER;
         /// The statement that begins a migration's or a purge's transaction.
         const BEGIN: &'static str;
         /// The record statements for `table`.

@@ -100,7 +100,7 @@ impl<D: Dialect> SqlStore<D> {
             sql: Arc::new(D::statements(table)),
             batched: Arc::default(),
         };
-        store.migrate().await.map_err(unavailable)?;
+        store.migrate().await.map_err(unavailable::<D>)?;
         Ok(store)
     }
 

@@ -48,6 +48,8 @@ impl Sealed for Sqlite {
     /// One writer at a time: a batch of reservations would wait for a batch of results to
     /// commit, where one commit can carry both.
     const COMBINE_VERBS: bool = true;
+    const OPEN_CHECK: &'static str =
+        "check that the file's directory exists and that this process may write there";
 
     fn statements(t: &str) -> Statements {
         let load = format!(
@@ -290,15 +292,28 @@ impl SqlStore<Sqlite> {
                 }
                 other => {
                     // SQLite's "unable to open database file" does not say which file.
-                    break other.map_err(|e| Error::StoreUnavailable {
-                        function: crate::error::OPENING_STORE,
-                        source: StoreError::msg(format!("{}: {e}", path.display())),
+                    break other.map_err(|source| Error::StoreUnavailable {
+                        function: "idem",
+                        source: StoreError::new(AtFile {
+                            path: path.display().to_string(),
+                            source,
+                        })
+                        .opening(Sqlite::OPEN_CHECK),
                     })?;
                 }
             }
         };
         Self::from_pool(pool, &options.table).await
     }
+}
+
+/// A database file that could not be opened, and why: SQLite's own message does not say
+/// which file.
+#[derive(Debug, thiserror::Error)]
+#[error("{path}: {source}")]
+struct AtFile {
+    path: String,
+    source: sqlx::Error,
 }
 
 /// `SQLITE_BUSY`, or one of its extended codes (`SQLITE_BUSY_RECOVERY` after a crash,
