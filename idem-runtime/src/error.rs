@@ -282,6 +282,7 @@ impl StoreError {
 
     /// Marks the error as the store's failure to open (connect, create its table), with what
     /// to check: no call was made, so "retry later" is not the advice.
+    #[cfg(any(feature = "_sql", feature = "redis"))]
     pub(crate) fn opening(mut self, check: &'static str) -> Self {
         self.opening = Some(check);
         self
@@ -353,6 +354,7 @@ impl std::error::Error for StoreError {
 }
 
 /// What to check when a server store (PostgreSQL, MySQL, Redis) cannot be opened.
+#[cfg(any(feature = "_sql", feature = "redis"))]
 pub(crate) const CHECK_SERVER: &str = "check its URL, credentials and that the server is up";
 
 fn unavailable(function: &str, source: &StoreError) -> String {

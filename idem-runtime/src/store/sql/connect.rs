@@ -4,8 +4,9 @@
 #[cfg(any(feature = "postgres", feature = "mysql"))]
 use std::time::Duration;
 
+use super::dialect::Dialect;
 #[cfg(any(feature = "postgres", feature = "mysql"))]
-use super::{Connection, SqlStore, dialect::Dialect};
+use super::{Connection, SqlStore};
 use crate::Error;
 use crate::error::StoreError;
 
