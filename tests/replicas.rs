@@ -109,14 +109,29 @@ struct Tally {
 
 fn run(store: &str, table: &str, read: impl FnOnce(&str) -> Tally) {
     let start = Instant::now();
-    let workers: Vec<Worker> = ["replica-1", "replica-2", "replica-3"]
-        .iter()
-        .map(|n| Worker::spawn(store, table, n))
-        .collect();
-    let mut workers = workers;
+    // The victim starts first, and the others once it runs a body: the whole work is about
+    // half a second of bodies, so a victim that came up last (a loaded machine, a slow
+    // cluster connection) could find every key taken and never start the body the kill
+    // must land in.
+    let victim = 1;
+    let mut first = Worker::spawn(store, table, "replica-2");
+    while first.starts() == 0 {
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "the victim started no body"
+        );
+        if let Some(status) = first.child.try_wait().unwrap() {
+            panic!("the victim exited before its first body: {status}");
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let mut workers = vec![
+        Worker::spawn(store, table, "replica-1"),
+        first,
+        Worker::spawn(store, table, "replica-3"),
+    ];
     // Kill the victim once it is well into its work, right after it starts a body (each
     // body then sleeps 300 ms, so the kill lands inside it).
-    let victim = 1;
     while workers[victim].results().len() < 10 {
         assert!(
             start.elapsed() < Duration::from_secs(60),
