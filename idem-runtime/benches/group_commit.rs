@@ -80,13 +80,26 @@ fn concurrencies() -> Vec<usize> {
     numbers("IDEM_BENCH_BATCH_CONCURRENCY", &[0])
 }
 
-/// Whether to run `store` (`IDEM_BENCH_STORES`, by default every store).
-fn runs(store: &str) -> bool {
-    std::env::var("IDEM_BENCH_STORES").map_or(true, |v| v.split(',').any(|s| s.trim() == store))
-}
-
-/// The stores this bench knows, to catch a misspelt `IDEM_BENCH_STORES`.
+/// The stores this bench knows.
 const STORES: [&str; 2] = ["sqlite", "postgres"];
+
+/// The stores to run (`IDEM_BENCH_STORES`, by default every store); a name it does not know
+/// stops the bench rather than run nothing.
+fn stores() -> Vec<String> {
+    let Ok(list) = std::env::var("IDEM_BENCH_STORES") else {
+        return STORES.map(String::from).to_vec();
+    };
+    let stores: Vec<String> = list.split(',').map(|s| s.trim().to_owned()).collect();
+    let unknown: Vec<&String> = stores
+        .iter()
+        .filter(|s| !STORES.contains(&s.as_str()))
+        .collect();
+    assert!(
+        unknown.is_empty(),
+        "IDEM_BENCH_STORES: unknown {unknown:?}; the stores are {STORES:?}"
+    );
+    stores
+}
 
 async fn compare(name: &str, store: Arc<dyn Store>, tasks_list: &[usize], snap: &Snapshotter) {
     let off = idem(store.clone(), None);
@@ -181,17 +194,8 @@ fn main() {
     let recorder = DebuggingRecorder::new();
     let snap = recorder.snapshotter();
     metrics::set_global_recorder(recorder).expect("recorder");
-    if let Ok(stores) = std::env::var("IDEM_BENCH_STORES") {
-        let unknown: Vec<&str> = stores
-            .split(',')
-            .map(str::trim)
-            .filter(|s| !STORES.contains(s))
-            .collect();
-        assert!(
-            unknown.is_empty(),
-            "IDEM_BENCH_STORES: unknown {unknown:?}; the stores are {STORES:?}"
-        );
-    }
+    let stores = stores();
+    let runs = |store: &str| stores.iter().any(|s| s == store);
     let tasks = numbers("IDEM_BENCH_TASKS", &[1, 16, 64]);
     common::runtime().block_on(async {
         let dir = tempfile::tempdir().expect("temp dir");

@@ -280,14 +280,6 @@ impl StoreError {
         self.conflict
     }
 
-    /// Marks the error as the store's failure to open (connect, create its table), with what
-    /// to check: no call was made, so "retry later" is not the advice.
-    #[cfg(any(feature = "_sql", feature = "redis"))]
-    pub(crate) fn opening(mut self, check: &'static str) -> Self {
-        self.opening = Some(check);
-        self
-    }
-
     /// Marks (or unmarks) the error as a lost conflict with a concurrent transaction.
     #[cfg(feature = "_sql")]
     pub(crate) fn conflicting(mut self, conflict: bool) -> Self {
@@ -356,6 +348,17 @@ impl std::error::Error for StoreError {
 /// What to check when a server store (PostgreSQL, MySQL, Redis) cannot be opened.
 #[cfg(any(feature = "_sql", feature = "redis"))]
 pub(crate) const CHECK_SERVER: &str = "check its URL, credentials and that the server is up";
+
+/// The store could not be opened (connect, create its table), before any call: its message
+/// says what to check rather than "retry later".
+#[cfg(any(feature = "_sql", feature = "redis"))]
+pub(crate) fn not_opened(mut source: StoreError, check: &'static str) -> Error {
+    source.opening = Some(check);
+    Error::StoreUnavailable {
+        function: "idem",
+        source,
+    }
+}
 
 fn unavailable(function: &str, source: &StoreError) -> String {
     if let Some(check) = source.opening {

@@ -224,6 +224,21 @@ mod tests {
         );
     }
 
+    /// Opening `store` fails with `StoreUnavailable` saying it could not be opened: the
+    /// error and its message.
+    #[cfg(any(feature = "sqlite", feature = "postgres"))]
+    async fn not_opened(store: String) -> (Error, String) {
+        let cfg = IdemConfig {
+            store,
+            ..IdemConfig::default()
+        };
+        let err = Idem::from_config(&cfg).await.unwrap_err();
+        assert!(matches!(err, Error::StoreUnavailable { .. }), "{err:?}");
+        let msg = err.to_string();
+        assert!(msg.contains("could not be opened"), "{msg}");
+        (err, msg)
+    }
+
     /// A store that cannot be opened is not a call that did not run: the message says what
     /// to check, and which file.
     #[cfg(feature = "sqlite")]
@@ -231,20 +246,22 @@ mod tests {
     async fn a_store_that_cannot_be_opened_says_which_and_what_to_check() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("missing").join("records.db");
-        let cfg = IdemConfig {
-            store: format!("sqlite://{}", path.display()),
-            ..IdemConfig::default()
-        };
-        let err = Idem::from_config(&cfg).await.unwrap_err();
-        assert!(matches!(err, Error::StoreUnavailable { .. }), "{err:?}");
-        let msg = err.to_string();
-        assert!(msg.contains("could not be opened"), "{msg}");
+        let (err, msg) = not_opened(format!("sqlite://{}", path.display())).await;
         assert!(msg.contains(&path.display().to_string()), "{msg}");
         assert!(msg.contains("directory exists"), "{msg}");
         assert!(!msg.contains("the call did not run"), "{msg}");
         // The driver's error is still there, as the cause.
         let source = std::error::Error::source(&err).expect("the store error");
         assert!(std::error::Error::source(source).is_some(), "{msg}");
+    }
+
+    /// A server that refuses the connection: what to check, not "retry later".
+    #[cfg(feature = "postgres")]
+    #[tokio::test]
+    async fn a_server_store_that_cannot_be_reached_says_what_to_check() {
+        let (_, msg) = not_opened("postgres://nobody@127.0.0.1:1/none".into()).await;
+        assert!(msg.contains("check its URL, credentials"), "{msg}");
+        assert!(!msg.contains("retry later"), "{msg}");
     }
 
     /// A call that finds the store down is told to retry, whatever its name.

@@ -174,10 +174,7 @@ impl std::fmt::Debug for RedisStore {
 }
 
 fn unavailable(e: redis::RedisError) -> Error {
-    Error::StoreUnavailable {
-        function: "idem",
-        source: StoreError::new(e).opening(crate::error::CHECK_SERVER),
-    }
+    crate::error::not_opened(StoreError::new(e), crate::error::CHECK_SERVER)
 }
 
 impl RedisStore {
@@ -239,10 +236,7 @@ impl RedisStore {
         store
             .eval::<Value>(&store.scripts.load, &load, &probe, false)
             .await
-            .map_err(|source| Error::StoreUnavailable {
-                function: "idem",
-                source: source.opening(crate::error::CHECK_SERVER),
-            })?;
+            .map_err(|source| crate::error::not_opened(source, crate::error::CHECK_SERVER))?;
         store.warn_if_evicting().await;
         Ok(store)
     }

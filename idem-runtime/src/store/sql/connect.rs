@@ -113,10 +113,7 @@ impl<D: Dialect> SqlStore<D> {
 
 /// A store that could not be reached while it was being opened.
 pub(crate) fn unavailable<D: Dialect>(err: sqlx::Error) -> Error {
-    Error::StoreUnavailable {
-        function: "idem",
-        source: StoreError::new(err).opening(D::OPEN_CHECK),
-    }
+    crate::error::not_opened(StoreError::new(err), D::OPEN_CHECK)
 }
 
 /// Checks a configured table name. It is spliced into SQL text (a table name cannot be a bind

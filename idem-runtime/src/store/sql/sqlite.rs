@@ -292,13 +292,10 @@ impl SqlStore<Sqlite> {
                 }
                 other => {
                     // SQLite's "unable to open database file" does not say which file.
-                    break other.map_err(|source| Error::StoreUnavailable {
-                        function: "idem",
-                        source: StoreError::new(AtFile {
-                            path: path.display().to_string(),
-                            source,
-                        })
-                        .opening(Sqlite::OPEN_CHECK),
+                    break other.map_err(|source| {
+                        let path = path.display().to_string();
+                        let at_file = StoreError::new(AtFile { path, source });
+                        crate::error::not_opened(at_file, Sqlite::OPEN_CHECK)
                     })?;
                 }
             }
